@@ -1,0 +1,39 @@
+"""mat_kernels: kernels for Modular Adaptive Training (MAT, Shi et al., NeurIPS 2023).
+
+Public API:
+
+* :func:`estimate_lambda_max`: λmax of each module's mNTK of one linear layer from its stored input ``x`` and output
+  gradient ``dy`` (fused Triton kernels; PyTorch fallback where Triton cannot run).
+* :func:`layer_grams`: the per-module Grams themselves, to add Grams of modules spanning several layers.
+* :func:`lambda_max`: batched λmax of symmetric matrices (``eigvalsh`` or subspace iteration).
+* :func:`fused_qkv_heads`: row ranges of each head inside a fused QKV weight.
+* :mod:`mat_kernels.reference`: float64 oracles (per-sample gradients by autograd, explicit Grams).
+
+``python -m mat_kernels`` prints what is usable on this machine.
+"""
+from .blocks import LayerBlocks, fused_qkv_heads, resolve_blocks
+from .lambda_max import (
+    DEFAULT_SKETCH_SIZE,
+    GramResult,
+    LambdaMaxResult,
+    estimate_lambda_max,
+    layer_grams,
+    route_costs,
+)
+from .solvers import lambda_max
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "estimate_lambda_max",
+    "layer_grams",
+    "lambda_max",
+    "fused_qkv_heads",
+    "resolve_blocks",
+    "route_costs",
+    "LayerBlocks",
+    "GramResult",
+    "LambdaMaxResult",
+    "DEFAULT_SKETCH_SIZE",
+    "__version__",
+]

@@ -1,0 +1,76 @@
+"""Which implementation runs: Triton on a GPU, Triton in its CPU interpreter, or the PyTorch fallback.
+
+The choice is made per call from the tensors' device and is always visible: every result carries the backend
+it used, and falling back to PyTorch (or upcasting low-precision inputs for the interpreter) warns once per
+reason.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+_WARNED: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """Emit ``message`` as a ``UserWarning`` the first time ``key`` is seen in this process."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def interpreter_enabled() -> bool:
+    """True when ``TRITON_INTERPRET=1``. Triton reads it when a kernel is decorated, i.e. at import time."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_import_error() -> str | None:
+    """None if ``import triton`` works, else the reason."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the environment
+        return f"triton is not importable ({type(e).__name__}: {e})"
+    return None
+
+
+def triton_mode() -> tuple[str, str]:
+    """``(mode, reason)`` with mode ``"native"``, ``"interpreter"`` or ``"unavailable"``."""
+    err = triton_import_error()
+    if err is not None:
+        return "unavailable", err
+    import triton
+
+    if interpreter_enabled():
+        return "interpreter", f"triton {triton.__version__} in its CPU interpreter (TRITON_INTERPRET=1)"
+    if torch.cuda.is_available():
+        return "native", f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
+    return "unavailable", "no CUDA device and TRITON_INTERPRET is not set"
+
+
+def pick_backend(device: torch.device, requested: str) -> tuple[str, str]:
+    """Choose ``"triton"`` or ``"torch"`` for tensors on ``device``; returns ``(backend, reason)``.
+
+    ``requested`` is ``"auto"``, ``"triton"`` or ``"torch"``. ``"triton"`` raises if Triton cannot run here;
+    ``"auto"`` falls back to PyTorch with a one-time warning.
+    """
+    if requested not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {requested!r}")
+    if requested == "torch":
+        return "torch", "requested"
+    mode, reason = triton_mode()
+    usable = (mode == "native" and device.type == "cuda") or mode == "interpreter"
+    if not usable and mode == "native":
+        reason = f"tensors are on {device.type}; Triton kernels run on CUDA tensors"
+    if usable:
+        return "triton", reason
+    if requested == "triton":
+        raise RuntimeError(f"backend='triton' requested but Triton cannot run here: {reason}")
+    warn_once(
+        f"fallback:{reason}",
+        f"mat_kernels: Triton kernels unavailable ({reason}); using the PyTorch implementation. "
+        "The result's `backend` field says which ran.",
+    )
+    return "torch", reason

@@ -1,0 +1,137 @@
+"""Plain-PyTorch oracles for the mNTK of one linear layer.
+
+These share no algebra with the kernels: they never use the ghost identity or the per-token factorisation.
+They build each sample's parameter gradient with autograd (a real backward pass per sample, or
+``torch.func.vmap(grad)``), slice it per module, and form the Gram ``J Jᵀ`` explicitly, by default in float64.
+
+The scalar output of sample ``i`` is ``s_i = Σ_t ⟨dy_it, y_it⟩`` with ``y_it = W x_it + b``, so that
+``∂s_i/∂y_it = dy_it``: the stored output gradient plays the role of δ in DESIGN §1.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .blocks import BlockSpec, LayerBlocks, resolve_blocks
+
+__all__ = [
+    "per_sample_grads_loop",
+    "per_sample_grads_func",
+    "module_grams",
+    "lambda_max_eigvalsh",
+    "reference_lambda_max",
+]
+
+
+def _as_3d(t: torch.Tensor) -> torch.Tensor:
+    return t.unsqueeze(1) if t.dim() == 2 else t
+
+
+def _random_layer(d_out: int, d_in: int, bias: bool, dtype, device, seed: int = 0):
+    # The gradient of a linear layer does not depend on W; a random W keeps the oracle an honest forward pass.
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+    b = torch.randn(d_out, generator=g, dtype=torch.float64).to(dtype=dtype, device=device) if bias else None
+    return w, b
+
+
+def per_sample_grads_loop(x: torch.Tensor, dy: torch.Tensor, *, bias: bool = False, dtype=torch.float64):
+    """Per-sample ``(dW_i, db_i)`` by one real ``autograd`` backward pass per sample.
+
+    Args:
+        x: ``[n, T, d_in]`` or ``[n, d_in]`` layer inputs.
+        dy: ``[n, T, d_out]`` or ``[n, d_out]`` output gradients.
+        bias: also return the bias gradients.
+        dtype: compute dtype (float64 by default).
+
+    Returns:
+        ``(gw [n, d_out, d_in], gb [n, d_out] or None)``.
+    """
+    x3, dy3 = _as_3d(x).to(dtype), _as_3d(dy).to(dtype)
+    n, _, d_in = x3.shape
+    d_out = dy3.shape[-1]
+    w, b = _random_layer(d_out, d_in, bias, dtype, x3.device)
+    w.requires_grad_(True)
+    params = [w]
+    if b is not None:
+        b.requires_grad_(True)
+        params.append(b)
+    gws, gbs = [], []
+    for i in range(n):
+        s = (F.linear(x3[i], w, b) * dy3[i]).sum()
+        grads = torch.autograd.grad(s, params)
+        gws.append(grads[0])
+        if bias:
+            gbs.append(grads[1])
+    gw = torch.stack(gws) if gws else x3.new_zeros(0, d_out, d_in)
+    gb = (torch.stack(gbs) if gbs else x3.new_zeros(0, d_out)) if bias else None
+    return gw, gb
+
+
+def per_sample_grads_func(x: torch.Tensor, dy: torch.Tensor, *, bias: bool = False, dtype=torch.float64):
+    """Per-sample ``(dW_i, db_i)`` with ``torch.func.vmap(torch.func.grad(...))``; same contract as the loop."""
+    x3, dy3 = _as_3d(x).to(dtype), _as_3d(dy).to(dtype)
+    d_in, d_out = x3.shape[-1], dy3.shape[-1]
+    w, b = _random_layer(d_out, d_in, bias, dtype, x3.device)
+
+    def s(params, xi, dyi):
+        return (F.linear(xi, params[0], params[1] if bias else None) * dyi).sum()
+
+    params = (w, b if bias else torch.zeros(0, dtype=dtype, device=x3.device))
+    gw, gb = torch.func.vmap(torch.func.grad(s), in_dims=(None, 0, 0))(params, x3, dy3)
+    return gw, (gb if bias else None)
+
+
+def module_grams(gw: torch.Tensor, gb: torch.Tensor | None, blocks: LayerBlocks) -> torch.Tensor:
+    """Explicit Grams ``Θ_m = J_m J_mᵀ`` from per-sample gradients, one per module: ``[M, n, n]``."""
+    n = gw.shape[0]
+    grams = []
+    for ranges in blocks.modules:
+        parts = []
+        for start, size in ranges:
+            if blocks.axis == "rows":
+                parts.append(gw[:, start : start + size, :].reshape(n, -1))
+                if blocks.bias:
+                    parts.append(gb[:, start : start + size])
+            else:
+                parts.append(gw[:, :, start : start + size].reshape(n, -1))
+        j = torch.cat(parts, dim=1)
+        grams.append(j @ j.T)
+    return torch.stack(grams)
+
+
+def lambda_max_eigvalsh(grams: torch.Tensor) -> torch.Tensor:
+    """Largest eigenvalue of each symmetric matrix in ``[M, n, n]`` by a full ``eigvalsh``."""
+    return torch.linalg.eigvalsh(grams)[..., -1]
+
+
+def reference_lambda_max(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    *,
+    row_blocks: BlockSpec = None,
+    col_blocks: BlockSpec = None,
+    bias: bool = False,
+    oracle: str = "loop",
+    dtype=torch.float64,
+):
+    """λmax and Grams of every module of one layer, the slow and obviously-right way.
+
+    Module order matches :func:`mat_kernels.estimate_lambda_max`: row modules, then column modules; with neither
+    given, the whole weight (and bias) is one module.
+
+    Returns:
+        ``(lambda_max [M], grams [M, n, n])`` in ``dtype``.
+    """
+    grads = {"loop": per_sample_grads_loop, "func": per_sample_grads_func}[oracle]
+    d_in, d_out = x.shape[-1], dy.shape[-1]
+    layouts = []
+    if row_blocks is None and col_blocks is None:
+        layouts.append(resolve_blocks(1, d_out, axis="rows", name="row_blocks", bias=bias))
+    if row_blocks is not None:
+        layouts.append(resolve_blocks(row_blocks, d_out, axis="rows", name="row_blocks", bias=bias))
+    if col_blocks is not None:
+        layouts.append(resolve_blocks(col_blocks, d_in, axis="cols", name="col_blocks"))
+    gw, gb = grads(x, dy, bias=bias, dtype=dtype)
+    grams = torch.cat([module_grams(gw, gb, lb) for lb in layouts])
+    return lambda_max_eigvalsh(grams), grams

@@ -1,0 +1,290 @@
+"""Triton kernels for per-segment Grams of per-sample gradients of one linear layer.
+
+Notation (DESIGN §1). The layer sees, per sample i and token t, a *shared-side* vector ``a_it`` (length DA) and a
+*segmented-side* vector ``b_it`` (length DB). For row blocks (heads' Q/K/V rows) ``a = x`` and ``b = dy``; for
+column blocks (a head's columns of an output projection) the roles swap: ``a = dy``, ``b = x``. A segment is a
+contiguous range R of the segmented side; its per-sample gradient is ``G_i[R] = Σ_t b_it[R] a_itᵀ`` and the kernels
+return ``Θ_R[i, j] = ⟨G_i[R], G_j[R]⟩`` for every segment at once. With ``ADD_ONE`` the shared side is extended by a
+constant 1 (that column of G is the bias gradient ``Σ_t b_it[R]``).
+
+Two exact routes:
+
+* ghost (``_ghost_gram_fwd_kernel``): ``Θ_R[i, j] = Σ_{t,s} (a_it·a_js)(b_it[R]·b_js[R])``. A program owns one
+  sample pair (i ≥ j) and one (t, s) tile; it builds the token-pair tile ``P = A_i A_jᵀ`` once and reuses it for
+  every segment of the layer, so the shared-side work is paid once per layer, not once per head. Nothing of size
+  ``[n, n, T, T]`` is ever stored: each program reduces its tile to one scalar per segment.
+* per-sample gradient (``_psg_fwd_kernel`` then ``_segment_gram_fwd_kernel``): per-sample gradient tiles of a
+  chunk of shared-side columns go to a bounded scratch buffer, then a Gram kernel reduces each segment's tiles over
+  all pairs of sample blocks. Chunking keeps the scratch under a byte budget whatever the layer size.
+
+All accumulation is fp32. fp32 inputs use IEEE fp32 dots unless ``allow_tf32``; bf16/fp16 inputs use tensor-core
+dots with fp32 accumulation.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .._backend import interpreter_enabled
+
+_MAX_TILE = 64
+
+
+def _tile(size: int, cap: int = _MAX_TILE) -> int:
+    # tl.dot needs every dimension >= 16.
+    return max(16, min(cap, triton.next_power_of_2(max(int(size), 1))))
+
+
+def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    return "ieee" if (dtype == torch.float32 and not allow_tf32) else "tf32"
+
+
+@functools.lru_cache(maxsize=64)
+def _lower_pairs_cpu(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ii, jj = torch.tril_indices(n, n)
+    return ii.to(torch.int32), jj.to(torch.int32)
+
+
+def _lower_pairs(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    ii, jj = _lower_pairs_cpu(n)
+    return ii.to(device), jj.to(device)
+
+
+def _mirror_lower(out: torch.Tensor) -> torch.Tensor:
+    """Fill the upper triangle of each ``[n, n]`` slice from its lower triangle."""
+    low = torch.tril(out)
+    return low + torch.tril(out, diagonal=-1).transpose(-1, -2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ghost route
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _ghost_gram_fwd_kernel(
+    a_ptr, b_ptr, pair_i_ptr, pair_j_ptr, seg_start_ptr, seg_size_ptr, out_ptr,
+    T, DA, S,
+    sa_n, sa_t, sa_d, sb_n, sb_t, sb_d, so_s, so_i, so_j,
+    ADD_ONE: tl.constexpr, PRECISION: tl.constexpr,
+    BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    i = tl.load(pair_i_ptr + pid_p).to(tl.int64)
+    j = tl.load(pair_j_ptr + pid_p).to(tl.int64)
+    offs_t = pid_t * BT + tl.arange(0, BT)
+    offs_s = pid_s * BS + tl.arange(0, BS)
+    mt = offs_t < T
+    ms = offs_s < T
+
+    # Token-pair tile P[t, s] = a_it · a_js, computed once and shared by every segment below.
+    p = tl.zeros((BT, BS), dtype=tl.float32)
+    for k0 in range(0, DA, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        mk = offs_k < DA
+        ai = tl.load(a_ptr + i * sa_n + offs_t[:, None] * sa_t + offs_k[None, :] * sa_d,
+                     mask=mt[:, None] & mk[None, :], other=0.0)
+        aj = tl.load(a_ptr + j * sa_n + offs_k[:, None] * sa_d + offs_s[None, :] * sa_t,
+                     mask=mk[:, None] & ms[None, :], other=0.0)
+        p += tl.dot(ai, aj, input_precision=PRECISION)
+    if ADD_ONE:
+        # bias: the shared side carries a constant 1. Out-of-range t/s are harmless: D is zero there.
+        p += 1.0
+
+    for seg in range(0, S):
+        r_start = tl.load(seg_start_ptr + seg)
+        r_size = tl.load(seg_size_ptr + seg)
+        d = tl.zeros((BT, BS), dtype=tl.float32)
+        for r0 in range(0, r_size, BR):
+            offs_r = r0 + tl.arange(0, BR)
+            mr = offs_r < r_size
+            rows = r_start + offs_r
+            bi = tl.load(b_ptr + i * sb_n + offs_t[:, None] * sb_t + rows[None, :] * sb_d,
+                         mask=mt[:, None] & mr[None, :], other=0.0)
+            bj = tl.load(b_ptr + j * sb_n + rows[:, None] * sb_d + offs_s[None, :] * sb_t,
+                         mask=mr[:, None] & ms[None, :], other=0.0)
+            d += tl.dot(bi, bj, input_precision=PRECISION)
+        val = tl.sum(tl.sum(p * d, axis=1), axis=0)
+        tl.atomic_add(out_ptr + seg * so_s + i * so_i + j * so_j, val)
+
+
+def ghost_segment_grams(a, b, seg_starts, seg_sizes, *, add_one: bool, allow_tf32: bool) -> torch.Tensor:
+    """Grams ``[S, n, n]`` (fp32) of every segment by the ghost route. See the module docstring."""
+    n, T, DA = a.shape
+    S = len(seg_starts)
+    starts = torch.tensor(seg_starts, dtype=torch.int32, device=a.device)
+    sizes = torch.tensor(seg_sizes, dtype=torch.int32, device=a.device)
+    pi, pj = _lower_pairs(n, a.device)
+    out = torch.zeros(S, n, n, dtype=torch.float32, device=a.device)
+    BT = BS = _tile(T)
+    BK = _tile(DA)
+    BR = _tile(max(seg_sizes))
+    grid = (pi.numel(), triton.cdiv(T, BT), triton.cdiv(T, BS))
+    _ghost_gram_fwd_kernel[grid](
+        a, b, pi, pj, starts, sizes, out,
+        T, DA, S,
+        *a.stride(), *b.stride(), *out.stride(),
+        ADD_ONE=add_one, PRECISION=_precision(a.dtype, allow_tf32),
+        BT=BT, BS=BS, BK=BK, BR=BR,
+    )
+    return _mirror_lower(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# per-sample-gradient route
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _psg_fwd_kernel(
+    a_ptr, b_ptr, tile_src_ptr, tile_cnt_ptr, tile_dst_ptr, g_ptr,
+    T, DA, c0, CW,
+    sa_n, sa_t, sa_d, sb_n, sb_t, sb_d, sg_n, sg_r, sg_c,
+    ADD_ONE: tl.constexpr, PRECISION: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr,
+):
+    """G[i, dst + r, c - c0] = Σ_t b[i, t, src + r] · a[i, t, c] for one row tile and one column tile."""
+    i = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    src = tl.load(tile_src_ptr + pid_r)
+    cnt = tl.load(tile_cnt_ptr + pid_r)
+    dst = tl.load(tile_dst_ptr + pid_r)
+    offs_r = tl.arange(0, BR)
+    mr = offs_r < cnt
+    offs_cl = pid_c * BC + tl.arange(0, BC)  # column inside this chunk
+    mcl = offs_cl < CW
+    offs_c = c0 + offs_cl  # column of the shared side (DA means the bias' constant 1)
+    mc = mcl & (offs_c < DA)
+    acc = tl.zeros((BR, BC), dtype=tl.float32)
+    for t0 in range(0, T, BT):
+        offs_t = t0 + tl.arange(0, BT)
+        mt = offs_t < T
+        bt = tl.load(b_ptr + i * sb_n + (src + offs_r)[:, None] * sb_d + offs_t[None, :] * sb_t,
+                     mask=mr[:, None] & mt[None, :], other=0.0)
+        at = tl.load(a_ptr + i * sa_n + offs_t[:, None] * sa_t + offs_c[None, :] * sa_d,
+                     mask=mt[:, None] & mc[None, :], other=0.0)
+        if ADD_ONE:
+            one = (offs_c[None, :] == DA) & mt[:, None]
+            at = tl.where(one, 1.0, at.to(tl.float32)).to(at.dtype)
+        acc += tl.dot(bt, at, input_precision=PRECISION)
+    tl.store(g_ptr + i * sg_n + (dst + offs_r)[:, None] * sg_r + offs_cl[None, :] * sg_c, acc,
+             mask=mr[:, None] & mcl[None, :])
+
+
+@triton.jit
+def _segment_gram_fwd_kernel(
+    g_ptr, seg_off_ptr, seg_size_ptr, out_ptr,
+    n, CW, KS, sg_n, so_s, so_i, so_j,
+    PRECISION: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """out[s, I, J] += Σ_k G[I, k] G[J, k] over segment s's flat block of the scratch, one K split per program."""
+    seg = tl.program_id(0)
+    pid_ij = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    nb = tl.cdiv(n, BN)
+    ib = pid_ij // nb
+    jb = pid_ij % nb
+    if jb <= ib:
+        off = tl.load(seg_off_ptr + seg).to(tl.int64) * CW
+        K = tl.load(seg_size_ptr + seg) * CW
+        offs_i = ib * BN + tl.arange(0, BN)
+        offs_j = jb * BN + tl.arange(0, BN)
+        mi = offs_i < n
+        mj = offs_j < n
+        k_lo = pid_k * KS
+        k_hi = tl.minimum(k_lo + KS, K)
+        acc = tl.zeros((BN, BN), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            mk = offs_k < k_hi
+            gi = tl.load(g_ptr + offs_i[:, None].to(tl.int64) * sg_n + off + offs_k[None, :],
+                         mask=mi[:, None] & mk[None, :], other=0.0)
+            gj = tl.load(g_ptr + offs_j[None, :].to(tl.int64) * sg_n + off + offs_k[:, None],
+                         mask=mk[:, None] & mj[None, :], other=0.0)
+            acc += tl.dot(gi, gj, input_precision=PRECISION)
+        tl.atomic_add(out_ptr + seg * so_s + offs_i[:, None] * so_i + offs_j[None, :] * so_j, acc,
+                      mask=mi[:, None] & mj[None, :])
+
+
+@functools.lru_cache(maxsize=256)
+def _row_tiles(seg_starts: tuple, seg_sizes: tuple, BR: int):
+    """Split segments into row tiles of at most BR rows; pack segments one after another in the scratch."""
+    src, cnt, dst, offs = [], [], [], []
+    packed = 0
+    for start, size in zip(seg_starts, seg_sizes):
+        offs.append(packed)
+        for r0 in range(0, size, BR):
+            src.append(start + r0)
+            cnt.append(min(BR, size - r0))
+            dst.append(packed + r0)
+        packed += size
+    return tuple(src), tuple(cnt), tuple(dst), tuple(offs), packed
+
+
+def _segment_groups(seg_sizes: tuple, n: int, budget_bytes: int, min_cw: int) -> list[list[int]]:
+    """Group segments so that each group's scratch at the narrowest chunk width fits the budget."""
+    groups, cur, rows = [], [], 0
+    for s, size in enumerate(seg_sizes):
+        if cur and (rows + size) * n * min_cw * 4 > budget_bytes:
+            groups.append(cur)
+            cur, rows = [], 0
+        cur.append(s)
+        rows += size
+    groups.append(cur)
+    return groups
+
+
+def psg_segment_grams(
+    a, b, seg_starts, seg_sizes, *, add_one: bool, allow_tf32: bool, scratch_bytes: int = 48 << 20
+) -> torch.Tensor:
+    """Grams ``[S, n, n]`` (fp32) of every segment by the per-sample-gradient route, scratch ≤ ``scratch_bytes``."""
+    n, T, DA = a.shape
+    dev = a.device
+    S = len(seg_starts)
+    DA1 = DA + int(add_one)
+    BR = _tile(max(seg_sizes))
+    BT = _tile(T)
+    BC = _tile(DA1)
+    BN = _tile(n)
+    prec_in = _precision(a.dtype, allow_tf32)
+    prec_g = _precision(torch.float32, allow_tf32)
+    out = torch.zeros(S, n, n, dtype=torch.float32, device=dev)
+    interp = interpreter_enabled()
+    for group in _segment_groups(tuple(seg_sizes), n, scratch_bytes, BC):
+        g_starts = tuple(seg_starts[s] for s in group)
+        g_sizes = tuple(seg_sizes[s] for s in group)
+        src, cnt, dst, offs, packed = _row_tiles(g_starts, g_sizes, BR)
+        t_src = torch.tensor(src, dtype=torch.int32, device=dev)
+        t_cnt = torch.tensor(cnt, dtype=torch.int32, device=dev)
+        t_dst = torch.tensor(dst, dtype=torch.int32, device=dev)
+        t_off = torch.tensor(offs, dtype=torch.int32, device=dev)
+        t_size = torch.tensor(g_sizes, dtype=torch.int32, device=dev)
+        # chunk width: as many shared-side columns as the budget allows, a multiple of BC
+        cw_max = max(BC, (scratch_bytes // (4 * n * packed)) // BC * BC)
+        cw_max = min(cw_max, triton.cdiv(DA1, BC) * BC)
+        scratch = torch.empty(n * packed * cw_max, dtype=torch.float32, device=dev)
+        g_out = torch.zeros(len(group), n, n, dtype=torch.float32, device=dev)
+        nb = triton.cdiv(n, BN)
+        for c0 in range(0, DA1, cw_max):
+            cw = min(cw_max, DA1 - c0)
+            g = scratch[: n * packed * cw].view(n, packed, cw)
+            _psg_fwd_kernel[(n, len(src), triton.cdiv(cw, BC))](
+                a, b, t_src, t_cnt, t_dst, g,
+                T, DA, c0, cw,
+                *a.stride(), *b.stride(), *g.stride(),
+                ADD_ONE=add_one, PRECISION=prec_in, BR=BR, BC=BC, BT=BT,
+            )
+            k_max = max(g_sizes) * cw
+            # Split K so that small Grams still fill the GPU; one split in the interpreter (fewest programs).
+            programs = len(group) * nb * nb
+            split = 1 if interp else max(1, min(triton.cdiv(k_max, 4 * 64), triton.cdiv(4 * 132, programs)))
+            ks = triton.cdiv(triton.cdiv(k_max, split), 64) * 64
+            _segment_gram_fwd_kernel[(len(group), nb * nb, triton.cdiv(k_max, ks))](
+                g, t_off, t_size, g_out,
+                n, cw, ks, g.stride(0), *g_out.stride(),
+                PRECISION=prec_g, BN=BN, BK=64,
+            )
+        out[list(group)] = g_out
+    return _mirror_lower(out)
