@@ -12,8 +12,9 @@ route       computes                                               cost in multi
 ``psg``     per-sample gradients per column chunk, then ``G Gᵀ``   ``n·T·D·A + n(n+1)/2·D·A``
 ``ghost``   ``Σ_{t,s} (a_it·a_js)(b_it[R]·b_js[R])``, token-pair   ``n(n+1)/2·T²·(A + D)``
             products shared by all modules of the layer
-``sketch``  ``psg`` on the shared side projected to k Gaussian      ``n·T·A·k + n·T·D·k + n(n+1)/2·D·k``
-            directions (unbiased Gram, approximate λmax)
+``sketch``  ``psg`` on the shared side projected to k random        ``n·T·A·k + n·T·D·k + n(n+1)/2·D·k``
+            orthonormal directions (unbiased Gram, approximate
+            λmax, biased upwards by a few %: see the docs)
 ==========  =====================================================  ============================================
 
 ``A`` is the shared side's width (``d_in`` for row blocks, ``d_out`` for column blocks, +1 with a bias) and ``D``
@@ -22,6 +23,7 @@ exact route by this model: ``ghost`` when ``T`` is short (``T = 1`` for 2-D inpu
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -43,7 +45,7 @@ __all__ = [
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-DEFAULT_SKETCH_SIZE = 256
+DEFAULT_SKETCH_SIZE = 192
 _METHODS = ("auto", "gram", "ghost", "psg", "sketch")
 
 
@@ -134,11 +136,23 @@ def _layouts(row_blocks, col_blocks, bias: bool, d_in: int, d_out: int) -> list[
     return layouts
 
 
+@functools.lru_cache(maxsize=16)
+def _sketch_matrix(width: int, k: int, seed: int, device: torch.device) -> torch.Tensor:
+    """``[width, k]`` random orthonormal columns scaled by √(width/k), so that ``E[S Sᵀ] = I``.
+
+    Orthogonal rather than i.i.d. Gaussian columns: measured on the BERT-base QKV shapes, the median λmax error
+    drops from 3.2% to 2.5% (Gaussian data) and 3.6% to 1.8% (low-rank data) at k = 192 (benchmarks/NOTES.md).
+    Cached: the QR runs once per (width, k, seed, device).
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    g = torch.randn(width, k, generator=gen, dtype=torch.float64)
+    q = torch.linalg.qr(g).Q * math.sqrt(width / k)
+    return q.to(device=device, dtype=torch.float32)
+
+
 def _sketch(a: torch.Tensor, k: int, add_one: bool, seed: int, dtype: torch.dtype) -> torch.Tensor:
-    """Project the shared side ``[a, 1]`` onto k Gaussian directions scaled by 1/√k (so ``E[S Sᵀ] = I``)."""
-    gen = torch.Generator(device=a.device).manual_seed(seed)
-    width = a.shape[-1] + int(add_one)
-    s = torch.randn(width, k, generator=gen, device=a.device, dtype=torch.float32) / math.sqrt(k)
+    """Project the shared side ``[a, 1]`` onto k random orthonormal directions (see :func:`_sketch_matrix`)."""
+    s = _sketch_matrix(a.shape[-1] + int(add_one), k, seed, a.device)
     out = a.float() @ s[: a.shape[-1]]
     if add_one:
         out += s[-1]
@@ -266,7 +280,8 @@ def estimate_lambda_max(
         return_grams: also return the fp32 Grams ``[M, n, n]``.
         backend: ``"auto"`` (Triton where it can run, else PyTorch with a one-time warning), ``"triton"``,
             ``"torch"``.
-        check_finite: reject NaN/Inf inputs (one pass over the inputs and a host sync; turn off in hot loops).
+        check_finite: reject NaN/Inf inputs and Grams (a pass over the inputs and host syncs; turn off in hot
+            loops, where NaN then propagates into the result).
         scratch_bytes: bound on the temporary memory of the per-sample-gradient route.
 
     Returns:
@@ -288,5 +303,5 @@ def estimate_lambda_max(
     )
     n = gr.grams.shape[-1]
     solver_used = solver if solver != "auto" else ("eigvalsh" if n < 256 else "subspace")
-    lam = _solve(gr.grams, solver=solver, tol=solver_tol)
+    lam = _solve(gr.grams, solver=solver, tol=solver_tol, check_finite=check_finite)
     return LambdaMaxResult(lam, gr.grams if return_grams else None, gr.routes, gr.backend, solver_used, gr.blocks)

@@ -1,0 +1,338 @@
+"""estimate_lambda_max / layer_grams against the float64 per-sample-gradient oracle.
+
+Every test draws fresh random inputs (seeded per test for reproducibility). Triton kernels run in the CPU
+interpreter here (tests/conftest.py) and natively where CUDA exists.
+"""
+import warnings
+
+import pytest
+import torch
+from conftest import FP32_RTOL, TF32_RTOL, backends, rel_err, requires_cuda
+
+import mat_kernels as mk
+from mat_kernels.reference import (
+    lambda_max_eigvalsh,
+    per_sample_grads_func,
+    per_sample_grads_loop,
+    reference_lambda_max,
+)
+
+BACKENDS = backends()
+EXACT_ROUTES = ["psg", "ghost"]
+
+
+def _inputs(n, T, d_in, d_out, *, seed, device="cpu", dtype=torch.float32, two_d=False):
+    g = torch.Generator().manual_seed(seed)
+    shape_x = (n, d_in) if two_d else (n, T, d_in)
+    shape_y = (n, d_out) if two_d else (n, T, d_out)
+    x = torch.randn(shape_x, generator=g).to(device=device, dtype=dtype)
+    dy = torch.randn(shape_y, generator=g).to(device=device, dtype=dtype)
+    return x, dy
+
+
+def _check(x, dy, *, route, device, backend, rtol=FP32_RTOL, **blocks):
+    res = mk.estimate_lambda_max(x, dy, method=route, backend=backend, return_grams=True, **blocks)
+    lam_ref, grams_ref = reference_lambda_max(x.cpu(), dy.cpu(), **blocks)
+    assert res.lambda_max.dtype == torch.float32 and res.grams.dtype == torch.float32
+    assert res.lambda_max.shape == lam_ref.shape
+    assert rel_err(res.grams, grams_ref) <= rtol
+    # per module, not just overall: each λ within rtol of its own reference
+    per_module = ((res.lambda_max.double().cpu() - lam_ref).abs() / lam_ref.abs()).max().item()
+    assert per_module <= rtol, per_module
+    return res
+
+
+# --------------------------------------------------------------------------------------------------------------
+# oracles
+# --------------------------------------------------------------------------------------------------------------
+def test_oracles_agree():
+    x, dy = _inputs(4, 5, 7, 6, seed=1)
+    gw1, gb1 = per_sample_grads_loop(x, dy, bias=True)
+    gw2, gb2 = per_sample_grads_func(x, dy, bias=True)
+    assert gw1.dtype == torch.float64
+    torch.testing.assert_close(gw1, gw2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gb1, gb2, rtol=1e-12, atol=1e-12)
+    # an explicit check of the definition for one sample: dW_0 = Σ_t dy_0t x_0tᵀ
+    torch.testing.assert_close(gw1[0], dy[0].double().T @ x[0].double())
+
+
+def test_lambda_max_eigvalsh_matches_numpy():
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(3, 6, 6, generator=g, dtype=torch.float64)
+    grams = a @ a.transpose(1, 2)
+    import numpy as np
+
+    want = np.linalg.eigvalsh(grams.numpy())[:, -1]
+    np.testing.assert_allclose(lambda_max_eigvalsh(grams).numpy(), want, rtol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# exact routes, odd shapes, every layout
+# --------------------------------------------------------------------------------------------------------------
+SHAPES = [  # n, T, d_in, d_out
+    (1, 1, 9, 12),
+    (3, 7, 19, 24),
+    (17, 1, 13, 20),
+    (3, 33, 21, 15),
+]
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("route", EXACT_ROUTES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "n{}_T{}_{}x{}".format(*s))
+def test_row_blocks_with_bias(device, backend, route, shape):
+    n, T, d_in, d_out = shape
+    x, dy = _inputs(n, T, d_in, d_out, seed=hash(shape) % 1000, device=device)
+    heads = 4 if d_out % 4 == 0 else 3
+    res = _check(x, dy, route=route, device=device, backend=backend, row_blocks=heads, bias=True)
+    assert res.routes == (route,)
+    assert res.backend.startswith(backend)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("route", EXACT_ROUTES)
+def test_n17_t33(device, backend, route):
+    x, dy = _inputs(17, 33, 11, 18, seed=3, device=device)
+    _check(x, dy, route=route, device=device, backend=backend, row_blocks=[(0, 5), (5, 13)], bias=True)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("route", EXACT_ROUTES)
+def test_fused_qkv_heads(device, backend, route):
+    """Head h = its Q, K and V rows inside one fused weight: three ranges summed into one module."""
+    heads, hd, d = 3, 5, 15
+    x, dy = _inputs(5, 6, d, 3 * heads * hd, seed=4, device=device)
+    res = _check(x, dy, route=route, device=device, backend=backend,
+                 row_blocks=mk.fused_qkv_heads(heads, hd), bias=True)
+    assert res.lambda_max.shape == (heads,)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("route", EXACT_ROUTES)
+def test_separate_qkv_equals_fused(device, backend, route):
+    """Separate Q, K, V layers: a head's Gram is the sum of three layers' Grams; equals the fused layout."""
+    heads, hd, d = 2, 4, 9
+    x, dy = _inputs(4, 5, d, 3 * heads * hd, seed=5, device=device)
+    fused = mk.layer_grams(x, dy, row_blocks=mk.fused_qkv_heads(heads, hd), bias=True, method=route,
+                           backend=backend).grams
+    w = heads * hd
+    separate = sum(
+        mk.layer_grams(x, dy[..., p * w:(p + 1) * w], row_blocks=heads, bias=True, method=route,
+                       backend=backend).grams
+        for p in range(3)
+    )
+    assert rel_err(separate, fused) <= FP32_RTOL
+    _, ref = reference_lambda_max(x.cpu(), dy.cpu(), row_blocks=mk.fused_qkv_heads(heads, hd), bias=True)
+    assert rel_err(mk.lambda_max(separate), mk.lambda_max(ref)) <= FP32_RTOL
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("route", EXACT_ROUTES)
+def test_col_blocks(device, backend, route):
+    """A head's columns of an output projection (roles of x and dy swapped)."""
+    x, dy = _inputs(4, 7, 12, 10, seed=6, device=device)
+    _check(x, dy, route=route, device=device, backend=backend, col_blocks=4)
+    _check(x, dy, route=route, device=device, backend=backend, col_blocks=[(1, 5), [(0, 1), (6, 6)]])
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("route", EXACT_ROUTES)
+def test_whole_weight_and_rows_plus_cols(device, backend, route):
+    x, dy = _inputs(3, 4, 10, 6, seed=7, device=device)
+    _check(x, dy, route=route, device=device, backend=backend, bias=True)  # whole weight + bias
+    _check(x, dy, route=route, device=device, backend=backend)  # whole weight
+    res = _check(x, dy, route=route, device=device, backend=backend, row_blocks=2, col_blocks=5)
+    assert res.lambda_max.shape == (7,)
+    assert [lb.axis for lb in res.blocks] == ["rows", "cols"]
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("route", EXACT_ROUTES)
+def test_two_d_inputs(device, backend, route):
+    x, dy = _inputs(6, 1, 11, 8, seed=8, device=device, two_d=True)
+    _check(x, dy, route=route, device=device, backend=backend, row_blocks=2, bias=True)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("route", EXACT_ROUTES)
+def test_noncontiguous_and_stride0(device, backend, route):
+    g = torch.Generator().manual_seed(9)
+    # transposed storage: x is a [n, T, d] view of a [n, d, T] tensor
+    x = torch.randn(4, 10, 6, generator=g).to(device).transpose(1, 2)
+    # stride-0: the same gradient row broadcast to every token and sample (as from loss.sum().backward())
+    dy = torch.randn(1, 1, 8, generator=g).to(device).expand(4, 6, 8)
+    assert not x.is_contiguous() and dy.stride() == (0, 0, 1)
+    _check(x, dy, route=route, device=device, backend=backend, row_blocks=2, bias=True)
+    # a sliced, strided view of a larger tensor
+    big = torch.randn(8, 7, 30, generator=g).to(device)
+    _check(big[::2, 1:, 3:25:2], big[1::2, 1:, :9], route=route, device=device, backend=backend, col_blocks=1)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_psg_chunking_under_tiny_scratch(device, backend):
+    """A scratch budget far below one layer's per-sample gradients forces column chunks and segment groups."""
+    x, dy = _inputs(5, 3, 40, 48, seed=10, device=device)
+    full = mk.layer_grams(x, dy, row_blocks=6, bias=True, method="psg", backend=backend).grams
+    tiny = mk.layer_grams(x, dy, row_blocks=6, bias=True, method="psg", backend=backend, scratch_bytes=4096).grams
+    _, ref = reference_lambda_max(x.cpu(), dy.cpu(), row_blocks=6, bias=True)
+    assert rel_err(full, ref) <= FP32_RTOL and rel_err(tiny, ref) <= FP32_RTOL
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_tf32_switch(device, backend):
+    x, dy = _inputs(4, 8, 16, 16, seed=11, device=device)
+    lam_ref, _ = reference_lambda_max(x.cpu(), dy.cpu(), row_blocks=2)
+    res = mk.estimate_lambda_max(x, dy, row_blocks=2, allow_tf32=True, backend=backend)
+    assert rel_err(res.lambda_max, lam_ref) <= TF32_RTOL
+
+
+def test_auto_route_follows_cost_model():
+    x, dy = _inputs(8, 1, 32, 32, seed=12, two_d=True)
+    assert mk.estimate_lambda_max(x, dy, row_blocks=2, backend="torch").routes == ("ghost",)
+    x, dy = _inputs(2, 64, 16, 16, seed=12)
+    assert mk.estimate_lambda_max(x, dy, row_blocks=2, backend="torch").routes == ("psg",)
+    c = mk.route_costs(32, 128, 769, 2304, sketch_size=192)
+    assert c["psg"] < c["ghost"] and c["sketch"] < c["psg"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_low_precision_inputs(device, backend, dtype):
+    """16-bit inputs, fp32 accumulation: exact to fp32 rounding on the (already rounded) 16-bit values.
+
+    On CPU the interpreter cannot do 16-bit dots, so inputs are upcast (with a warning); GPU runs real 16-bit
+    dots, checked in test_gpu_low_precision_vs_pytorch.
+    """
+    if device == "cuda":
+        pytest.skip("GPU low-precision accuracy is tested against PyTorch's own error below")
+    x, dy = _inputs(3, 5, 12, 8, seed=13, device=device, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = mk.estimate_lambda_max(x, dy, row_blocks=2, bias=True, backend=backend, return_grams=True)
+    lam_ref, _ = reference_lambda_max(x, dy, row_blocks=2, bias=True)  # float64 of the 16-bit values
+    assert rel_err(res.lambda_max, lam_ref) <= FP32_RTOL
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("route", EXACT_ROUTES)
+def test_gpu_low_precision_vs_pytorch(route, dtype):
+    """flash-attention's rule: error vs the fp64 reference ≤ 2× that of plain PyTorch at the same dtype."""
+    x, dy = _inputs(8, 64, 96, 192, seed=14, device="cuda", dtype=dtype)
+    blocks = dict(row_blocks=mk.fused_qkv_heads(2, 32), bias=True)
+    lam_ref, _ = reference_lambda_max(x.cpu(), dy.cpu(), **blocks)
+    res = mk.estimate_lambda_max(x, dy, method=route, backend="triton", **blocks)
+    # plain PyTorch at this dtype: per-sample gradients and Gram in 16-bit
+    gw = torch.einsum("ntr,ntc->nrc", dy, x)
+    gb = dy.sum(1)
+    grams = torch.stack([torch.cat([gw[:, r0:r0 + s].flatten(1) for r0, s in m] +
+                                   [gb[:, r0:r0 + s] for r0, s in m], 1) for m in blocks["row_blocks"]])
+    lam_pt = torch.linalg.eigvalsh((grams @ grams.transpose(1, 2)).float())[..., -1]
+    assert rel_err(res.lambda_max, lam_ref) <= 2 * max(rel_err(lam_pt, lam_ref), 1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# sketch
+# --------------------------------------------------------------------------------------------------------------
+def _lowrank_layer(n, T, d_in, d_out, seed):
+    g = torch.Generator().manual_seed(seed)
+    base_x, base_y = torch.randn(8, d_in, generator=g), torch.randn(8, d_out, generator=g)
+    x = torch.randn(n, T, 8, generator=g) @ base_x + 0.3 * torch.randn(n, T, d_in, generator=g)
+    dy = torch.randn(n, T, 8, generator=g) @ base_y + 0.3 * torch.randn(n, T, d_out, generator=g)
+    return x, dy
+
+
+def test_sketch_gram_is_unbiased():
+    """E[sketched Gram] = exact Gram: the mean over independent seeds converges to it."""
+    x, dy = _lowrank_layer(4, 6, 96, 16, seed=15)
+    exact = mk.layer_grams(x, dy, row_blocks=2, bias=True, method="psg", backend="torch").grams.double()
+    seeds = 200
+    mean = sum(
+        mk.layer_grams(x, dy, row_blocks=2, bias=True, method="sketch", sketch_size=16, seed=s,
+                       backend="torch").grams.double()
+        for s in range(seeds)
+    ) / seeds
+    one = mk.layer_grams(x, dy, row_blocks=2, bias=True, method="sketch", sketch_size=16, seed=0,
+                         backend="torch").grams.double()
+    # one sketch is off by tens of %, the mean of 200 by ~1/√200 of that
+    assert rel_err(one, exact) > 0.05
+    assert rel_err(mean, exact) < rel_err(one, exact) / 4
+
+
+def test_sketch_default_accuracy():
+    """Default sketch size keeps the median λmax error within 5% on a QKV-like layer (d_in = 768)."""
+    x, dy = _lowrank_layer(16, 32, 768, 192, seed=16)
+    blocks = dict(row_blocks=mk.fused_qkv_heads(4, 16), bias=True)
+    exact = mk.estimate_lambda_max(x, dy, method="psg", backend="torch", **blocks).lambda_max.double()
+    res = mk.estimate_lambda_max(x, dy, method="sketch", backend="torch", **blocks)
+    assert res.routes == ("sketch",)
+    err = (res.lambda_max.double() / exact - 1).abs()
+    assert err.median().item() <= 0.05, err
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_sketch_kernel_matches_torch(device, backend):
+    """The sketch route through the Triton kernels equals the same sketch through PyTorch (same seed)."""
+    x, dy = _inputs(3, 5, 40, 12, seed=17, device=device)
+    kw = dict(row_blocks=3, bias=True, method="sketch", sketch_size=8, seed=3)
+    a = mk.layer_grams(x, dy, backend=backend, **kw).grams
+    b = mk.layer_grams(x, dy, backend="torch", **kw).grams
+    assert rel_err(a, b) <= FP32_RTOL
+
+
+def test_sketch_wider_than_layer_is_exact_and_says_so():
+    x, dy = _inputs(3, 4, 8, 6, seed=18)
+    with pytest.warns(UserWarning, match="sketch_size"):
+        res = mk.estimate_lambda_max(x, dy, method="sketch", sketch_size=64, backend="torch")
+    assert res.routes == ("psg",)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# large-n solver
+# --------------------------------------------------------------------------------------------------------------
+def test_subspace_solver_large_n():
+    g = torch.Generator().manual_seed(19)
+    n = 300
+    j = torch.randn(3, n, 40, generator=g, dtype=torch.float64) * torch.linspace(3, 0.1, 40, dtype=torch.float64)
+    grams = j @ j.transpose(1, 2)
+    exact = torch.linalg.eigvalsh(grams)[..., -1]
+    got = mk.lambda_max(grams, solver="subspace", tol=1e-4)
+    assert ((got - exact).abs() / exact).max() <= 1e-4
+    assert (got <= exact * (1 + 1e-12)).all()  # a Rayleigh quotient never exceeds λmax
+    assert mk.lambda_max(grams.float()).dtype == torch.float32
+
+
+def test_estimate_lambda_max_large_n_uses_subspace():
+    x, dy = _inputs(260, 1, 24, 16, seed=20, two_d=True)
+    res = mk.estimate_lambda_max(x, dy, row_blocks=2, bias=True, backend="torch")
+    assert res.solver == "subspace"
+    lam_ref, _ = reference_lambda_max(x, dy, row_blocks=2, bias=True)
+    assert rel_err(res.lambda_max, lam_ref) <= 1e-4
+
+
+def test_subspace_nonconvergence_warns():
+    g = torch.Generator().manual_seed(21)
+    a = torch.randn(1, 300, 300, generator=g, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="did not reach"):
+        mk.lambda_max(a @ a.transpose(1, 2), solver="subspace", tol=1e-12, max_iter=2)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# fallback visibility
+# --------------------------------------------------------------------------------------------------------------
+def test_fallback_warns_once_and_is_inspectable(monkeypatch):
+    from mat_kernels import _backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_backend, "_WARNED", set())
+    x, dy = _inputs(2, 3, 4, 4, seed=22)
+    if torch.cuda.is_available():
+        pytest.skip("CPU tensors on a CUDA machine: covered by the same path, message differs")
+    with pytest.warns(UserWarning, match="using the PyTorch implementation"):
+        res = mk.estimate_lambda_max(x, dy)
+    assert res.backend == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mk.estimate_lambda_max(x, dy)  # second call: no warning
+    with pytest.raises(RuntimeError, match="backend='triton'"):
+        mk.estimate_lambda_max(x, dy, backend="triton")
