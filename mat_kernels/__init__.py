@@ -12,7 +12,7 @@ Public API:
 ``python -m mat_kernels`` prints what is usable on this machine.
 """
 from .blocks import LayerBlocks, fused_qkv_heads, resolve_blocks
-from .lambda_max import (
+from .estimate import (
     DEFAULT_SKETCH_SIZE,
     GramResult,
     LambdaMaxResult,
