@@ -7,6 +7,11 @@ Public API:
 * :func:`layer_grams`: the per-module Grams themselves, to add Grams of modules spanning several layers.
 * :func:`lambda_max`: batched λmax of symmetric matrices (``eigvalsh`` or subspace iteration).
 * :func:`fused_qkv_heads`: row ranges of each head inside a fused QKV weight.
+* :func:`model_lambda_max`: ``{module name: λmax}`` for every MAT module of a model on one batch (discovery,
+  capture hooks, per-layer Grams), with the NTK output chosen explicitly (``logprob``, ``loss``, ``projection``).
+* :func:`capture_lambda_max`: the same from a training step's own backward (NTK output = per-sample loss).
+* :func:`discover_modules`, :class:`ModuleSpec`, :class:`ParamSlice`, :func:`register_layout`: MAT modules of a
+  model (attention heads in separate or fused projections, FFN blocks, conv layers, experts) and custom ones.
 * :mod:`mat_kernels.reference`: float64 oracles (per-sample gradients by autograd, explicit Grams).
 
 ``python -m mat_kernels`` prints what is usable on this machine.
@@ -21,6 +26,9 @@ from .estimate import (
     route_costs,
 )
 from .solvers import lambda_max
+from .modules import Discovery, ModuleSpec, ParamSlice, discover_modules, register_layout
+from .capture import capture_lambda_max
+from .model import ModelLambdaMax, model_lambda_max
 
 __version__ = "0.1.0"
 
@@ -29,6 +37,14 @@ __all__ = [
     "layer_grams",
     "lambda_max",
     "fused_qkv_heads",
+    "model_lambda_max",
+    "ModelLambdaMax",
+    "capture_lambda_max",
+    "discover_modules",
+    "register_layout",
+    "ModuleSpec",
+    "ParamSlice",
+    "Discovery",
     "resolve_blocks",
     "route_costs",
     "LayerBlocks",

@@ -135,3 +135,106 @@ def reference_lambda_max(
     gw, gb = grads(x, dy, bias=bias, dtype=dtype)
     grams = torch.cat([module_grams(gw, gb, lb) for lb in layouts])
     return lambda_max_eigvalsh(grams), grams
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# whole-model oracle (model-level λmax)
+# ----------------------------------------------------------------------------------------------------------------
+def model_per_sample_grads(model: torch.nn.Module, batch, s_fn, param_names: list[str], *,
+                           dtype=torch.float64, method: str = "vmap") -> dict[str, torch.Tensor]:
+    """Per-sample gradients ``{name: [n, *shape]}`` of ``s_fn(model_output_for_one_sample) -> scalar`` w.r.t. the
+    named parameters, by ``torch.func.vmap(grad)`` over the whole model, in ``dtype`` (a float64 copy of the model).
+
+    Args:
+        model: the model (copied and cast to ``dtype``; the original is not touched).
+        batch: a tensor, tuple of tensors, or dict of tensors whose leading dimension is the n samples; floating
+            tensors are cast to ``dtype``.
+        s_fn: ``s_fn(f, sample_batch) -> scalar``: ``f(inputs)`` runs the model (a dict of inputs is passed as
+            keyword arguments) and ``sample_batch`` is ``batch`` restricted to one sample, leading dimension 1 kept.
+        param_names: parameters to differentiate.
+        method: ``"vmap"`` (``torch.func``) or ``"loop"`` (one real forward and backward per sample, for models
+            with data-dependent control flow that ``vmap`` cannot trace).
+    """
+    import copy
+
+    m = copy.deepcopy(model).to(dtype)
+    params = dict(m.named_parameters())
+    missing = [p for p in param_names if p not in params]
+    if missing:
+        raise ValueError(f"no such parameters: {missing}")
+    target = {k: params[k].detach() for k in param_names}
+    others = {k: v.detach() for k, v in params.items() if k not in target}
+    buffers = dict(m.named_buffers())
+
+    def cast(t):
+        return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    if isinstance(batch, dict):
+        keys = list(batch)
+        vals = tuple(cast(batch[k]) for k in keys)
+    elif isinstance(batch, (tuple, list)):
+        keys, vals = None, tuple(cast(b) for b in batch)
+    else:
+        keys, vals = None, (cast(batch),)
+
+    def one(p, *sample):
+        sample = tuple(t.unsqueeze(0) for t in sample)
+        b = dict(zip(keys, sample)) if keys is not None else (sample if isinstance(batch, (tuple, list)) else
+                                                              sample[0])
+
+        def call(mod, inp):
+            state = {**p, **others, **buffers}
+            if isinstance(inp, dict):  # keyword inputs (Hugging Face style)
+                return torch.func.functional_call(mod, state, (), inp)
+            return torch.func.functional_call(mod, state, (inp,))
+
+        return s_fn(lambda inp: call(m, inp), b)
+
+    if method == "loop":
+        n = vals[0].shape[0]
+        rows = []
+        for i in range(n):
+            p = {k: v.clone().requires_grad_(True) for k, v in target.items()}
+            s = one(p, *(v[i] for v in vals))
+            rows.append(torch.autograd.grad(s, list(p.values()), allow_unused=True))
+        return {k: torch.stack([r[j] if r[j] is not None else torch.zeros_like(target[k]) for r in rows])
+                for j, k in enumerate(target)}
+    if method != "vmap":
+        raise ValueError(f"method must be 'vmap' or 'loop', got {method!r}")
+    return torch.func.vmap(torch.func.grad(one), in_dims=(None,) + (0,) * len(vals))(target, *vals)
+
+
+def reference_model_grams(model: torch.nn.Module, grads: dict[str, torch.Tensor], specs) -> torch.Tensor:
+    """Explicit Grams ``[M, n, n]`` of the modules ``specs`` from whole-model per-sample gradients ``grads``.
+
+    Each weight's per-sample gradient is put in linear-map orientation ``[n, d_out, d_in]`` (Hugging Face
+    ``Conv1D`` stores the transpose; a convolution weight is flattened to ``[O, C·kh·kw]``), then each slice's rows,
+    columns or all entries (+ bias entries) are concatenated per module and ``J Jᵀ`` is formed.
+    """
+    from .modules import _is_conv1d
+
+    owners = dict(model.named_modules())
+    grams = []
+    for spec in specs:
+        parts = []
+        for sl in spec.slices:
+            g = grads[sl.weight]
+            n = g.shape[0]
+            owner = owners[sl.weight.rsplit(".", 1)[0] if "." in sl.weight else ""]
+            if _is_conv1d(owner):
+                g = g.transpose(1, 2)
+            g = g.reshape(n, g.shape[1], -1)
+            if sl.axis == "all":
+                parts.append(g.reshape(n, -1))
+                if sl.bias is not None:
+                    parts.append(grads[sl.bias].reshape(n, -1))
+            for start, size in sl.ranges:
+                if sl.axis == "rows":
+                    parts.append(g[:, start:start + size].reshape(n, -1))
+                    if sl.bias is not None:
+                        parts.append(grads[sl.bias][:, start:start + size])
+                else:
+                    parts.append(g[:, :, start:start + size].reshape(n, -1))
+        j = torch.cat(parts, 1)
+        grams.append(j @ j.T)
+    return torch.stack(grams)

@@ -1,0 +1,505 @@
+"""Model-level λmax (discovery, capture, NTK outputs) against an independent oracle: whole-model per-sample
+gradients by torch.func in float64 (mat_kernels.reference.model_per_sample_grads), sliced per module spec, explicit
+Grams, eigvalsh.
+
+Tolerance: the model runs in fp32 (forward, backward and Grams), the oracle in float64. Relative λmax error per
+module ≤ MODEL_RTOL = 1e-5 (measured on these models: ≤ 7e-7).
+"""
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import HAS_CUDA
+
+import mat_kernels as mk
+from mat_kernels.model import per_sample_output, projection_vectors
+from mat_kernels.reference import model_per_sample_grads, reference_model_grams
+
+MODEL_RTOL = 1e-5
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------------------------------------------
+class FusedBlock(nn.Module):
+    """Own BERT-style layer: fused QKV linear (rows [Q; K; V]), output projection, FFN."""
+
+    def __init__(self, d, heads, ffn):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.attn_out = nn.Linear(d, d)
+        self.ffn_in = nn.Linear(d, ffn)
+        self.ffn_out = nn.Linear(ffn, d)
+        self.ln = nn.LayerNorm(d)
+
+    def forward(self, h):
+        n, T, d = h.shape
+        q, k, v = self.qkv(h).view(n, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1) @ v
+        h = self.ln(h + self.attn_out(a.transpose(1, 2).reshape(n, T, d)))
+        return h + self.ffn_out(torch.tanh(self.ffn_in(h)))
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab=23, d=12, heads=3, ffn=10, layers=2):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(FusedBlock(d, heads, ffn) for _ in range(layers))
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        for b in self.blocks:
+            h = b(h)
+        return self.head(h)
+
+
+class MHAModel(nn.Module):
+    def __init__(self, batch_first, d=8, heads=2, classes=5):
+        super().__init__()
+        self.first = batch_first
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(d, heads, 12, dropout=0.0,
+                                                                    batch_first=batch_first), 1)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        if not self.first:
+            x = x.transpose(0, 1)
+        h = self.enc(x)
+        return self.head(h if self.first else h.transpose(0, 1))
+
+
+def small_cnn():
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 6, 3, stride=2, groups=2, bias=False), nn.ReLU(),
+        nn.Flatten(), nn.Linear(6 * 3 * 3, 4),
+    ).eval()
+
+
+def hf_bert(layers=2):
+    cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+                                  intermediate_size=24, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0, attn_implementation="eager")
+    return transformers.BertForMaskedLM(cfg).eval()
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# oracle
+# --------------------------------------------------------------------------------------------------------------
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+def oracle(model, inputs, labels, specs, *, output="logprob", causal=False, v=None, loss_fn=None, method="vmap"):
+    """float64 λmax per spec from whole-model torch.func per-sample gradients of the same s_i."""
+    names = sorted({p for s in specs for p in s.param_names()})
+    if labels is None:
+        batch = inputs
+    else:
+        batch = {**inputs, "labels": labels} if isinstance(inputs, dict) else (inputs, labels)
+
+    def s_fn(f, b):
+        if labels is None:
+            out, lab = f(b), None
+        elif isinstance(b, dict):
+            lab = b["labels"]
+            out = f({k: t for k, t in b.items() if k != "labels"})
+        else:
+            out, lab = f(b[0]), b[1]
+        vv = None if v is None else v.double()
+        return per_sample_output(output, _logits(out), lab, causal=causal, v=vv, loss_fn=loss_fn, batch=None)[0]
+
+    grads = model_per_sample_grads(model, batch, s_fn, names, method=method)
+    return torch.linalg.eigvalsh(reference_model_grams(model, grads, specs))[..., -1]
+
+
+def assert_matches(res, lam_ref, rtol=MODEL_RTOL):
+    got = torch.tensor(list(res.lambda_max.values()), dtype=torch.float64)
+    assert got.shape == lam_ref.shape
+    err = ((got - lam_ref).abs() / lam_ref.abs()).max().item()
+    assert err <= rtol, (err, dict(zip(res.lambda_max, ((got - lam_ref).abs() / lam_ref).tolist())))
+
+
+def run_and_check(model, inputs, labels, *, output="logprob", backend="torch", **kw):
+    res = mk.model_lambda_max(model, inputs, labels=labels, output=output, backend=backend, **kw)
+    v = None
+    if output == "projection":
+        with torch.no_grad():
+            shape = _logits(model(inputs))[0].shape
+        v = projection_vectors(tuple(shape), 1, kw.get("seed", 0), "cpu")[0]
+    lam_ref = oracle(model, inputs, labels, res.specs, output=output, causal=kw.get("causal", False), v=v,
+                     loss_fn=kw.get("loss_fn"))
+    assert_matches(res, lam_ref)
+    return res
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Hugging Face models built from configs (no download)
+# --------------------------------------------------------------------------------------------------------------
+def test_hf_bert_mlm_logprob():
+    torch.manual_seed(0)
+    model = hf_bert()
+    ids = torch.randint(0, 40, (4, 7), generator=_gen(1))
+    labels = torch.where(torch.rand(4, 7, generator=_gen(2)) < 0.5, ids, torch.full_like(ids, -100))
+    labels[:, 0] = ids[:, 0]
+    res = run_and_check(model, ids, labels)
+    names = list(res.lambda_max)
+    # 2 layers x (2 heads + 2 output heads + 1 FFN)
+    assert len(names) == 10 and "bert.encoder.layer.1.attention.self.head1.out" in names
+    assert "bert.encoder.layer.0.ffn" in names
+    assert res.unclaimed["bert.embeddings.word_embeddings.weight"].startswith("always trained")
+    assert "unrecognised layout" in res.unclaimed["cls.predictions.transform.dense.weight"]
+    assert res.peak_held_bytes > 0
+
+
+def test_hf_bert_dict_batch_with_padding_mask():
+    torch.manual_seed(1)
+    model = hf_bert(layers=1)
+    ids = torch.randint(0, 40, (3, 6), generator=_gen(3))
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    res = mk.model_lambda_max(model, batch, backend="torch")  # labels taken from the batch
+    # Hugging Face's mask code branches on the mask's values, which vmap cannot trace: one backward per sample
+    lam_ref = oracle(model, {"input_ids": ids, "attention_mask": mask}, labels, res.specs, method="loop")
+    assert_matches(res, lam_ref)
+
+
+@pytest.mark.parametrize("out_proj,count", [("merge", 2), ("none", 2), ("separate", 4)])
+def test_out_proj_modes(out_proj, count):
+    model = hf_bert(layers=1)
+    disc = mk.discover_modules(model, out_proj=out_proj, include=[r"attention"])
+    assert len(disc.specs) == count
+    w = "bert.encoder.layer.0.attention.output.dense.weight"
+    if out_proj == "merge":
+        assert any(sl.weight == w and sl.axis == "cols" for sl in disc.specs[0].slices)
+    if out_proj == "none":
+        assert "out_proj='none'" in disc.unclaimed[w]
+    ids = torch.randint(0, 40, (3, 5), generator=_gen(4))
+    run_and_check(model, ids, ids, specs=disc.specs)
+
+
+def test_hf_gpt2_causal_lm():
+    torch.manual_seed(2)
+    cfg = transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=16, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 40, (3, 7), generator=_gen(5))
+    res = run_and_check(model, ids, ids, causal=True)
+    assert "transformer.h.1.attn.head1" in res.lambda_max and "transformer.h.0.mlp.ffn" in res.lambda_max
+    # Conv1D stores [d_in, d_out]: the head's rows are columns of the stored c_attn weight
+    spec = next(s for s in res.specs if s.name == "transformer.h.0.attn.head1")
+    assert [sl.ranges for sl in spec.slices] == [((8, 8),), ((24, 8),), ((40, 8),)]
+
+
+def test_hf_vit_classification_with_conv_patch_embedding():
+    torch.manual_seed(3)
+    cfg = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+                                 image_size=8, patch_size=4, num_channels=1, num_labels=3,
+                                 attn_implementation="eager")
+    model = transformers.ViTForImageClassification(cfg).eval()
+    x = torch.randn(3, 1, 8, 8, generator=_gen(6))
+    res = run_and_check(model, x, torch.tensor([0, 2, 1]))
+    assert "vit.embeddings.patch_embeddings.projection" in res.lambda_max  # the conv layer is a module
+    assert "vit.layers.0.mlp.ffn" in res.lambda_max
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torch.nn.MultiheadAttention, CNNs, own layouts, custom specs, experts
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_model(batch_first):
+    torch.manual_seed(4)
+    model = MHAModel(batch_first).eval()
+    x = torch.randn(3, 6, 8, generator=_gen(7))
+    res = run_and_check(model, x, torch.randint(0, 5, (3, 6), generator=_gen(8)))
+    assert list(res.lambda_max)[:2] == ["enc.layers.0.ffn", "enc.layers.0.self_attn.head0"]
+    assert res.unclaimed["enc.layers.0.self_attn.out_proj.bias"].startswith("always trained")
+
+
+def test_cnn_conv_layers_with_eval_batchnorm_stride_groups():
+    torch.manual_seed(5)
+    model = small_cnn()
+    res = run_and_check(model, torch.randn(5, 2, 7, 7, generator=_gen(9)), torch.randint(0, 4, (5,)))
+    assert list(res.lambda_max) == ["0", "3"]
+    assert "unrecognised layout" in res.unclaimed["6.weight"]
+
+
+def test_own_fused_qkv_model_and_shared_weights():
+    torch.manual_seed(6)
+    model = TinyLM().eval()
+    ids = torch.randint(0, 23, (4, 6), generator=_gen(10))
+    res = run_and_check(model, ids, ids)
+    assert len(res.lambda_max) == 2 * (3 + 3 + 1)
+    # a layer applied twice (shared weights): one per-sample gradient over both uses, not two Grams
+    twice = TinyLM(layers=1).eval()
+    twice.blocks.append(twice.blocks[0])
+    run_and_check(twice, ids, ids)
+
+
+def test_custom_module_spec_rows_and_columns():
+    torch.manual_seed(7)
+    model = small_cnn()
+    specs = [
+        mk.ModuleSpec("head_rows_0_2", (mk.ParamSlice("6.weight", "rows", ((0, 2),), "6.bias"),)),
+        mk.ModuleSpec("head_cols", (mk.ParamSlice("6.weight", "cols", ((5, 20), (40, 3))),)),
+        mk.ModuleSpec.whole("conv0", "0.weight", "0.bias"),
+    ]
+    run_and_check(model, torch.randn(4, 2, 7, 7, generator=_gen(11)), torch.randint(0, 4, (4,)), specs=specs)
+
+
+class SoftMoE(nn.Module):
+    """Every expert sees every token (dense dispatch), outputs mixed by a softmax gate."""
+
+    def __init__(self, d=6, experts=3):
+        super().__init__()
+        self.gate = nn.Linear(d, experts)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(d, 8), nn.Tanh(), nn.Linear(8, d))
+                                     for _ in range(experts))
+        self.head = nn.Linear(d, 4)
+
+    def forward(self, x):
+        w = torch.softmax(self.gate(x), -1)
+        return self.head(sum(w[..., e:e + 1] * ex(x) for e, ex in enumerate(self.experts)))
+
+
+def test_moe_experts_dense_dispatch():
+    torch.manual_seed(8)
+    model = SoftMoE().eval()
+    res = run_and_check(model, torch.randn(4, 5, 6, generator=_gen(12)), torch.randint(0, 4, (4, 5)))
+    assert list(res.lambda_max) == ["experts.0", "experts.1", "experts.2"]
+    assert all(s.kind == "expert" for s in res.specs)
+
+
+class RoutedMoE(SoftMoE):
+    def forward(self, x):  # top-1 routing with tokens gathered across samples: the sample axis is lost
+        flat = x.reshape(-1, x.shape[-1])
+        choice = self.gate(flat).argmax(-1)
+        out = torch.zeros_like(flat)
+        for e, ex in enumerate(self.experts):
+            idx = (choice == e).nonzero().squeeze(1)
+            if idx.numel():
+                out = out.index_add(0, idx, ex(flat[idx]))
+        return self.head(out.view_as(x))
+
+
+def test_token_routed_moe_is_refused_with_reason():
+    model = RoutedMoE().eval()
+    with pytest.raises(ValueError, match="sample axis is lost"):
+        mk.model_lambda_max(model, torch.randn(4, 5, 6), labels=torch.randint(0, 4, (4, 5)), backend="torch")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# NTK outputs
+# --------------------------------------------------------------------------------------------------------------
+def test_output_loss_default_and_custom():
+    torch.manual_seed(9)
+    model = TinyLM(layers=1).eval()
+    ids = torch.randint(0, 23, (4, 5), generator=_gen(13))
+    run_and_check(model, ids, ids, output="loss")
+
+    def loss_fn(logits, batch):  # per-sample squared error of the logits against a one-hot target
+        return ((logits.float() - F.one_hot(ids, 23)) ** 2).flatten(1).sum(1)
+
+    res = mk.model_lambda_max(model, ids, output="loss", loss_fn=loss_fn, backend="torch")
+    names = sorted({p for s in res.specs for p in s.param_names()})
+    grads = model_per_sample_grads(
+        model, (ids, F.one_hot(ids, 23).double()), lambda f, b: ((f(b[0]) - b[1]) ** 2).sum(), names)
+    lam_ref = torch.linalg.eigvalsh(reference_model_grams(model, grads, res.specs))[..., -1]
+    assert_matches(res, lam_ref)
+
+
+def test_output_projection_single_and_averaged():
+    torch.manual_seed(10)
+    model = TinyLM(layers=1).eval()
+    ids = torch.randint(0, 23, (3, 5), generator=_gen(14))
+    run_and_check(model, ids, None, output="projection", seed=3)
+    # k = 2 projections: the average of the two Grams
+    res = mk.model_lambda_max(model, ids, output="projection", num_projections=2, seed=3, backend="torch",
+                              return_grams=True)
+    vs = projection_vectors((5, 23), 2, 3, "cpu")
+    names = sorted({p for s in res.specs for p in s.param_names()})
+    grams = 0
+    for j in range(2):
+        g = model_per_sample_grads(model, ids, lambda f, b, j=j: (f(b) * vs[j].double()).sum(), names)
+        grams = grams + reference_model_grams(model, g, res.specs)
+    assert_matches(res, torch.linalg.eigvalsh(grams / 2)[..., -1])
+
+
+def test_capture_of_a_training_backward_with_mean_loss():
+    """The training step's own backward (loss = mean over samples) gives the per-sample-loss NTK."""
+    torch.manual_seed(11)
+    model = TinyLM(layers=1).eval()
+    ids = torch.randint(0, 23, (4, 5), generator=_gen(15))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with mk.capture_lambda_max(model, loss_scale=1 / 4, backend="torch") as cap:
+        logits = model(ids)
+        loss = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(4, 5).sum(1).mean()
+        loss.backward()
+    lam = cap.lambda_max()
+    assert all(p.grad is not None for p in model.parameters())  # the training backward is untouched
+    opt.zero_grad()
+    ref = mk.model_lambda_max(model, ids, labels=ids, output="loss", backend="torch").lambda_max
+    assert list(lam) == list(ref)
+    for k in lam:
+        assert abs(lam[k] - ref[k]) <= MODEL_RTOL * ref[k]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# gradient checkpointing, memory, the Triton path
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_lambdas(use_reentrant):
+    torch.manual_seed(12)
+    model = hf_bert()
+    ids = torch.randint(0, 40, (3, 6), generator=_gen(16))
+    plain = mk.model_lambda_max(model, ids, labels=ids, backend="torch").lambda_max
+    ck = copy.deepcopy(model)
+    ck.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    ck.train()  # Hugging Face checkpoints only in training mode; dropout is 0 in this config
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # reentrant checkpointing warns when no input requires grad
+        got = mk.model_lambda_max(ck, ids, labels=ids, backend="torch").lambda_max
+    assert list(got) == list(plain)
+    for k in plain:
+        assert abs(got[k] - plain[k]) <= MODEL_RTOL * plain[k], k
+
+
+def test_capture_holds_one_layer_of_gradients_at_a_time():
+    """Each layer's Grams are built when its output gradient arrives, and the gradient is dropped: the most the
+    capture ever holds is one layer's dy, not the model's."""
+    torch.manual_seed(13)
+    n, T, d = 4, 6, 16
+    blocks = 8
+    model = nn.Sequential(*[FusedBlock(d, 2, 24) for _ in range(blocks)]).eval()
+    res = mk.model_lambda_max(model, torch.randn(n, T, d), output="projection", backend="torch")
+    largest = n * T * 3 * d * 4  # the QKV output gradient, fp32
+    total = blocks * n * T * (3 * d + d + 24 + d) * 4  # every captured layer's output gradient
+    assert res.peak_held_bytes == largest < total / 10
+
+
+def test_triton_kernels_path():
+    """Same model through the Triton kernels (interpreter on CPU, native on GPU)."""
+    torch.manual_seed(14)
+    model = TinyLM(vocab=11, d=8, heads=2, ffn=6, layers=1).eval()
+    ids = torch.randint(0, 11, (3, 4), generator=_gen(17))
+    res = run_and_check(model, ids, ids, backend="auto")
+    assert res.backend.startswith("triton")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cuda_hf_bert():
+    model = hf_bert().cuda()
+    ids = torch.randint(0, 40, (4, 7), generator=_gen(18))
+    res = mk.model_lambda_max(model, ids.cuda(), labels=ids.cuda())
+    assert res.backend == "triton"
+    assert_matches(res, oracle(model.cpu(), ids, ids, res.specs))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# invalid inputs
+# --------------------------------------------------------------------------------------------------------------
+def test_empty_batch():
+    with pytest.raises(ValueError, match="empty batch"):
+        mk.model_lambda_max(TinyLM(), torch.zeros(0, 5, dtype=torch.long), labels=torch.zeros(0, 5, dtype=torch.long))
+
+
+def test_train_mode_batchnorm_is_refused_with_the_fix():
+    model = small_cnn().train()
+    with pytest.raises(ValueError, match=r"training mode.*model\.eval\(\)"):
+        mk.model_lambda_max(model, torch.randn(3, 2, 7, 7), labels=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="training mode"):
+        mk.capture_lambda_max(model)
+
+
+def test_names_that_match_nothing():
+    with pytest.raises(ValueError, match="include pattern 'nope' matches none"):
+        mk.discover_modules(TinyLM(), include=["nope"])
+    with pytest.raises(ValueError, match="exclude pattern"):
+        mk.discover_modules(TinyLM(), exclude=["nope"])
+
+
+@pytest.mark.parametrize("spec,match", [
+    (mk.ModuleSpec("a", (mk.ParamSlice("nope.weight"),)), "no parameter named 'nope.weight'"),
+    (mk.ModuleSpec("a", (mk.ParamSlice("head.weight", "rows", ((20, 5),)),)), r"out of bounds"),
+    (mk.ModuleSpec("a", (mk.ParamSlice("head.weight", "rows", ((0, 4),)),
+                         mk.ParamSlice("head.weight", "rows", ((3, 2),)))), "overlap"),
+    (mk.ModuleSpec("a", (mk.ParamSlice("head.weight", "cols", ((0, 4),), "head.bias"),)), "column slice"),
+    (mk.ModuleSpec("a", (mk.ParamSlice("head.weight", "rows"),)), "needs at least one"),
+    (mk.ModuleSpec("a", ()), "no parameter slice"),
+    (mk.ModuleSpec("a", (mk.ParamSlice("emb.weight"),)), "captures nn.Linear"),
+])
+def test_bad_specs(spec, match):
+    with pytest.raises(ValueError, match=match):
+        mk.model_lambda_max(TinyLM(), torch.zeros(2, 3, dtype=torch.long), labels=torch.zeros(2, 3, dtype=torch.long),
+                            specs=[spec], backend="torch")
+
+
+def test_bad_arguments():
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="output must be one of"):
+        mk.model_lambda_max(TinyLM(), ids, output="logit")
+    with pytest.raises(ValueError, match="needs labels"):
+        mk.model_lambda_max(TinyLM(), ids, backend="torch")
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        mk.model_lambda_max(lambda x: x, ids)
+    with pytest.raises(ValueError, match="out_proj must be"):
+        mk.discover_modules(TinyLM(), out_proj="both")
+    with pytest.raises(ValueError, match="no MAT module found"):
+        mk.model_lambda_max(nn.Sequential(nn.Embedding(5, 3)), ids, labels=ids)
+
+
+def test_layer_never_called_is_an_error():
+    model = TinyLM(layers=2)
+    specs = mk.discover_modules(model).specs
+
+    def only_first_block(m, ids):
+        return m.head(m.blocks[0](m.emb(ids)))
+
+    with pytest.raises(RuntimeError, match="never called"):
+        mk.model_lambda_max(model, torch.zeros(2, 3, dtype=torch.long), labels=torch.zeros(2, 3, dtype=torch.long),
+                            specs=specs, forward=only_first_block, backend="torch")
+
+
+def test_register_a_custom_layout():
+    from mat_kernels import modules
+
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    @mk.register_layout("test_gate")
+    def _gate(prefix, mod, model, opts):
+        if not isinstance(mod, Gate):
+            return None
+        return [mk.ModuleSpec(f"{prefix}.gate_half{h}", (mk.ParamSlice(f"{prefix}.proj.weight", "rows",
+                                                                       ((2 * h, 2),), f"{prefix}.proj.bias"),))
+                for h in range(2)]
+
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            mk.register_layout("test_gate")(_gate)
+        model = nn.Sequential(Gate(), nn.Tanh(), nn.Linear(4, 3)).eval()
+        disc = mk.discover_modules(model)
+        assert disc.names() == ["0.gate_half0", "0.gate_half1"]
+        run_and_check(model, torch.randn(4, 6, generator=_gen(19)), torch.randint(0, 3, (4,)), specs=disc.specs)
+    finally:
+        modules._LAYOUTS[:] = [(n, f) for n, f in modules._LAYOUTS if n != "test_gate"]
