@@ -76,3 +76,17 @@ def test_sketch_curve_script_smoke(capsys):
     sketch_curve.main(["--device", "cpu", "--backend", "torch", "--n", "4", "--seq-len", "8", "--seeds", "1", "--sizes", "64"])
     out = capsys.readouterr().out
     assert "| gaussian | 64 |" in out and "| lowrank | 64 |" in out
+
+
+def test_bench_model_lambda_max_script_smoke(capsys, tmp_path):
+    """The 12-layer BERT-base benchmark's CPU smoke mode (2 small layers) runs, and mat_kernels agrees with
+    torch.func (the script exits non-zero otherwise)."""
+    pytest.importorskip("transformers")
+    import bench_model_lambda_max
+
+    csv = tmp_path / "model.csv"
+    rc = bench_model_lambda_max.main(["--quick", "--device", "cpu", "--backend", "torch", "--csv", str(csv)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "| mat_kernels | torch |" in out and "| torch_func | torch |" in out
+    assert len(csv.read_text().splitlines()) == 1 + 5
