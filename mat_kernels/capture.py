@@ -45,7 +45,7 @@ _ACTIVE: list["LambdaCapture"] = []  # captures whose MHA patch is in force (inn
 _PATCH_DEPTH = [0]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Site:
     weight: str
     kind: str  # "linear" | "conv1d" | "conv2d" | "mha"
@@ -60,7 +60,7 @@ class _Site:
     no_grad_calls: int = 0
 
 
-@dataclass
+@dataclass(eq=False)  # identity: records hold tensors, and list.remove must never compare those
 class _Record:
     site: _Site
     x: torch.Tensor
@@ -253,13 +253,13 @@ class LambdaCapture:
         self.held_bytes += rec.dy.numel() * rec.dy.element_size()
         self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
         key = (rec.site.weight, rec.r0, rec.rows)
+        if key in self._done:
+            raise RuntimeError(
+                f"{rec.site.weight}: a second forward call's gradient arrived after the Gram of the first was "
+                "built: several forward/backward passes inside one capture (use one capture per batch), or "
+                "shared weights under reentrant gradient checkpointing (use use_reentrant=False)"
+            )
         if rec.backward_phase:
-            if key in self._done:
-                raise RuntimeError(
-                    f"{rec.site.weight}: a second forward call's gradient arrived after the Gram of the first was "
-                    "built: several forward/backward passes inside one capture (use one capture per batch), or "
-                    "shared weights under reentrant gradient checkpointing (use use_reentrant=False)"
-                )
             group = [rec]
         else:
             group = [r for r in self._records[key] if not r.backward_phase]

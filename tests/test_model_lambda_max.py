@@ -503,3 +503,33 @@ def test_register_a_custom_layout():
         run_and_check(model, torch.randn(4, 6, generator=_gen(19)), torch.randint(0, 3, (4,)), specs=disc.specs)
     finally:
         modules._LAYOUTS[:] = [(n, f) for n, f in modules._LAYOUTS if n != "test_gate"]
+
+
+def _hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_hooks_removed_and_linear_restored_even_when_forward_raises():
+    model = MHAModel(True).eval()
+    x = torch.randn(2, 4, 8)
+    before = _hook_count(model)
+    mk.model_lambda_max(model, x, labels=torch.zeros(2, 4, dtype=torch.long), backend="torch")
+    assert _hook_count(model) == before and F.linear is torch._C._nn.linear
+
+    def broken(m, b):
+        m.enc(b[:, :, :5])  # wrong width: the attention forward raises inside the capture
+        return m(b)
+
+    with pytest.raises(Exception):
+        mk.model_lambda_max(model, x, labels=torch.zeros(2, 4, dtype=torch.long), forward=broken, backend="torch")
+    assert _hook_count(model) == before and F.linear is torch._C._nn.linear
+
+
+def test_two_backwards_in_one_capture_are_refused():
+    """Gradient accumulation inside one capture would add Grams of different samples as if they were the same."""
+    model = TinyLM(layers=1).eval()
+    ids = torch.randint(0, 23, (3, 4), generator=_gen(20))
+    with pytest.raises(RuntimeError, match="one capture per batch"):
+        with mk.capture_lambda_max(model, backend="torch"):
+            for _ in range(2):
+                F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
