@@ -1,0 +1,175 @@
+"""MAT decisions (threshold policies, temporal rule) on scripted λ sequences, and the optimizer step that keeps
+frozen slices bit-for-bit unchanged."""
+import math
+
+import pytest
+import torch
+
+from mat_kernels.optim import Block, FrozenSliceOptimizer
+from mat_kernels.policy import TemporalRule, threshold_mask
+
+
+# --------------------------------------------------------------------------------------------------------------
+# thresholds
+# --------------------------------------------------------------------------------------------------------------
+def test_threshold_policies():
+    lam = torch.tensor([1.0, 4.0, 2.0, 9.0])
+    act, tau = threshold_mask(lam)  # alpha * mean = 4
+    assert tau == 4.0 and act.tolist() == [False, False, False, True]
+    act, tau = threshold_mask(lam, "mean", alpha=0.5)
+    assert tau == 2.0 and act.tolist() == [False, True, False, True]
+    act, tau = threshold_mask(lam, "max", alpha=0.4)
+    assert tau == pytest.approx(3.6) and act.tolist() == [False, True, False, True]
+    act, tau = threshold_mask(lam, "quantile", q=0.5)
+    assert tau == 3.0 and act.tolist() == [False, True, False, True]
+    act, _ = threshold_mask(torch.tensor([3.0, 5.0, 5.0, 1.0]), "top_k", k=2)
+    assert act.tolist() == [False, True, True, False]
+    act, _ = threshold_mask(torch.tensor([5.0, 5.0, 5.0]), "top_k", k=1)  # ties: lowest index
+    assert act.tolist() == [True, False, False]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(policy="median"), "policy must be one of"), (dict(policy="quantile", q=1.5), "q must be"),
+    (dict(policy="top_k", k=0), "k must be"), (dict(policy="top_k"), "k must be"),
+])
+def test_threshold_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        threshold_mask(torch.tensor([1.0, 2.0]), **kwargs)
+    with pytest.raises(ValueError, match="NaN"):
+        threshold_mask(torch.tensor([1.0, float("nan")]))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# temporal rule
+# --------------------------------------------------------------------------------------------------------------
+def test_temporal_rule_on_scripted_sequences():
+    """Module 0 keeps moving; module 1 stops moving after the third measurement (Δ stalls); module 2 never moves
+    at the second measurement (Δ_1 = 0: the rule is undefined and never fires)."""
+    seq = [
+        [1.0, 1.0, 2.0],
+        [2.0, 3.0, 2.0],   # Δ_1 = [1, 2, 0]
+        [3.0, 4.0, 5.0],   # Δ = [2, 3, 3]; |ΔΔ|/Δ_1 = [1, 0.5, inf]
+        [4.0, 4.0005, 9.0],  # Δ = [3, 3.0005, 7]: module 1 ratio 0.0005/2 = 2.5e-4 < 1e-3 -> converged
+        [5.0, 9.0, 9.0],   # module 1 stays converged even though λ jumps again ("frozen for good")
+    ]
+    rule = TemporalRule(beta=1e-3)
+    out = [rule.update(torch.tensor(s)).tolist() for s in seq]
+    assert out[:3] == [[False] * 3] * 3
+    assert out[3] == [False, True, False]
+    assert out[4] == [False, True, False]
+    sd = rule.state_dict()
+    clone = TemporalRule()
+    clone.load_state_dict(sd)
+    assert clone.update(torch.tensor([6.0, 9.0, 9.0])).tolist() == rule.update(torch.tensor([6.0, 9.0, 9.0])).tolist()
+    with pytest.raises(ValueError, match="modules"):
+        rule.update(torch.tensor([1.0, 2.0]))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# frozen optimizer step
+# --------------------------------------------------------------------------------------------------------------
+def _optimizers():
+    out = [
+        ("sgd_momentum_wd", lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1)),
+        ("sgd_nesterov", lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
+        ("adam_l2", lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=0.1)),
+        ("adam_amsgrad", lambda ps: torch.optim.Adam(ps, lr=0.01, amsgrad=True)),
+        ("adamw_foreach", lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1, foreach=True)),
+        ("adamw_loop", lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1, foreach=False)),
+        ("adamw_fused", lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1, fused=True)),
+        ("sgd_fused", lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1, fused=True)),
+    ]
+    return out
+
+
+@pytest.mark.parametrize("name,make", _optimizers(), ids=[n for n, _ in _optimizers()])
+def test_frozen_slices_unchanged_bit_for_bit(name, make):
+    g = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(9, 5, generator=g))       # rows: 3 heads of 3
+    wt = torch.nn.Parameter(torch.randn(4, 6, generator=g))      # stored transposed: linear view [6, 4], cols blocks
+    b = torch.nn.Parameter(torch.randn(9, generator=g))
+    whole = torch.nn.Parameter(torch.randn(7, 3, generator=g))   # module 3: the whole tensor
+    other = torch.nn.Parameter(torch.randn(4, generator=g))      # always trained
+    try:
+        opt = make([w, wt, b, whole, other])
+    except (RuntimeError, TypeError) as e:  # fused not available for this build
+        pytest.skip(str(e))
+    blocks = {
+        w: [Block(h, 0, 3 * h, 3) for h in range(3)],
+        b: [Block(h, 0, 3 * h, 3) for h in range(3)],
+        wt: [Block(h, 1, 2 * h, 2) for h in range(2)],
+        whole: [Block(3)],
+    }
+    fso = FrozenSliceOptimizer(opt, blocks, transposed={wt}, num_modules=4)
+    masks = [[True] * 4, [True, False, True, False], [False, False, True, False], [True, False, False, False]]
+    for step, mask in enumerate(masks * 2):
+        before = {id(p): p.detach().clone() for p in (w, wt, b, whole, other)}
+        state_before = {id(p): {k: v.clone() for k, v in opt.state.get(p, {}).items() if torch.is_tensor(v)}
+                        for p in (w, wt, b, whole)}
+        for p in (w, wt, b, whole, other):
+            p.grad = torch.randn(p.shape, generator=g)
+        fso.step(torch.tensor(mask))
+        active = torch.tensor(mask)
+        for h in range(3):
+            rows = slice(3 * h, 3 * h + 3)
+            if not active[h]:
+                assert torch.equal(w[rows], before[id(w)][rows]) and torch.equal(b[rows], before[id(b)][rows])
+                for k, v in state_before[id(w)].items():
+                    if v.shape == w.shape:
+                        assert torch.equal(opt.state[w][k][rows], v[rows]), (k, step)
+            else:
+                assert not torch.equal(w[rows], before[id(w)][rows])
+        for h in range(2):
+            cols = slice(2 * h, 2 * h + 2)  # columns of the linear view = rows of the stored tensor
+            changed = not torch.equal(wt[cols], before[id(wt)][cols])
+            assert changed == bool(active[h])
+        assert torch.equal(whole, before[id(whole)]) != bool(active[3])
+        assert not torch.equal(other, before[id(other)])  # always trained
+    assert fso.block_steps.tolist() == [6, 2, 6, 2]
+
+
+def _adam_reference(p0, grads, lr, betas, eps, wd, decoupled):
+    """Plain Adam/AdamW on one tensor with its own step count (the block's history)."""
+    p, m, v = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0)
+    for t, gr in enumerate(grads, 1):
+        if not decoupled:
+            gr = gr + wd * p
+        else:
+            p = p * (1 - lr * wd)
+        m = betas[0] * m + (1 - betas[0]) * gr
+        v = betas[1] * v + (1 - betas[1]) * gr * gr
+        p = p - lr / (1 - betas[0] ** t) * m / ((v / (1 - betas[1] ** t)).sqrt() + eps)
+    return p
+
+
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
+def test_adam_bias_correction_counts_steps_per_block(cls):
+    """A head frozen during steps 2-3 has taken 3 of 5 steps: its update must equal plain Adam run on that head
+    alone for its 3 steps (with the stale moments kept), not a tensor-level count of 5."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.nn.Parameter(torch.randn(4, 3, generator=g, dtype=torch.float64))
+    opt = cls([w], lr=0.05, weight_decay=0.1, foreach=False)
+    fso = FrozenSliceOptimizer(opt, {w: [Block(0, 0, 0, 2), Block(1, 0, 2, 2)]}, num_modules=2)
+    p0 = w.detach().clone()
+    masks = [[True, True], [True, False], [True, False], [True, True], [True, True]]
+    grads_block1 = []
+    for mask in masks:
+        gr = torch.randn(4, 3, generator=g, dtype=torch.float64)
+        w.grad = gr.clone()
+        if mask[1]:
+            grads_block1.append(gr[2:])
+        fso.step(torch.tensor(mask))
+    want = _adam_reference(p0[2:], grads_block1, 0.05, (0.9, 0.999), 1e-8, 0.1, cls is torch.optim.AdamW)
+    torch.testing.assert_close(w.detach()[2:], want, rtol=1e-12, atol=1e-12)
+
+
+def test_unsupported_optimizer_is_refused():
+    p = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(TypeError, match="unsupported optimizer RMSprop"):
+        FrozenSliceOptimizer(torch.optim.RMSprop([p]), {p: [Block(0)]}, num_modules=1)
+    with pytest.raises(ValueError, match="not in the optimizer"):
+        FrozenSliceOptimizer(torch.optim.SGD([p], lr=0.1), {torch.nn.Parameter(torch.zeros(1)): [Block(0)]},
+                             num_modules=1)
+    fso = FrozenSliceOptimizer(torch.optim.SGD([p], lr=0.1), {p: [Block(0)]}, num_modules=1)
+    with pytest.raises(ValueError, match="active must have shape"):
+        fso.step(torch.tensor([True, False]))
