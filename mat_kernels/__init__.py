@@ -7,6 +7,8 @@ Public API:
 * :func:`layer_grams`: the per-module Grams themselves, to add Grams of modules spanning several layers.
 * :func:`lambda_max`: batched λmax of symmetric matrices (``eigvalsh`` or subspace iteration).
 * :func:`fused_qkv_heads`: row ranges of each head inside a fused QKV weight.
+* :func:`sparse_update_linear`, :class:`SparseUpdateLinear`, :class:`SparseLayout`: a linear layer whose backward
+  computes dX in full and dW/db only for active blocks (C++/CUDA extension ``mat_kernels._C``).
 * :mod:`mat_kernels.reference`: float64 oracles (per-sample gradients by autograd, explicit Grams).
 
 ``python -m mat_kernels`` prints what is usable on this machine.
@@ -21,6 +23,7 @@ from .lambda_max import (
     route_costs,
 )
 from .solvers import lambda_max
+from .sparse_linear import SparseLayout, SparseUpdateLinear, sparse_update_linear
 
 __version__ = "0.1.0"
 
@@ -35,5 +38,8 @@ __all__ = [
     "GramResult",
     "LambdaMaxResult",
     "DEFAULT_SKETCH_SIZE",
+    "sparse_update_linear",
+    "SparseUpdateLinear",
+    "SparseLayout",
     "__version__",
 ]
