@@ -229,6 +229,14 @@ def _accumulate_into_grads(params, dy2, x, active, starts, sizes, owners, axis, 
             _BIAS_GRAD_ACC(bias.grad, dy2, active.any().reshape(1), [0], [dy2.shape[-1]], [0])
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    # is_autocast_enabled raises for device types without autocast (e.g. meta)
+    return device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type)
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "hpu", "mps", "mtia", "xla")
+
+
 def sparse_update_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -264,7 +272,7 @@ def sparse_update_linear(
         layout = SparseLayout.build(weight.shape[0], weight.shape[1], row_blocks=row_blocks, col_blocks=col_blocks)
     elif row_blocks is not None or col_blocks is not None:
         raise ValueError("give either layout or row_blocks/col_blocks, not both")
-    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+    if isinstance(x, torch.Tensor) and _autocast_enabled(x.device.type):
         if accumulate_grad:
             raise ValueError("accumulate_grad=True is not supported under torch.autocast (the gradient would be "
                              "accumulated in the autocast dtype)")
