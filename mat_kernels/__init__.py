@@ -12,6 +12,8 @@ Public API:
 * :func:`capture_lambda_max`: the same from a training step's own backward (NTK output = per-sample loss).
 * :func:`discover_modules`, :class:`ModuleSpec`, :class:`ParamSlice`, :func:`register_layout`: MAT modules of a
   model (attention heads in separate or fused projections, FFN blocks, conv layers, experts) and custom ones.
+* :func:`sparse_update_linear`, :class:`SparseUpdateLinear`, :class:`SparseLayout`: a linear layer whose backward
+  computes dX in full and dW/db only for active blocks (C++/CUDA extension ``mat_kernels._C``).
 * :mod:`mat_kernels.reference`: float64 oracles (per-sample gradients by autograd, explicit Grams).
 
 ``python -m mat_kernels`` prints what is usable on this machine.
@@ -29,6 +31,7 @@ from .solvers import lambda_max
 from .modules import Discovery, ModuleSpec, ParamSlice, discover_modules, register_layout
 from .capture import capture_lambda_max
 from .model import ModelLambdaMax, model_lambda_max
+from .sparse_linear import SparseLayout, SparseUpdateLinear, sparse_update_linear
 
 __version__ = "0.1.0"
 
@@ -51,5 +54,8 @@ __all__ = [
     "GramResult",
     "LambdaMaxResult",
     "DEFAULT_SKETCH_SIZE",
+    "sparse_update_linear",
+    "SparseUpdateLinear",
+    "SparseLayout",
     "__version__",
 ]

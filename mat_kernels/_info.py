@@ -21,14 +21,35 @@ def report() -> list[tuple[str, str]]:
     rows.append(("Triton kernels", f"{mode}: {reason}"))
     if mode == "unavailable":
         rows.append(("lambda_max backend", "PyTorch implementation (torch_impl), warns once"))
-    try:
-        from . import _C  # noqa: F401
-
-        ops = [name for name in dir(torch.ops.mat_kernels) if not name.startswith("_")]
-        rows.append(("C++ extension", "built; ops: " + ", ".join(sorted(ops))))
-    except ImportError as e:
-        rows.append(("C++ extension", f"not built ({e})"))
+    rows += _extension_rows()
     rows.append(("torch.library ops", "mat_kernels::segment_grams (Python custom op)"))
+    return rows
+
+
+CPP_OPS = ("sparse_weight_grad", "sparse_weight_grad_accumulate", "sparse_bias_grad", "sparse_bias_grad_accumulate")
+_KEYS = (("CPU", "cpu"), ("CUDA", "cuda"), ("Meta", "fake"), ("Autograd", "autograd"))
+
+
+def _extension_rows() -> list[tuple[str, str]]:
+    """The C++/CUDA extension: what it was built for, and which kernels each of its ops has."""
+    from .ops import sparse_update
+
+    if not sparse_update.extension_available():
+        return [("C++ extension", f"not built ({sparse_update.extension_error()}); build with "
+                                  "`MAX_JOBS=2 python setup.py build_ext --inplace`")]
+    ext = sparse_update._C
+    rows = [("C++ extension", f"mat_kernels._C built for {ext.BUILT_DEVICES} against torch {ext.TORCH_VERSION}; "
+                              f"CUDA: {ext.CUDA_BUILD}")]
+    if "cuda" not in ext.BUILT_DEVICES.split(","):
+        why = ("this torch is a CPU build" if torch.version.cuda is None else
+               "built without a CUDA toolkit or with MAT_KERNELS_USE_CUDA=0; rebuild to get the CUDA kernels")
+        rows.append(("  CUDA kernels", f"absent: {why}"))
+    if ext.TORCH_VERSION != torch.__version__.split("+")[0]:
+        rows.append(("  warning", f"running torch {torch.__version__}: rebuild the extension for this torch"))
+    for name in CPP_OPS:
+        qual = f"mat_kernels::{name}"
+        keys = [label for key, label in _KEYS if torch._C._dispatch_has_kernel_for_dispatch_key(qual, key)]
+        rows.append((f"  {qual}", ", ".join(keys)))
     return rows
 
 

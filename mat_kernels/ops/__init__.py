@@ -1,4 +1,24 @@
-"""``torch.library`` operators of mat_kernels (``mat_kernels::*``)."""
-from .gram import segment_grams
+"""``torch.library`` operators of mat_kernels (``mat_kernels::*``).
 
-__all__ = ["segment_grams"]
+* ``segment_grams``: Python custom op (Triton / PyTorch), see :mod:`mat_kernels.ops.gram`.
+* ``sparse_weight_grad``, ``sparse_weight_grad_accumulate``, ``sparse_bias_grad``, ``sparse_bias_grad_accumulate``:
+  C++/CUDA ops from the extension ``mat_kernels._C``, see :mod:`mat_kernels.ops.sparse_update`. Importing this
+  package loads the extension if it is built; without it these raise a RuntimeError saying how to build it.
+"""
+from .gram import segment_grams
+from .sparse_update import (
+    extension_available,
+    sparse_bias_grad,
+    sparse_bias_grad_accumulate,
+    sparse_weight_grad,
+    sparse_weight_grad_accumulate,
+)
+
+__all__ = [
+    "segment_grams",
+    "sparse_weight_grad",
+    "sparse_weight_grad_accumulate",
+    "sparse_bias_grad",
+    "sparse_bias_grad_accumulate",
+    "extension_available",
+]

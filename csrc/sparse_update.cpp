@@ -1,0 +1,290 @@
+// Device-generic implementation of the sparse-update backward (see sparse_update.h).
+//
+// Maths. With the tokens flattened, X: [T, d_in], dY: [T, d_out], the weight gradient is dW = dYᵀ X and the bias
+// gradient db = Σ_t dY[t]. For a run of active rows [r0, r1): dW[r0:r1] = dY[:, r0:r1]ᵀ X, db[r0:r1] =
+// Σ_t dY[t, r0:r1]; for a run of active columns [c0, c1): dW[:, c0:c1] = dYᵀ X[:, c0:c1]. Every operand is a
+// strided view of dY, X or dW: no gather, no scatter. Runs of equal length whose starts form an arithmetic
+// progression (interleaved heads; head h of a fused QKV weight, rows h·hd + p·H·hd) become one batched GEMM on
+// as_strided views; the shared operand is expanded with batch stride 0.
+#include "sparse_update.h"
+
+#include <algorithm>
+#include <map>
+#include <numeric>
+
+#include "checks.h"
+
+namespace mat_kernels {
+namespace {
+
+bool blas_compatible(const at::Tensor& t) {
+  // What BLAS (and ATen's mm/bmm without an internal copy) accepts: row-major or column-major with a leading
+  // dimension at least the row length. Sizes of 0/1 make any stride acceptable to ATen, but we keep it simple.
+  const int64_t r = t.size(0), c = t.size(1);
+  const int64_t s0 = t.stride(0), s1 = t.stride(1);
+  return (s1 == 1 && s0 >= std::max<int64_t>(1, c)) || (s0 == 1 && s1 >= std::max<int64_t>(1, r));
+}
+
+// [B, T, F] -> [B*T, F] (a view when the strides allow it, otherwise a copy), then one copy if the matrix is not
+// BLAS-compatible (e.g. the stride-0 dY of `loss.sum().backward()`): copying once here is cheaper than letting
+// every per-run GEMM copy its own slice.
+at::Tensor as_blas_matrix(const at::Tensor& t) {
+  at::Tensor m = t.dim() == 3 ? t.reshape({-1, t.size(2)}) : t;
+  if (m.numel() > 0 && !blas_compatible(m)) {
+    m = m.contiguous();
+  }
+  return m;
+}
+
+// The slice of a 2-D (or 1-D) tensor selected by one run group along `axis`, every other dimension full:
+// count == 1 -> a narrow; count > 1 -> a [count, ...] view with batch stride `stride * t.stride(axis)`.
+at::Tensor group_view(const at::Tensor& t, const RunGroup& g, int64_t axis) {
+  if (g.count == 1) {
+    return t.narrow(axis, g.start, g.len);
+  }
+  std::vector<int64_t> sizes{g.count};
+  std::vector<int64_t> strides{g.stride * t.stride(axis)};
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    sizes.push_back(d == axis ? g.len : t.size(d));
+    strides.push_back(t.stride(d));
+  }
+  return t.as_strided(sizes, strides, t.storage_offset() + g.start * t.stride(axis));
+}
+
+// Partition sorted starts of equal-length runs into arithmetic progressions, fewest groups first.
+// Greedy over consecutive starts finds the common cases (interleaved heads, one head pattern repeated in Q, K
+// and V); chains of a fixed stride find the rest (e.g. two head runs of equal length per projection of a fused
+// QKV weight: stride = the projection width). Chain search is O(n² log n), so it is capped at 64 starts.
+void group_equal_length(const std::vector<int64_t>& s, int64_t len, std::vector<RunGroup>& out) {
+  const size_t n = s.size();
+  std::vector<RunGroup> best;
+  for (size_t i = 0; i < n;) {
+    size_t j = i + 1;
+    if (j < n) {
+      const int64_t d = s[j] - s[i];
+      while (j + 1 < n && s[j + 1] - s[j] == d) ++j;
+      best.push_back({s[i], d, len, static_cast<int64_t>(j - i + 1)});
+      i = j + 1;
+    } else {
+      best.push_back({s[i], len, len, 1});
+      i = j;
+    }
+  }
+  if (best.size() > 1 && n <= 64) {
+    std::vector<int64_t> candidates;
+    for (size_t j = 1; j < n; ++j) {
+      candidates.push_back(s[j] - s[0]);
+      candidates.push_back(s[j] - s[j - 1]);
+    }
+    std::sort(candidates.begin(), candidates.end());
+    candidates.erase(std::unique(candidates.begin(), candidates.end()), candidates.end());
+    std::vector<char> used(n);
+    for (int64_t d : candidates) {
+      std::fill(used.begin(), used.end(), 0);
+      std::vector<RunGroup> groups;
+      for (size_t i = 0; i < n && groups.size() < best.size(); ++i) {
+        if (used[i]) continue;
+        used[i] = 1;
+        int64_t count = 1;
+        size_t cur = i;
+        while (true) {
+          auto it = std::lower_bound(s.begin() + cur + 1, s.end(), s[cur] + d);
+          if (it == s.end() || *it != s[cur] + d) break;
+          cur = static_cast<size_t>(it - s.begin());
+          used[cur] = 1;
+          ++count;
+        }
+        groups.push_back({s[i], count > 1 ? d : len, len, count});
+      }
+      if (groups.size() < best.size() && std::all_of(used.begin(), used.end(), [](char u) { return u; })) {
+        best = std::move(groups);
+      }
+    }
+  }
+  out.insert(out.end(), best.begin(), best.end());
+}
+
+std::vector<RunGroup> group_runs(const std::vector<std::pair<int64_t, int64_t>>& runs) {
+  std::map<int64_t, std::vector<int64_t>> by_len;  // ordered: deterministic plans
+  for (const auto& r : runs) by_len[r.second].push_back(r.first);
+  std::vector<RunGroup> out;
+  for (const auto& kv : by_len) group_equal_length(kv.second, kv.first, out);
+  return out;
+}
+
+void check_matrices(const at::Tensor& dy, const at::Tensor& x, const char* op) {
+  check_defined(dy, op, "dy");
+  check_defined(x, op, "x");
+  check_dims_2_or_3(dy, op, "dy");
+  check_dims_2_or_3(x, op, "x");
+  check_tokens_match(dy, x, op);
+  check_float_dtype(dy, op, "dy");
+  check_same_dtype(dy, "dy", x, "x", op);
+  check_same_device(dy, "dy", x, "x", op);
+}
+
+void check_axis(int64_t axis, const char* op) {
+  TORCH_CHECK_VALUE(axis == 0 || axis == 1, op, ": axis must be 0 (row blocks: output features) or 1 (column blocks: "
+              "input features), got ", axis);
+}
+
+void check_out(const at::Tensor& out, const char* name, const at::Tensor& dy, at::IntArrayRef shape,
+               const char* op) {
+  check_defined(out, op, name);
+  check_same_dtype(out, name, dy, "dy", op);
+  check_same_device(out, name, dy, "dy", op);
+  TORCH_CHECK_VALUE(out.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", out.sizes());
+  check_no_internal_overlap(out, op, name);
+}
+
+void weight_gemms(const at::Tensor& dw, const at::Tensor& dy2, const at::Tensor& x2,
+                  const std::vector<RunGroup>& groups, int64_t axis, bool accumulate) {
+  for (const auto& g : groups) {
+    at::Tensor o = group_view(dw, g, axis);
+    at::Tensor a, b;
+    if (axis == 0) {  // dW[rows] = dY[:, rows]ᵀ X
+      a = group_view(dy2, g, 1).transpose(-1, -2);
+      b = g.count == 1 ? x2 : x2.unsqueeze(0).expand({g.count, x2.size(0), x2.size(1)});
+    } else {  // dW[:, cols] = dYᵀ X[:, cols]
+      const at::Tensor dyt = dy2.t();
+      a = g.count == 1 ? dyt : dyt.unsqueeze(0).expand({g.count, dyt.size(0), dyt.size(1)});
+      b = group_view(x2, g, 1);
+    }
+    if (g.count == 1) {
+      accumulate ? (void)o.addmm_(a, b) : (void)at::mm_out(o, a, b);
+    } else {
+      accumulate ? (void)o.baddbmm_(a, b) : (void)at::bmm_out(o, a, b);
+    }
+  }
+}
+
+void bias_sums(const at::Tensor& db, const at::Tensor& dy2, const std::vector<RunGroup>& groups, bool accumulate) {
+  for (const auto& g : groups) {
+    at::Tensor o = group_view(db, g, 0);
+    const at::Tensor a = group_view(dy2, g, 1);  // [T, len] or [count, T, len]
+    if (accumulate) {
+      o.add_(a.sum(-2));
+    } else {
+      at::sum_out(o, a, {-2});
+    }
+  }
+}
+
+void zero_groups(const at::Tensor& t, const std::vector<RunGroup>& groups, int64_t axis) {
+  for (const auto& g : groups) group_view(t, g, axis).zero_();
+}
+
+}  // namespace
+
+RunPlan plan_runs(const at::Tensor& active, at::IntArrayRef starts, at::IntArrayRef sizes, at::IntArrayRef owners,
+                  int64_t dim, const char* op, const char* dim_name) {
+  check_active(active, op);
+  const size_t S = starts.size();
+  TORCH_CHECK_VALUE(sizes.size() == S && owners.size() == S, op,
+              ": starts, sizes and owners must have the same length (one entry per block range), got ", S, ", ",
+              sizes.size(), " and ", owners.size());
+  const int64_t M = active.numel();
+  int64_t max_owner = -1;
+  for (size_t s = 0; s < S; ++s) {
+    TORCH_CHECK_VALUE(sizes[s] > 0, op, ": sizes[", s, "] must be positive, got ", sizes[s]);
+    TORCH_CHECK_VALUE(starts[s] >= 0 && starts[s] + sizes[s] <= dim, op, ": block range [", starts[s], ", ",
+                starts[s] + sizes[s], ") (starts[", s, "], sizes[", s, "]) is out of bounds for ", dim_name, " = ",
+                dim);
+    TORCH_CHECK_VALUE(owners[s] >= 0, op, ": owners[", s, "] must be a module index >= 0, got ", owners[s]);
+    max_owner = std::max(max_owner, owners[s]);
+  }
+  TORCH_CHECK_VALUE(M == max_owner + 1, op, ": active has ", M, " entries but the layout has ", max_owner + 1,
+              " modules (owners go up to ", max_owner, "); give one entry per module");
+
+  std::vector<size_t> order(S);
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return starts[a] < starts[b]; });
+
+  const at::Tensor act = active.contiguous();
+  auto is_active = [&](int64_t m) {
+    return act.scalar_type() == at::kBool ? act.const_data_ptr<bool>()[m]
+                                          : act.const_data_ptr<uint8_t>()[m] != 0;
+  };
+
+  std::vector<std::pair<int64_t, int64_t>> on, off;  // (start, len) maximal runs
+  auto push = [](std::vector<std::pair<int64_t, int64_t>>& v, int64_t start, int64_t len) {
+    if (len <= 0) return;
+    if (!v.empty() && v.back().first + v.back().second == start) {
+      v.back().second += len;
+    } else {
+      v.emplace_back(start, len);
+    }
+  };
+  int64_t covered = 0;  // end of the previous range
+  for (size_t k = 0; k < S; ++k) {
+    const size_t s = order[k];
+    TORCH_CHECK_VALUE(starts[s] >= covered, op, ": block ranges overlap at index ", starts[s],
+                " (a parameter would belong to two blocks); ranges must be disjoint");
+    push(off, covered, starts[s] - covered);  // indices in no block: never updated
+    push(is_active(owners[s]) ? on : off, starts[s], sizes[s]);
+    covered = starts[s] + sizes[s];
+  }
+  push(off, covered, dim - covered);
+  return RunPlan{group_runs(on), group_runs(off)};
+}
+
+at::Tensor sparse_weight_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& active,
+                              at::IntArrayRef starts, at::IntArrayRef sizes, at::IntArrayRef owners, int64_t axis) {
+  constexpr const char* op = "mat_kernels::sparse_weight_grad";
+  check_matrices(dy, x, op);
+  check_axis(axis, op);
+  const int64_t N = dy.size(-1), K = x.size(-1);
+  const RunPlan plan = plan_runs(active, starts, sizes, owners, axis == 0 ? N : K, op,
+                                 axis == 0 ? "d_out = dy.size(-1)" : "d_in = x.size(-1)");
+  at::Tensor dw = at::empty({N, K}, dy.options());
+  if (plan.active.empty()) {
+    return dw.zero_();  // nothing active: no GEMM, no reshape, no copy
+  }
+  zero_groups(dw, plan.frozen, axis);
+  weight_gemms(dw, as_blas_matrix(dy), as_blas_matrix(x), plan.active, axis, /*accumulate=*/false);
+  return dw;
+}
+
+void sparse_weight_grad_accumulate(const at::Tensor& grad_weight, const at::Tensor& dy, const at::Tensor& x,
+                                   const at::Tensor& active, at::IntArrayRef starts, at::IntArrayRef sizes,
+                                   at::IntArrayRef owners, int64_t axis) {
+  constexpr const char* op = "mat_kernels::sparse_weight_grad_accumulate";
+  check_matrices(dy, x, op);
+  check_axis(axis, op);
+  const int64_t N = dy.size(-1), K = x.size(-1);
+  check_out(grad_weight, "grad_weight", dy, {N, K}, op);
+  const RunPlan plan = plan_runs(active, starts, sizes, owners, axis == 0 ? N : K, op,
+                                 axis == 0 ? "d_out = dy.size(-1)" : "d_in = x.size(-1)");
+  if (plan.active.empty()) return;
+  weight_gemms(grad_weight, as_blas_matrix(dy), as_blas_matrix(x), plan.active, axis, /*accumulate=*/true);
+}
+
+at::Tensor sparse_bias_grad(const at::Tensor& dy, const at::Tensor& active, at::IntArrayRef starts,
+                            at::IntArrayRef sizes, at::IntArrayRef owners) {
+  constexpr const char* op = "mat_kernels::sparse_bias_grad";
+  check_defined(dy, op, "dy");
+  check_dims_2_or_3(dy, op, "dy");
+  check_float_dtype(dy, op, "dy");
+  const int64_t N = dy.size(-1);
+  const RunPlan plan = plan_runs(active, starts, sizes, owners, N, op, "d_out = dy.size(-1)");
+  at::Tensor db = at::empty({N}, dy.options());
+  if (plan.active.empty()) return db.zero_();
+  zero_groups(db, plan.frozen, 0);
+  bias_sums(db, as_blas_matrix(dy), plan.active, /*accumulate=*/false);
+  return db;
+}
+
+void sparse_bias_grad_accumulate(const at::Tensor& grad_bias, const at::Tensor& dy, const at::Tensor& active,
+                                 at::IntArrayRef starts, at::IntArrayRef sizes, at::IntArrayRef owners) {
+  constexpr const char* op = "mat_kernels::sparse_bias_grad_accumulate";
+  check_defined(dy, op, "dy");
+  check_dims_2_or_3(dy, op, "dy");
+  check_float_dtype(dy, op, "dy");
+  const int64_t N = dy.size(-1);
+  check_out(grad_bias, "grad_bias", dy, {N}, op);
+  const RunPlan plan = plan_runs(active, starts, sizes, owners, N, op, "d_out = dy.size(-1)");
+  if (plan.active.empty()) return;
+  bias_sums(grad_bias, as_blas_matrix(dy), plan.active, /*accumulate=*/true);
+}
+
+}  // namespace mat_kernels

@@ -1,0 +1,371 @@
+"""Sparse-update linear layer: the forward is ``F.linear``; the backward computes ``dX`` in full and ``dW``/``db``
+only for the active blocks of the weight (MAT: frozen modules skip their weight-gradient GEMMs).
+
+Three tiers:
+
+* ops ``torch.ops.mat_kernels.sparse_*`` (:mod:`mat_kernels.ops.sparse_update`): the gradients themselves;
+* :func:`sparse_update_linear`: functional, differentiable ``y = x Wᵀ + b``;
+* :class:`SparseUpdateLinear`: a drop-in ``nn.Linear`` (same parameters and ``state_dict`` keys) whose active
+  blocks are changed in place with :meth:`SparseUpdateLinear.set_active`.
+
+Layout and mask. A :class:`SparseLayout` is the static part: the blocks along one axis of W as ranges
+``(start, size)`` grouped into modules (the same block specs as :func:`mat_kernels.estimate_lambda_max`: an int
+for equal blocks, a list of ranges, or a list of lists of ranges such as :func:`mat_kernels.fused_qkv_heads`), or
+the whole tensor as one module. The mask is a 1-D bool **CPU** tensor with one entry per module: the kernels read it
+on the host (no GPU synchronisation) and, under ``torch.compile``, it is a graph input while the layout is a
+constant, so changing which modules are active never recompiles, and updating it in place never reallocates.
+
+Gradients, with ``M`` the 0/1 mask of active rows (row blocks) or columns (column blocks):
+``dX = dY W`` (always in full), ``dW = M ⊙ (dYᵀ X)``, and ``db = m ⊙ Σ_t dY[t]`` for row blocks (each row block owns
+its bias entries). With column blocks the bias is shared by every column: it gets its full gradient whenever any
+block is active. When no block is active the layer is wholly frozen: in eager mode ``weight.grad`` (and
+``bias.grad``) stay ``None``, so optimizers skip them. Under ``torch.compile`` that choice would be a data-dependent
+graph, so a compiled wholly-frozen layer gets zero gradients instead (freeze it structurally with
+``requires_grad_(False)`` if ``None`` matters; that recompiles once).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import BlockSpec, resolve_blocks
+from .ops import sparse_update as _ops
+
+__all__ = ["SparseLayout", "sparse_update_linear", "SparseUpdateLinear"]
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+if _ops.extension_available():  # OpOverloads, resolved once: the backward calls them on every step
+    _WEIGHT_GRAD = torch.ops.mat_kernels.sparse_weight_grad.default
+    _WEIGHT_GRAD_ACC = torch.ops.mat_kernels.sparse_weight_grad_accumulate.default
+    _BIAS_GRAD = torch.ops.mat_kernels.sparse_bias_grad.default
+    _BIAS_GRAD_ACC = torch.ops.mat_kernels.sparse_bias_grad_accumulate.default
+
+
+@dataclass(frozen=True)
+class SparseLayout:
+    """Static block layout of one linear weight ``[d_out, d_in]`` for sparse updates.
+
+    Attributes:
+        axis: 0 for row blocks (output features; bias entries follow their rows), 1 for column blocks.
+        starts, sizes, owners: block range ``s`` is ``[starts[s], starts[s] + sizes[s])`` along ``axis``, owned by
+            module ``owners[s]``. Indices in no range are never updated.
+        num_modules: length of the activity mask.
+        shape: ``(d_out, d_in)`` of the weight the layout was built for.
+    """
+
+    axis: int
+    starts: tuple[int, ...]
+    sizes: tuple[int, ...]
+    owners: tuple[int, ...]
+    num_modules: int
+    shape: tuple[int, int]
+
+    @classmethod
+    def build(cls, out_features: int, in_features: int, *, row_blocks: BlockSpec = None,
+              col_blocks: BlockSpec = None) -> "SparseLayout":
+        """Layout from block specs: ``row_blocks`` or ``col_blocks`` (not both), or neither for the whole weight.
+
+        Specs as in :func:`mat_kernels.resolve_blocks`: ``int h`` (h equal blocks), ``[(start, size), ...]`` (one
+        module per range) or ``[[(start, size), ...], ...]`` (modules of several ranges, e.g.
+        ``fused_qkv_heads(12, 64)``). Raises ``ValueError``/``TypeError`` naming the argument.
+        """
+        for name, v in (("out_features", out_features), ("in_features", in_features)):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if row_blocks is not None and col_blocks is not None:
+            raise ValueError("give row_blocks or col_blocks, not both: a layout blocks one axis of the weight")
+        if row_blocks is None and col_blocks is None:
+            return cls(0, (0,), (out_features,), (0,), 1, (out_features, in_features))
+        axis = 0 if row_blocks is not None else 1
+        name = "row_blocks" if axis == 0 else "col_blocks"
+        dim = out_features if axis == 0 else in_features
+        blocks = resolve_blocks(row_blocks if axis == 0 else col_blocks, dim, axis="rows" if axis == 0 else "cols",
+                                name=name)
+        starts, sizes, owners = blocks.segments()
+        _ops.validate_layout(starts, sizes, owners, dim, blocks.num_modules, name=name)
+        return cls(axis, starts, sizes, owners, blocks.num_modules, (out_features, in_features))
+
+    def describe(self) -> str:
+        kind = "whole weight" if self.num_modules == 1 and self.sizes == (self.shape[0],) and self.axis == 0 \
+            else ("row blocks" if self.axis == 0 else "column blocks")
+        return f"{kind}, {self.num_modules} module(s), {len(self.starts)} range(s)"
+
+
+def _as_mask(active, num_modules: int, *, name: str = "active") -> torch.Tensor:
+    """Validate an activity mask: a bool tensor (any device) or a sequence of bools, of length ``num_modules``."""
+    if isinstance(active, torch.Tensor):
+        mask = active
+    elif isinstance(active, (list, tuple)):
+        if not all(isinstance(a, bool) for a in active):
+            raise TypeError(f"{name} must be a bool tensor or a sequence of bools, got {active!r}")
+        mask = torch.tensor(active, dtype=torch.bool).reshape(len(active))
+    else:
+        raise TypeError(f"{name} must be a bool tensor or a sequence of bools, got {type(active).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must have dtype torch.bool, got {mask.dtype}")
+    if mask.dim() != 1 or mask.numel() != num_modules:
+        raise ValueError(f"{name} must have shape [{num_modules}] (one entry per module), got {tuple(mask.shape)}")
+    return mask
+
+
+def _as_matrix(t: torch.Tensor) -> torch.Tensor:
+    """What the ops take: 2-D or 3-D token-major tensors (1-D: one token; >3-D: leading dims flattened)."""
+    if t.dim() in (2, 3):
+        return t
+    return t.reshape(-1, t.shape[-1])
+
+
+def _check_call(x, weight, bias, active, layout: SparseLayout, accumulate_grad: bool) -> None:
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [d_out, d_in], got shape {tuple(weight.shape)}")
+    if tuple(weight.shape) != layout.shape:
+        raise ValueError(f"weight has shape {tuple(weight.shape)} but the layout was built for {layout.shape}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must have d_in = weight.shape[1] = {weight.shape[1]} as its last dimension, got shape "
+                         f"{tuple(x.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype not in _DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; expected float32, bfloat16 or float16 (or float64)")
+        if t is not None and t.device != weight.device:
+            raise ValueError(f"x, weight and bias must be on the same device, got {name} on {t.device} and weight "
+                             f"on {weight.device}")
+    if not isinstance(active, torch.Tensor):
+        raise TypeError(f"active must be a bool CPU tensor of {layout.num_modules} entries, got "
+                        f"{type(active).__name__}")
+    if active.dtype != torch.bool:
+        raise TypeError(f"active must have dtype torch.bool, got {active.dtype}")
+    if active.device.type != "cpu":
+        raise ValueError(f"active must be a CPU tensor (the kernels read it on the host to avoid a GPU sync), got "
+                         f"{active.device}")
+    if active.dim() != 1 or active.numel() != layout.num_modules:
+        raise ValueError(f"active must have shape [{layout.num_modules}] (one entry per module), got "
+                         f"{tuple(active.shape)}")
+    if accumulate_grad:
+        if torch.compiler.is_compiling():
+            raise ValueError("accumulate_grad=True writes into weight.grad from the backward and works in eager mode "
+                             "only; use the default (autograd accumulation) under torch.compile")
+        if not weight.is_leaf or (bias is not None and not bias.is_leaf):
+            raise ValueError("accumulate_grad=True needs weight and bias to be leaf tensors (parameters)")
+
+
+class _SparseUpdateLinearFunction(torch.autograd.Function):
+    """y = F.linear(x, W, b); backward: dX = dY W, dW/db on active blocks only (ops in mat_kernels.ops).
+
+    Old-style ``forward(ctx, ...)``: the ``setup_context`` style binds arguments with ``inspect`` on every call,
+    which costs more host time than the whole forward of a small layer.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, active, starts, sizes, owners, axis, accumulate_grad):
+        needs_x, needs_w = ctx.needs_input_grad[:2]
+        ctx.layout = (starts, sizes, owners, axis)
+        ctx.accumulate_grad = accumulate_grad
+        if accumulate_grad:
+            ctx.params = (weight, bias)
+        # Save only what the requested gradients need: X for dW, W for dX.
+        ctx.save_for_backward(x if needs_w else None, weight if needs_x else None, active)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, active = ctx.saved_tensors
+        starts, sizes, owners, axis = ctx.layout
+        needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        if needs_x:
+            dx = dy.matmul(weight)
+        compiling = torch.compiler.is_compiling()
+        # Eager: a wholly frozen layer computes nothing and its parameters keep grad=None. Compiled: the graph
+        # cannot depend on the mask's values, so the ops run (no GEMM inside) and return zeros.
+        if (needs_w or needs_b) and (compiling or bool(active.any())):
+            dy2 = _as_matrix(dy)
+            # Eager, no double backward: call the C++ kernels directly, below the ops' (Python) autograd layer,
+            # whose per-call host cost would otherwise exceed a small layer's GEMM time on a GPU.
+            below = contextlib.nullcontext() if compiling or torch.is_grad_enabled() else \
+                torch._C._AutoDispatchBelowAutograd()
+            with below:
+                if ctx.accumulate_grad:
+                    _accumulate_into_grads(ctx.params, dy2, x, active, starts, sizes, owners, axis, needs_w, needs_b)
+                else:
+                    if needs_w:
+                        dw = _WEIGHT_GRAD(dy2, _as_matrix(x), active, starts, sizes, owners, axis)
+                    if needs_b:
+                        db = _bias_grad(dy2, active, starts, sizes, owners, axis)
+        return dx, dw, db, None, None, None, None, None, None
+
+
+def _bias_grad(dy2, active, starts, sizes, owners, axis):
+    if axis == 0:
+        return _BIAS_GRAD(dy2, active, starts, sizes, owners)
+    # Column blocks: the bias is shared by all columns and is updated whenever any module is active.
+    return _BIAS_GRAD(dy2, active.any().reshape(1), [0], [dy2.shape[-1]], [0])
+
+
+@torch.no_grad()
+def _accumulate_into_grads(params, dy2, x, active, starts, sizes, owners, axis, needs_w, needs_b):
+    weight, bias = params
+    if needs_w:
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        _WEIGHT_GRAD_ACC(weight.grad, dy2, _as_matrix(x), active, starts, sizes, owners, axis)
+    if needs_b:
+        if bias.grad is None:
+            bias.grad = torch.zeros_like(bias)
+        if axis == 0:
+            _BIAS_GRAD_ACC(bias.grad, dy2, active, starts, sizes, owners)
+        else:
+            _BIAS_GRAD_ACC(bias.grad, dy2, active.any().reshape(1), [0], [dy2.shape[-1]], [0])
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    # is_autocast_enabled raises for device types without autocast (e.g. meta)
+    return device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type)
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "hpu", "mps", "mtia", "xla")
+
+
+def sparse_update_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    active: torch.Tensor,
+    row_blocks: BlockSpec = None,
+    col_blocks: BlockSpec = None,
+    layout: SparseLayout | None = None,
+    accumulate_grad: bool = False,
+) -> torch.Tensor:
+    """``y = x Wᵀ + b`` whose backward computes ``dX`` in full and ``dW``/``db`` only for active blocks.
+
+    Args:
+        x: ``[..., d_in]`` (2-D ``[T, d_in]`` and 3-D ``[B, T, d_in]`` reach the kernels without reshaping).
+        weight: ``[d_out, d_in]``; bias: ``[d_out]`` or None. float32, bfloat16 or float16 (float64 accepted), same
+            dtype as ``x`` (under ``torch.autocast`` they are cast like ``F.linear`` would be) and device.
+        active: 1-D bool CPU tensor, one entry per module of the layout (``[1]`` for the whole weight). Pass a
+            tensor you update in place (``active.copy_(...)``) so ``torch.compile`` does not recompile.
+        row_blocks / col_blocks: block spec of the layout (see :class:`SparseLayout`), or ``layout`` prebuilt;
+            none of them: the whole weight is one module.
+        accumulate_grad: eager-only gradient-accumulation mode: the backward adds the active blocks' ``dW``/``db``
+            straight into ``weight.grad``/``bias.grad`` (allocated as zeros on first use) instead of returning a
+            full-size gradient that autograd then adds, so frozen blocks cost no memory traffic at all. Autograd
+            hooks on ``weight``/``bias`` (e.g. DDP's) do not fire in this mode.
+
+    Returns:
+        ``[..., d_out]``, the same as ``F.linear(x, weight, bias)``.
+    """
+    if layout is None:
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError("weight must be a 2-D tensor [d_out, d_in]")
+        layout = SparseLayout.build(weight.shape[0], weight.shape[1], row_blocks=row_blocks, col_blocks=col_blocks)
+    elif row_blocks is not None or col_blocks is not None:
+        raise ValueError("give either layout or row_blocks/col_blocks, not both")
+    if isinstance(x, torch.Tensor) and _autocast_enabled(x.device.type):
+        if accumulate_grad:
+            raise ValueError("accumulate_grad=True is not supported under torch.autocast (the gradient would be "
+                             "accumulated in the autocast dtype)")
+        dtype = torch.get_autocast_dtype(x.device.type)
+
+        def cast(t):
+            eligible = t is not None and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            return t.to(dtype) if eligible else t
+
+        x, weight, bias = cast(x), cast(weight), cast(bias)
+    _check_call(x, weight, bias, active, layout, accumulate_grad)
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x and weight must have the same dtype, got {x.dtype} and {weight.dtype}")
+    _ops.require_extension(x.device)
+    return _SparseUpdateLinearFunction.apply(x, weight, bias, active, layout.starts, layout.sizes, layout.owners,
+                                             layout.axis, accumulate_grad)
+
+
+class SparseUpdateLinear(nn.Linear):
+    """``nn.Linear`` whose backward updates only active blocks of its weight (and bias).
+
+    Same parameters (``weight [out_features, in_features]``, ``bias [out_features]``) and ``state_dict`` keys as
+    ``nn.Linear``; the activity mask is not part of the state (the MAT controller owns it). The mask lives on the
+    CPU whatever device the module is moved to. All modules start active, so a fresh layer trains exactly like
+    ``nn.Linear``.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as ``nn.Linear``.
+        row_blocks / col_blocks: block spec (see :class:`SparseLayout`); neither: the whole weight is one module.
+        accumulate_grad: see :func:`sparse_update_linear` (eager-only).
+
+    Example::
+
+        qkv = SparseUpdateLinear(768, 2304, row_blocks=mat_kernels.fused_qkv_heads(12, 64))
+        qkv.set_active(lam > threshold)   # bool [12]; in place, no recompilation under torch.compile
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 row_blocks: BlockSpec = None, col_blocks: BlockSpec = None, accumulate_grad: bool = False):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_sparse(row_blocks, col_blocks, accumulate_grad)
+
+    def _init_sparse(self, row_blocks, col_blocks, accumulate_grad) -> None:
+        _ops.require_extension()
+        self.layout = SparseLayout.build(self.out_features, self.in_features, row_blocks=row_blocks,
+                                         col_blocks=col_blocks)
+        self.accumulate_grad = bool(accumulate_grad)
+        # A plain attribute, not a buffer: Module.to()/cuda() must not move it off the CPU.
+        self._active = torch.ones(self.layout.num_modules, dtype=torch.bool)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, row_blocks: BlockSpec = None, col_blocks: BlockSpec = None,
+                    accumulate_grad: bool = False) -> "SparseUpdateLinear":
+        """Wrap an existing ``nn.Linear``, sharing its parameter objects (optimizers built on it stay valid)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight = linear.weight
+        new.register_parameter("bias", linear.bias)
+        new.train(linear.training)
+        new._init_sparse(row_blocks, col_blocks, accumulate_grad)
+        return new
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` sharing this layer's parameters (e.g. for export)."""
+        lin = nn.Linear.__new__(nn.Linear)
+        nn.Module.__init__(lin)
+        lin.in_features, lin.out_features = self.in_features, self.out_features
+        lin.weight = self.weight
+        lin.register_parameter("bias", self.bias)
+        lin.train(self.training)
+        return lin
+
+    @property
+    def num_modules(self) -> int:
+        return self.layout.num_modules
+
+    @property
+    def active(self) -> torch.Tensor:
+        """A copy of the activity mask (bool ``[num_modules]``, CPU); change it with :meth:`set_active`."""
+        return self._active.clone()
+
+    def set_active(self, active) -> None:
+        """Set which modules are updated from the next backward on: bool tensor or sequence of bools
+        ``[num_modules]``. Copied in place into the CPU mask (no reallocation; a CUDA tensor costs one sync)."""
+        self._active.copy_(_as_mask(active, self.layout.num_modules))
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return sparse_update_linear(input, self.weight, self.bias, active=self._active, layout=self.layout,
+                                    accumulate_grad=self.accumulate_grad)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, layout={self.layout.describe()}, "
+                f"active={int(self._active.sum())}/{self.layout.num_modules}")
