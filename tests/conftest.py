@@ -2,39 +2,13 @@
 
 Triton reads TRITON_INTERPRET when a kernel is decorated (at import of mat_kernels.triton.*), so it is set here,
 before anything imports mat_kernels. On a machine with CUDA the kernels run natively instead.
+
+Shared helpers and tolerances live in tests/helpers.py (``from helpers import ...``): a name imported from
+``conftest`` would be ambiguous, since benchmarks/ has a conftest.py too.
 """
 import os
 
-import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-# fp32 tolerance against the float64 oracle (issue 2: relative error <= 1e-5 without TF32). Stated once here.
-FP32_RTOL = 1e-5
-# TF32 dots round operands to 10 mantissa bits: ~1e-3 relative on a Gram.
-TF32_RTOL = 2e-3
-
-
-def devices():
-    return ["cpu"] + (["cuda"] if HAS_CUDA else [])
-
-
-def backends():
-    """(device, backend) pairs: Triton (interpreter on CPU, native on GPU) and the PyTorch implementation."""
-    out = [("cpu", "torch")]
-    if HAS_CUDA:
-        out += [("cuda", "triton"), ("cuda", "torch")]
-    else:
-        out += [("cpu", "triton")]
-    return out
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().cpu(), b.double().cpu()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")

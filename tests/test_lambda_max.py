@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import FP32_RTOL, TF32_RTOL, backends, rel_err, requires_cuda
+from helpers import FP32_RTOL, TF32_RTOL, backends, rel_err, requires_cuda
 
 import mat_kernels as mk
 from mat_kernels.reference import (

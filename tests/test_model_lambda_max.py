@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import HAS_CUDA
+from helpers import HAS_CUDA
 
 import mat_kernels as mk
 from mat_kernels.model import per_sample_output, projection_vectors

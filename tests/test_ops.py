@@ -1,7 +1,7 @@
 """torch.library checks of mat_kernels::segment_grams, and property-based fuzzing of shapes."""
 import pytest
 import torch
-from conftest import FP32_RTOL, backends, rel_err
+from helpers import FP32_RTOL, backends, rel_err
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import devices, rel_err, requires_cuda
+from helpers import devices, rel_err, requires_cuda
 from torch import nn
 
 import mat_kernels as mk
