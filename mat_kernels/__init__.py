@@ -10,6 +10,8 @@ Public API:
 * :func:`model_lambda_max`: ``{module name: λmax}`` for every MAT module of a model on one batch (discovery,
   capture hooks, per-layer Grams), with the NTK output chosen explicitly (``logprob``, ``loss``, ``projection``).
 * :func:`capture_lambda_max`: the same from a training step's own backward (NTK output = per-sample loss).
+* :class:`MAT`: the training controller: scheduled λmax, dynamic threshold, temporal rule, masks pushed into
+  sparse-update layers, an optimizer step that keeps frozen slices frozen.
 * :func:`discover_modules`, :class:`ModuleSpec`, :class:`ParamSlice`, :func:`register_layout`: MAT modules of a
   model (attention heads in separate or fused projections, FFN blocks, conv layers, experts) and custom ones.
 * :func:`sparse_update_linear`, :class:`SparseUpdateLinear`, :class:`SparseLayout`: a linear layer whose backward
@@ -31,6 +33,7 @@ from .solvers import lambda_max
 from .modules import Discovery, ModuleSpec, ParamSlice, discover_modules, register_layout
 from .capture import capture_lambda_max
 from .model import ModelLambdaMax, model_lambda_max
+from .mat import MAT
 from .sparse_linear import SparseLayout, SparseUpdateLinear, sparse_update_linear
 
 __version__ = "0.1.0"
@@ -41,6 +44,7 @@ __all__ = [
     "lambda_max",
     "fused_qkv_heads",
     "model_lambda_max",
+    "MAT",
     "ModelLambdaMax",
     "capture_lambda_max",
     "discover_modules",

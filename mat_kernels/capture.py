@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .estimate import layer_grams
+from .estimate import DEFAULT_SKETCH_SIZE, layer_grams, route_costs
 from .modules import ModuleSpec, _is_conv1d, linear_shape, validate_specs
 
 __all__ = ["LambdaCapture", "capture_lambda_max"]
@@ -106,6 +106,7 @@ class LambdaCapture:
         self.backend: str | None = None
         self.held_bytes = 0
         self.peak_held_bytes = 0
+        self.gram_flops = 0  # 2 × multiply-adds of the Gram routes run (mat_kernels.route_costs)
         self._records: dict[tuple, list[_Record]] = {}
         self._done: set[tuple] = set()
         self._handles: list = []
@@ -346,6 +347,11 @@ class LambdaCapture:
                     raise ValueError(f"{site.weight}: {e}") from e
                 self.backend = res.backend
                 self.grams.index_add_(0, torch.tensor(mods, device=self.grams.device), res.grams)
+                shared = (x3.shape[-1] + int(bias)) if axis == "rows" else dy3.shape[-1]
+                segmented = sum(size for r in blocks for _, size in r)
+                k = self.gram_kwargs.get("sketch_size", DEFAULT_SKETCH_SIZE)
+                costs = route_costs(self.n, x3.shape[1], shared, segmented, sketch_size=k)
+                self.gram_flops += 2 * costs[res.routes[0]]
 
     # ------------------------------------------------------------------------------------------------ driving
     def backward(self, total: torch.Tensor) -> None:

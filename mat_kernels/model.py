@@ -44,6 +44,7 @@ class ModelLambdaMax:
         grams: ``{module name: [n, n] fp32 Gram}`` if ``return_grams``, else None.
         output: the NTK output used; ``n``: number of samples; ``backend``: implementation of the Gram kernels.
         peak_held_bytes: the most output-gradient bytes the capture held at once (one layer's worth).
+        gram_flops: 2 × multiply-adds of the Gram routes run (``route_costs``), over all projections.
     """
 
     lambda_max: dict[str, float]
@@ -54,6 +55,7 @@ class ModelLambdaMax:
     n: int
     backend: str | None
     peak_held_bytes: int
+    gram_flops: int = 0
 
 
 def _check_samples_independent(model: nn.Module) -> None:
@@ -196,7 +198,7 @@ def model_lambda_max(
         labels = batch.get("labels")
     fwd = forward or _default_forward
     passes = num_projections if output == "projection" else 1
-    total, backend, peak = None, None, 0
+    total, backend, peak, gram_flops = None, None, 0, 0
     for p in range(passes):
         cap = LambdaCapture(model, specs, n=n, tap=True, sample_dim=sample_dim, **gram_kwargs)
         with cap:
@@ -212,10 +214,11 @@ def model_lambda_max(
         g = cap.module_grams()
         total = g if total is None else total + g
         backend, peak = cap.backend, max(peak, cap.peak_held_bytes)
+        gram_flops += cap.gram_flops
     grams = total / passes
     lam = _solve(grams, check_finite=gram_kwargs.get("check_finite", True)).tolist()
     names = [s.name for s in specs]
     return ModelLambdaMax(
         dict(zip(names, lam)), list(specs), unclaimed,
-        {nm: g for nm, g in zip(names, grams)} if return_grams else None, output, n, backend, peak,
+        {nm: g for nm, g in zip(names, grams)} if return_grams else None, output, n, backend, peak, gram_flops,
     )

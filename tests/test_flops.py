@@ -1,0 +1,56 @@
+"""FLOPs accounting: torch.utils.flop_counter against hand counts on the dense path, and the sparse weight-gradient
+ops counted as executed (active blocks only)."""
+import torch
+import torch.nn as nn
+
+import mat_kernels as mk
+from mat_kernels.flops import FlopsLedger, StepFlops, count_flops, linear_step_flops
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 30), nn.Tanh(), nn.Linear(30, 9), nn.Tanh(), nn.Linear(9, 5))
+
+
+def _step(model, x):
+    model(x).square().sum().backward()
+
+
+def test_dense_step_matches_hand_count():
+    model = _mlp()
+    x = torch.randn(7, 3, 12, requires_grad=True)  # 21 tokens; dX of the first layer is computed too
+    flops, _ = count_flops(_step, model, x)
+    tokens = 21
+    want = sum(linear_step_flops(tokens, lin.in_features, lin.out_features) for lin in model if isinstance(lin, nn.Linear))
+    assert flops == want
+
+
+def test_sparse_step_counts_only_executed_weight_gradients():
+    model = _mlp()
+    x = torch.randn(7, 3, 12, requires_grad=True)
+    dense, _ = count_flops(_step, model, x)
+    model[0] = mk.SparseUpdateLinear.from_linear(model[0], row_blocks=[(0, 10), (10, 10), (20, 10)])
+    model[2] = mk.SparseUpdateLinear.from_linear(model[2], col_blocks=3)
+    model[0].set_active([True, False, False])       # 1/3 of the rows: dW 2·21·10·12
+    model[2].set_active([False, False, False])      # wholly frozen: no dW GEMM
+    sparse, _ = count_flops(_step, model, x)
+    skipped = 2 * 21 * 20 * 12 + 2 * 21 * 30 * 9
+    assert sparse == dense - skipped
+    model[0].set_active([True, True, True])
+    model[2].set_active([True, True, True])
+    assert count_flops(_step, model, x)[0] == dense
+
+
+def test_step_flops_cache_and_ledger():
+    model = _mlp()
+    counter = StepFlops()
+    x = torch.randn(4, 12, requires_grad=True)
+    f1, _ = counter(("shape", 0), _step, model, x)
+    f2, _ = counter(("shape", 0), _step, model, x)
+    assert f1 == f2 and counter.counted_steps == 1
+    ledger = FlopsLedger()
+    for _ in range(3):
+        ledger.add_step(f1)
+    ledger.add_measurement(1, 100)
+    assert ledger.total() == 3 * f1 + 100 and ledger.total(upto_step=1) == f1
+    assert 0 < ledger.measurement_share() < 0.01 + 100 / (3 * f1)

@@ -1,0 +1,217 @@
+"""The MAT controller on small real training loops: masks reach the sparse-update layers, frozen slices stay
+bit-for-bit frozen, decisions survive a state_dict round trip, every probe mode, DDP."""
+import copy
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mat_kernels as mk
+from test_model_lambda_max import TinyLM
+
+transformers = pytest.importorskip("transformers")
+
+
+def _batches(seed, count, n=8, T=6, vocab=23):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n, T), generator=g) for _ in range(count)]
+
+
+def _loss(model, ids):
+    return F.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
+
+
+def _make(seed=0, **kw):
+    torch.manual_seed(seed)
+    model = TinyLM(layers=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    probe = _batches(99, 1)[0]
+    mat = mk.MAT(model, opt, interval=2, probe=(probe, probe), lambda_kwargs={"backend": "torch"}, **kw)
+    return model, opt, mat
+
+
+def test_masks_reach_layers_and_frozen_slices_stay_frozen():
+    model, opt, mat = _make()
+    assert mat.report()["sparse_backward_layers"] == 8 and mat.report()["masked_weights"] == []
+    qkv = model.blocks[0].qkv
+    assert isinstance(qkv, mk.SparseUpdateLinear) and qkv.num_modules == 3  # a head = its Q, K and V ranges
+    params = dict(model.named_parameters())
+    froze_something = False
+    for ids in _batches(1, 8):
+        before = {k: v.detach().clone() for k, v in params.items()}
+        active = mat.active.clone()
+        mat.backward(_loss(model, ids))
+        mat.step()
+        mat.zero_grad()
+        for m, spec in enumerate(mat.specs):
+            for sl in spec.slices:
+                w, old = params[sl.weight].detach(), before[sl.weight]
+                parts = [(w, old)] if sl.axis == "all" else [
+                    (w[a:a + n], old[a:a + n]) if sl.axis == "rows" else (w[:, a:a + n], old[:, a:a + n])
+                    for a, n in sl.ranges]
+                for new, prev in parts:
+                    assert torch.equal(new, prev) != bool(active[m]), (spec.name, bool(active[m]))
+            froze_something |= not bool(active[m])
+        for name in mat.always_trained:
+            if name != "emb.weight":  # rows of unused tokens keep a zero gradient: only weight decay moves them
+                assert not torch.equal(params[name], before[name]), name
+        # each sparse layer's mask is the controller's decision for its modules
+        for layer, order in mat.sparse_layers:
+            assert torch.equal(layer.active, mat.active[order])
+    assert froze_something and len(mat.log) == 4
+    assert mat.log[0]["active"] == [True] * len(mat.specs)  # no gating before two measurements
+
+
+def test_group_by_kind_thresholds_each_kind_against_itself():
+    _, _, mat = _make()
+    lam = torch.tensor([1.0, 1.0, 2.0, 1.0, 3.0, 1.0, 100.0] * 2, dtype=torch.float64)
+    mat._decide(lam)
+    mat._decide(lam)
+    heads = [i for i, s in enumerate(mat.specs) if s.kind == "head"]
+    assert any(mat.active[heads])  # a global mean (dominated by the FFNs' 100) would freeze every head
+    _, _, glob = _make(group_by="all")
+    glob._decide(lam)
+    glob._decide(lam)
+    assert not any(glob.active[heads])
+
+
+def test_temporal_rule_freezes_for_good_and_stop_when_converged():
+    _, _, mat = _make(stop_when_converged=True)
+    M = len(mat.specs)
+    base = torch.arange(1.0, M + 1, dtype=torch.float64)
+    for t, lam in enumerate([base, base + 1, base + 2, base + 2.0001]):
+        mat._decide(lam)
+    assert bool(mat.converged.all()) and mat.should_stop and not bool(mat.active.any())
+    assert not mat.measuring_now()
+
+
+def test_state_dict_round_trip_makes_the_same_decisions():
+    batches = _batches(2, 10)
+    model, opt, mat = _make(seed=3)
+    for ids in batches[:5]:
+        mat.backward(_loss(model, ids))
+        mat.step()
+        mat.zero_grad()
+    saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), copy.deepcopy(mat.state_dict()))
+    for ids in batches[5:]:
+        mat.backward(_loss(model, ids))
+        mat.step()
+        mat.zero_grad()
+    model2, opt2, mat2 = _make(seed=4)  # other init: everything must come from the saved state
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    mat2.load_state_dict(saved[2])
+    for ids in batches[5:]:
+        mat2.backward(_loss(model2, ids))
+        mat2.step()
+        mat2.zero_grad()
+    assert mat2.log == mat.log and torch.equal(mat2.active, mat.active)
+    for (k, a), (_, b) in zip(model.state_dict().items(), model2.state_dict().items()):
+        assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match="other modules"):
+        _make(out_proj="merge")[2].load_state_dict(saved[2])
+
+
+def test_measuring_from_the_training_backward():
+    torch.manual_seed(5)
+    model = TinyLM(layers=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    mat = mk.MAT(model, opt, interval=3, probe=None, lambda_kwargs={"backend": "torch"})
+    ids = _batches(6, 1, n=4)[0]
+    with pytest.raises(ValueError, match="measure_step"):
+        mat.backward(_loss(model, ids))
+    opt.zero_grad()
+    ref = mk.model_lambda_max(model, ids, labels=ids, output="loss", specs=mat.specs, backend="torch").lambda_max
+    with mat.measure_step(loss_scale=1 / 4):
+        loss = F.cross_entropy(model(ids).flatten(0, 1), ids.flatten(), reduction="none").view(4, -1).sum(1).mean()
+        mat.backward(loss)
+    mat.step()
+    mat.zero_grad()
+    with mat.measure_step(loss_scale=1 / 4):  # not a measuring step: a plain backward
+        mat.backward(_loss(model, ids))
+    mat.step()
+    assert len(mat.log) == 1
+    got = dict(zip(mat.names, mat.log[0]["lambda"]))
+    for k in ref:
+        assert abs(got[k] - ref[k]) <= 1e-5 * ref[k]
+
+
+def test_bad_configurations():
+    model = TinyLM(layers=1)
+    opt = torch.optim.Adam(model.parameters())
+    with pytest.raises(TypeError, match="unsupported optimizer"):
+        mk.MAT(model, torch.optim.RMSprop(model.parameters()))
+    with pytest.raises(ValueError, match="not declared always trained"):
+        mk.MAT(model, opt, always_trained=[r"^emb\."])
+    with pytest.raises(ValueError, match="interval"):
+        mk.MAT(model, opt, interval=0)
+    with pytest.raises(ValueError, match="group_by"):
+        mk.MAT(model, opt, group_by="layer")
+    with pytest.raises(ValueError, match="policy must be"):
+        mk.MAT(model, opt, policy="median")
+
+
+def test_layers_that_are_not_plain_linears_are_masked_and_said_so():
+    """GPT-2's Conv1D weights compute their full dW; the frozen part is discarded, visibly, and stays frozen."""
+    torch.manual_seed(7)
+    cfg = transformers.GPT2Config(vocab_size=30, n_embd=16, n_layer=1, n_head=2, n_positions=8, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")
+    model = transformers.GPT2LMHeadModel(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, 30, (4, 8))
+    with pytest.warns(UserWarning, match="compute their full weight gradient"):
+        mat = mk.MAT(model, opt, interval=1, probe=({"input_ids": ids}, ids), lambda_kwargs={"backend": "torch",
+                                                                                             "causal": True})
+    assert "transformer.h.0.attn.c_attn.weight" in mat.report()["masked_weights"]
+    w = model.transformer.h[0].attn.c_attn.weight
+    for _ in range(4):
+        before, active = w.detach().clone(), mat.active.clone()
+        out = model(input_ids=ids, labels=ids)
+        mat.backward(out.loss)
+        mat.step()
+        mat.zero_grad()
+        for m, spec in enumerate(mat.specs):
+            for sl in spec.slices:
+                if sl.weight.endswith("c_attn.weight") and not active[m]:
+                    for a, n in sl.ranges:  # linear rows = stored columns
+                        assert torch.equal(w[:, a:a + n], before[:, a:a + n])
+
+
+def _ddp_worker(rank, world, path, port):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)  # same init on every rank
+    model = TinyLM(layers=1)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2, weight_decay=0.1)
+    probe = _batches(50 + rank, 1)[0]  # different probe data per rank: λ differ until all-reduced
+    mat = mk.MAT(ddp, opt, interval=2, probe=(probe, probe), lambda_kwargs={"backend": "torch"})
+    for ids in _batches(10 + rank, 6):
+        mat.backward(_loss(ddp, ids))
+        mat.step()
+        mat.zero_grad()
+    torch.save({"state": model.state_dict(), "log": mat.log}, os.path.join(path, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_make_the_same_decisions(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path), port), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert r0["log"] == r1["log"] and len(r0["log"]) == 3
+    assert any(not all(e["active"]) for e in r0["log"])  # something was frozen
+    for k in r0["state"]:
+        assert torch.equal(r0["state"][k], r1["state"][k]), k
