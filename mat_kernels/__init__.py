@@ -34,6 +34,7 @@ from .modules import Discovery, ModuleSpec, ParamSlice, discover_modules, regist
 from .capture import capture_lambda_max
 from .model import ModelLambdaMax, model_lambda_max
 from .mat import MAT
+from .prune import lowest_heads, prune_heads
 from .sparse_linear import SparseLayout, SparseUpdateLinear, sparse_update_linear
 
 __version__ = "0.1.0"
@@ -45,6 +46,8 @@ __all__ = [
     "fused_qkv_heads",
     "model_lambda_max",
     "MAT",
+    "prune_heads",
+    "lowest_heads",
     "ModelLambdaMax",
     "capture_lambda_max",
     "discover_modules",

@@ -121,6 +121,7 @@ class MAT:
         self.log: list[dict] = []
         self._pending: torch.Tensor | None = None
         self._in_measure = False
+        self.last_measure_extra_flops = 0  # FLOPs of the last probe measurement that FlopCounterMode cannot see
         self.sparse_layers, self.masked_weights = self._install_sparse(sparse_backward)
         self.optimizer = self._frozen_optimizer(optimizer)
 
@@ -278,6 +279,8 @@ class MAT:
         finally:
             for m, t in was:
                 m.train(t)
+        # Grams (Triton or behind a custom op) are invisible to FlopCounterMode; eigvalsh ~ (4/3)·n³ per module
+        self.last_measure_extra_flops = res.gram_flops + len(self.specs) * (4 * res.n ** 3) // 3
         return torch.tensor([res.lambda_max[n] for n in self.names], dtype=torch.float64)
 
     def _decide(self, lam: torch.Tensor) -> None:

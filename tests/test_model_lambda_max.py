@@ -533,3 +533,54 @@ def test_two_backwards_in_one_capture_are_refused():
         with mk.capture_lambda_max(model, backend="torch"):
             for _ in range(2):
                 F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# head pruning
+# --------------------------------------------------------------------------------------------------------------
+def test_prune_heads_fused_and_hf_separate_qkv():
+    """Pruned heads are physically gone; the kept heads compute exactly what they computed before."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
+    from train_mlm import BertMLM
+
+    torch.manual_seed(15)
+    model = BertMLM(vocab=17, d=12, heads=3, ffn=8, layers=2, max_len=6).eval()
+    ids = torch.randint(0, 17, (2, 6), generator=_gen(21))
+    # zero head 1 of layer 0 and head 0 of layer 1 (their Q/K/V rows and output columns): removing them must not
+    # change the output at all
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer, h in ((0, 1), (1, 0)):
+            blk = ref.layers[layer]
+            for p in range(3):
+                blk.qkv.weight[p * 12 + 4 * h:p * 12 + 4 * h + 4] = 0
+                blk.qkv.bias[p * 12 + 4 * h:p * 12 + 4 * h + 4] = 0
+            blk.attn_out.weight[:, 4 * h:4 * h + 4] = 0
+    pruned = copy.deepcopy(ref)
+    left = mk.prune_heads(pruned, ["layers.0.head1", "layers.1.head0"])
+    assert left == {"layers.0": 2, "layers.1": 2}
+    assert pruned.layers[0].qkv.weight.shape == (24, 12) and pruned.layers[1].attn_out.weight.shape == (12, 8)
+    torch.testing.assert_close(pruned(ids), ref(ids), rtol=1e-6, atol=1e-6)
+    assert len(mk.discover_modules(pruned, out_proj="merge").specs) == 2 * 2 + 2
+
+    bert = hf_bert(layers=1)
+    mk.prune_heads(bert, ["bert.encoder.layer.0.attention.self.head0"])
+    assert bert.bert.encoder.layer[0].attention.self.query.weight.shape == (8, 16)
+    bert(torch.randint(0, 40, (2, 5)))  # still runs
+    with pytest.raises(ValueError, match="all 1 heads"):
+        mk.prune_heads(bert, ["bert.encoder.layer.0.attention.self.head0"])
+    with pytest.raises(ValueError, match="not head modules"):
+        mk.prune_heads(bert, ["nope.head0"])
+    with pytest.raises(ValueError, match="only nn.Linear"):
+        mk.prune_heads(MHAModel(True), ["enc.layers.0.self_attn.head0"])
+
+
+def test_lowest_heads_keeps_one_per_layer():
+    lam = {"a.head0": 1.0, "a.head1": 2.0, "b.head0": 0.5, "b.head1": 0.1, "b.ffn": 0.0}
+    assert mk.lowest_heads(lam, 0.5) == ["b.head1", "a.head0"]
+    assert mk.lowest_heads(lam, 0.75) == ["b.head1", "a.head0"]  # b.head0 would empty layer b
+    with pytest.raises(ValueError, match="fraction"):
+        mk.lowest_heads(lam, 1.0)

@@ -1,0 +1,118 @@
+"""Physical head pruning (the MAT paper's pruning extension, Table 5: drop the lowest-λmax heads, train the rest).
+
+Heads are removed, not masked: the Q/K/V projection(s) are rebuilt with only the kept heads' rows (and bias
+entries), the output projection with only their columns, and the attention module's head-count attribute is
+lowered. The forward, dX and dW of the pruned heads disappear, which is the point of the experiment (a masked head
+would still cost its full forward). Supported: the ``fused_qkv`` and ``separate_qkv`` layouts of
+:mod:`mat_kernels.modules` built from ``nn.Linear`` layers (own models; Hugging Face BERT, RoBERTa, ViT, whose
+attention reshapes with ``-1`` heads of a fixed head size). Anything else is refused with the reason.
+
+Pruning changes the parameter tensors: build the optimizer (and a :class:`mat_kernels.MAT`) after pruning.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import torch
+import torch.nn as nn
+
+from .modules import _HEAD_ATTRS, discover_modules
+
+__all__ = ["prune_heads", "lowest_heads"]
+
+
+def lowest_heads(lambda_max: dict[str, float], fraction: float, *, keep_per_layer: int = 1) -> list[str]:
+    """Names of the ``fraction`` of heads (modules ``...head<h>``) with the lowest λmax, keeping at least
+    ``keep_per_layer`` heads in every attention module."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    heads = {k: v for k, v in lambda_max.items() if re.search(r"\.?head\d+$", k)}
+    if not heads:
+        raise ValueError("no head modules (names ending in 'head<h>') in lambda_max")
+    by_attn = defaultdict(list)
+    for k in heads:
+        by_attn[re.sub(r"\.?head\d+$", "", k)].append(k)
+    budget = int(round(fraction * len(heads)))
+    chosen, left = [], {a: len(v) for a, v in by_attn.items()}
+    for k in sorted(heads, key=lambda k: (heads[k], k)):
+        if len(chosen) == budget:
+            break
+        attn = re.sub(r"\.?head\d+$", "", k)
+        if left[attn] > keep_per_layer:
+            chosen.append(k)
+            left[attn] -= 1
+    return chosen
+
+
+def _rebuild(lin: nn.Linear, rows=None, cols=None) -> nn.Linear:
+    w = lin.weight.detach()
+    b = lin.bias.detach() if lin.bias is not None else None
+    if rows is not None:
+        w, b = w[rows], (b[rows] if b is not None else None)
+    if cols is not None:
+        w = w[:, cols]
+    new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if b is not None:
+            new.bias.copy_(b)
+    new.train(lin.training)
+    return new
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, child = name.rsplit(".", 1) if "." in name else ("", name)
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def prune_heads(model: nn.Module, heads: list[str]) -> dict[str, int]:
+    """Remove the named heads (module names from :func:`mat_kernels.discover_modules`, e.g. ``"layers.2.head5"``).
+
+    Returns ``{attention module name: heads left}``. Raises ``ValueError`` for unknown names, pruning every head of
+    an attention module, or a layout that cannot be rebuilt (not ``nn.Linear`` projections).
+    """
+    if isinstance(heads, str) or not all(isinstance(h, str) for h in heads):
+        raise TypeError("heads must be a list of head module names")
+    disc = discover_modules(model, out_proj="merge")
+    specs = {s.name: s for s in disc.specs if s.kind == "head"}
+    unknown = [h for h in heads if h not in specs]
+    if unknown:
+        raise ValueError(f"not head modules of this model: {unknown[:5]} (known e.g. {list(specs)[:3]})")
+    groups = defaultdict(list)
+    for name, spec in specs.items():
+        groups[re.sub(r"\.?head\d+$", "", name)].append(spec)
+    result = {}
+    for attn, all_heads in groups.items():
+        drop = {s.name for s in all_heads if s.name in heads}
+        if not drop:
+            continue
+        if len(drop) == len(all_heads):
+            raise ValueError(f"{attn}: pruning all {len(all_heads)} heads would remove the attention module")
+        keep = [s for s in all_heads if s.name not in drop]
+        attn_mod = model.get_submodule(attn) if attn else model
+        rows_by_weight: dict[str, list[int]] = defaultdict(list)
+        cols_by_weight: dict[str, list[int]] = defaultdict(list)
+        for s in keep:
+            for sl in s.slices:
+                target = rows_by_weight if sl.axis == "rows" else cols_by_weight
+                for a, n in sl.ranges:
+                    target[sl.weight].extend(range(a, a + n))
+        for wname, idx in list(rows_by_weight.items()) + list(cols_by_weight.items()):
+            lin_name = wname.rsplit(".", 1)[0]
+            lin = model.get_submodule(lin_name)
+            if not isinstance(lin, nn.Linear) or isinstance(attn_mod, nn.MultiheadAttention):
+                raise ValueError(f"{attn}: {lin_name} is a {type(lin).__name__}; only nn.Linear projections can be "
+                                 "rebuilt")
+            order = torch.tensor(sorted(idx), device=lin.weight.device)
+            new = _rebuild(lin, rows=order) if wname in rows_by_weight else _rebuild(lin, cols=order)
+            _set(model, lin_name, new)
+        for a in _HEAD_ATTRS:
+            if isinstance(getattr(attn_mod, a, None), int):
+                setattr(attn_mod, a, len(keep))
+        if isinstance(getattr(attn_mod, "all_head_size", None), int) and isinstance(
+                getattr(attn_mod, "attention_head_size", None), int):
+            attn_mod.all_head_size = len(keep) * attn_mod.attention_head_size
+        result[attn] = len(keep)
+    return result
