@@ -35,6 +35,7 @@ from .capture import capture_lambda_max
 from .model import ModelLambdaMax, model_lambda_max
 from .mat import MAT
 from .prune import lowest_heads, prune_heads
+from . import hf  # noqa: F401,E402  (Hugging Face Trainer integration; imports transformers only when used)
 from .sparse_linear import SparseLayout, SparseUpdateLinear, sparse_update_linear
 
 __version__ = "0.1.0"

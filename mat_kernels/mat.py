@@ -122,8 +122,8 @@ class MAT:
         self._pending: torch.Tensor | None = None
         self._in_measure = False
         self.last_measure_extra_flops = 0  # FLOPs of the last probe measurement that FlopCounterMode cannot see
+        self.optimizer = self._frozen_optimizer(optimizer)  # validates before any layer is swapped
         self.sparse_layers, self.masked_weights = self._install_sparse(sparse_backward)
-        self.optimizer = self._frozen_optimizer(optimizer)
 
     # ------------------------------------------------------------------------------------------------ setup
     def _always_trained(self, spec) -> list[str]:

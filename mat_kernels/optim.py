@@ -111,6 +111,8 @@ class FrozenSliceOptimizer:
     def step(self, active: torch.Tensor, closure=None):
         """One optimizer step with modules ``active`` (bool ``[num_modules]``); inactive modules' blocks are frozen."""
         active = torch.as_tensor(active, dtype=torch.bool).cpu()
+        # live groups: the optimizer's load_state_dict replaces the dicts an LR scheduler writes lr into
+        self._group = {p: g for g in self.optimizer.param_groups for p in g["params"]}
         if active.shape != (self.num_modules,):
             raise ValueError(f"active must have shape [{self.num_modules}], got {tuple(active.shape)}")
         saved = []  # (param, block, frozen?, saved param part, {state key: saved part} or None if no state yet)

@@ -33,45 +33,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import shakespeare  # noqa: E402
+from train_mlm import BertMLM  # noqa: E402  (the same BERT-style model as the training program, one layer)
 
 import mat_kernels as mk  # noqa: E402
-
-
-class EncoderLayer(nn.Module):
-    """Post-LN BERT encoder layer with a fused QKV projection (rows [Q; K; V], head-major inside each)."""
-
-    def __init__(self, d: int, heads: int, ffn: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(d, 3 * d)
-        self.attn_out = nn.Linear(d, d)
-        self.ln1 = nn.LayerNorm(d)
-        self.ffn_in = nn.Linear(d, ffn)
-        self.ffn_out = nn.Linear(ffn, d)
-        self.ln2 = nn.LayerNorm(d)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        n, T, d = h.shape
-        q, k, v = self.qkv(h).view(n, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        # explicit softmax attention: torch.func has no batching rule for CPU SDPA, which would slow the baseline
-        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
-        a = (att @ v).transpose(1, 2).reshape(n, T, d)
-        h = self.ln1(h + self.attn_out(a))
-        return self.ln2(h + self.ffn_out(F.gelu(self.ffn_in(h))))
-
-
-class TinyBert(nn.Module):
-    def __init__(self, vocab: int, d: int, heads: int, ffn: int, max_len: int):
-        super().__init__()
-        self.tok = nn.Embedding(vocab, d)
-        self.pos = nn.Embedding(max_len, d)
-        self.ln = nn.LayerNorm(d)
-        self.layer = EncoderLayer(d, heads, ffn)
-        self.head = nn.Linear(d, vocab)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(ids.shape[-1], device=ids.device)
-        return self.head(self.layer(self.ln(self.tok(ids) + self.pos(pos))))
 
 
 def per_sample_loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -84,12 +48,12 @@ def per_sample_loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -
 LINEARS = ("qkv", "attn_out", "ffn_in", "ffn_out")
 
 
-def capture(model: TinyBert, ids, labels):
+def capture(model: BertMLM, ids, labels):
     """One forward + backward of Σ_i s_i with hooks storing each linear's input x and output gradient dy."""
     store = {}
     handles = []
     for name in LINEARS:
-        lin = getattr(model.layer, name)
+        lin = getattr(model.layers[0], name)
 
         def fwd_hook(mod, inp, out, name=name):
             store[name] = [inp[0].detach(), None]
@@ -113,13 +77,13 @@ def mat_kernels_lambdas(store, heads: int, head_dim: int) -> tuple[torch.Tensor,
     return torch.cat([qkv.lambda_max, out.lambda_max, mk.lambda_max(ffn)]), qkv.backend
 
 
-def naive_lambdas(model: TinyBert, ids, labels, heads: int, head_dim: int) -> torch.Tensor:
+def naive_lambdas(model: BertMLM, ids, labels, heads: int, head_dim: int) -> torch.Tensor:
     """The same λmax from torch.func per-sample gradients (the whole per-sample gradient materialised)."""
-    layer = model.layer
+    layer = model.layers[0]
     params = {k: v.detach() for k, v in layer.named_parameters() if k.split(".")[0] in LINEARS}
 
     def s(p, ids_i, labels_i):
-        out = torch.func.functional_call(model, {f"layer.{k}": v for k, v in p.items()}, (ids_i[None],))
+        out = torch.func.functional_call(model, {f"layers.0.{k}": v for k, v in p.items()}, (ids_i[None],))
         ce = F.cross_entropy(out[0], labels_i, reduction="none", ignore_index=-100)
         return ce.sum()
 
@@ -179,7 +143,7 @@ def main(argv=None) -> int:
           f"vocabulary {len(tok):,} words ({time.perf_counter() - t0:.1f}s)")
 
     head_dim = a.d_model // a.heads
-    model = TinyBert(len(tok), a.d_model, a.heads, a.ffn, a.seq_len).to(device)
+    model = BertMLM(len(tok), a.d_model, a.heads, a.ffn, 1, a.seq_len).to(device)
     if a.train_steps:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         t0 = time.perf_counter()

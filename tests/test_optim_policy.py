@@ -173,3 +173,22 @@ def test_unsupported_optimizer_is_refused():
     fso = FrozenSliceOptimizer(torch.optim.SGD([p], lr=0.1), {p: [Block(0)]}, num_modules=1)
     with pytest.raises(ValueError, match="active must have shape"):
         fso.step(torch.tensor([True, False]))
+
+
+def test_adam_block_fix_uses_the_live_param_groups_after_load_state_dict():
+    """load_state_dict replaces the optimizer's param_group dicts (where schedulers write lr): the per-block
+    correction must read the live ones. With lr = 0 after the load, nothing may move."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.nn.Parameter(torch.randn(4, 3, generator=g))
+    opt = torch.optim.Adam([w], lr=0.1)
+    fso = FrozenSliceOptimizer(opt, {w: [Block(0, 0, 0, 2), Block(1, 0, 2, 2)]}, num_modules=2)
+    for mask in ([True, True], [True, False]):
+        w.grad = torch.randn(4, 3, generator=g)
+        fso.step(torch.tensor(mask))
+    sd = opt.state_dict()
+    sd["param_groups"][0]["lr"] = 0.0
+    opt.load_state_dict(sd)
+    before = w.detach().clone()
+    w.grad = torch.randn(4, 3, generator=g)
+    fso.step(torch.tensor([True, True]))  # block 1 is behind: its update is recomputed, with lr = 0
+    assert torch.equal(w.detach(), before)

@@ -1,0 +1,507 @@
+"""Hugging Face ``Trainer`` integration: MAT with one extra line.
+
+::
+
+    import mat_kernels.hf
+
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=ds, data_collator=collator)
+    trainer = mat_kernels.hf.with_mat(trainer, interval=50)     # the one extra line (MAT keywords as for MAT)
+    trainer.train()
+    trainer.mat.log                                              # one entry per measurement (step, λ, active set)
+
+``transformers`` (and ``accelerate``, which the ``Trainer`` needs) stay optional: this module imports them only
+inside functions, so ``import mat_kernels`` and ``import mat_kernels.hf`` never need them.
+
+Where each MAT action happens (``transformers`` 5.x ``Trainer``; see ``Trainer._prepare_for_training`` and
+``Trainer._run_epoch``):
+
+* :func:`with_mat`, before ``train()``: the Trainer creates its own optimizer (``trainer.create_optimizer()``:
+  ``TrainingArguments.optim``, weight-decay groups and all, or the one passed as ``optimizers=``), then
+  :class:`mat_kernels.MAT` is built on ``trainer.model`` and that optimizer. MAT swaps ``nn.Linear`` layers for
+  ``SparseUpdateLinear`` layers that share their ``Parameter`` objects, so the optimizer's ``param_groups`` still
+  hold the model's parameters. ``trainer.optimizer`` becomes a :class:`MATOptimizer`: a ``torch.optim.Optimizer``
+  whose ``param_groups``/``state`` *are* the wrapped optimizer's and whose ``step()`` is :meth:`MAT.step`.
+* ``train()``: ``create_optimizer()`` finds the optimizer set and keeps it; accelerate wraps the
+  :class:`MATOptimizer` (``AcceleratedOptimizer``, GradScaler included); the LR scheduler is created on that
+  wrapper and reads and writes the same ``param_groups`` dicts, so the learning-rate schedule is untouched. On
+  ``resume_from_checkpoint`` the Trainer loads ``optimizer.pt`` into it, which restores MAT's state too (below).
+* ``on_train_begin`` (:class:`MATCallback`): checks that the optimizer the Trainer steps is MAT's and that the model
+  is the one MAT wraps, and collates the default probe batch.
+* Micro-batches (``gradient_accumulation_steps``): forward and backward only, with the masks of the current step:
+  frozen modules skip their weight-gradient GEMMs.
+* Once per optimizer step, the Trainer's ``self.optimizer.step()`` (between ``on_pre_optimizer_step`` and
+  ``on_optimizer_step``, after gradient clipping, before ``lr_scheduler.step()``) runs :meth:`MAT.step`: the
+  frozen-slice step of the wrapped optimizer (frozen slices bit-for-bit unchanged: no update, no moment update, no
+  weight decay), then, when due, the λmax measurement on the probe batch, the new decisions and the masks pushed
+  into the sparse-update layers for the next step's backward. accelerate calls it only on gradient-synchronising
+  steps, so the schedule (``warmup_steps``, ``interval``) counts optimizer steps, never micro-batches; a step
+  skipped by the fp16 GradScaler (overflow) is not taken and not counted.
+* ``on_step_end``: ``stop_when_converged=True`` stops training (``control.should_training_stop``) once every module
+  has converged.
+* Mixed precision (``bf16=True``/``fp16=True``): training forwards run under accelerate's autocast; the measurement
+  runs the model's forward without it (``lambda_kwargs["forward"]``, :func:`_measure_forward`), in the
+  parameters' precision.
+* Checkpoints: ``optimizer.pt`` holds the wrapped optimizer's own state dict plus a ``"mat"`` entry
+  (:meth:`MAT.state_dict`: step count, decisions, temporal rule, per-block Adam step counts, log), so
+  ``trainer.train(resume_from_checkpoint=...)`` on a trainer set up with :func:`with_mat` resumes MAT exactly. A
+  plain optimizer ignores the extra entry (the checkpoint loads without MAT); ``save_only_model=True`` saves no
+  optimizer and so no MAT state; resuming MAT from a checkpoint made without it starts MAT afresh (with a warning).
+  Model weights keep their names: a checkpoint made with MAT loads into the plain model.
+
+Probe (what λ is measured on): by default (``probe="train"``) the first ``probe_size`` examples (default:
+``per_device_train_batch_size``) of the train dataloader's dataset, collated by its collator (the Trainer's
+``data_collator`` less unused columns) under a fixed seed, with the global RNG states left as they were: the same
+batch at every measurement, in a resumed run too, and the data order of training unchanged. ``probe="eval"`` does
+the same from ``trainer.eval_dataset``. The NTK output is ``output="logprob"`` of the batch's ``labels`` (``-100``
+skipped); causal language models (the classes of transformers' causal-LM auto mapping, ``GPT2LMHeadModel``,
+``*ForCausalLM``) get ``causal=True`` unless ``lambda_kwargs`` says otherwise.
+``probe=(batch, labels)`` or a callable ``probe(step) -> (batch, labels)`` are used as given (tensors moved to the
+model's device). The model's mode is left alone: :meth:`MAT.measure` switches to eval and back.
+
+Refused, with the reason: DeepSpeed and FSDP (they shard parameters and optimizer state and step them
+themselves), SageMaker model parallelism, tensor-parallel (DTensor) parameters, ``nn.DataParallel`` (several GPUs
+in one process: use DDP), ``model_init`` (``train()`` would build a new model and optimizer), an optimizer MAT
+cannot keep frozen (anything but torch's SGD, Adam and AdamW: ``optim="adafactor"``, ``"rmsprop"``, 8-bit and paged
+optimizers...), ``probe=None`` (measuring from the training backward needs the forward and backward
+inside :meth:`MAT.measure_step`, which the Trainer's ``training_step`` does not offer), and a second
+:func:`with_mat` on the same trainer. DDP (``torchrun``, accelerate) is allowed: MAT averages λ over ranks before
+deciding, so every rank applies the same masks.
+
+Why a function on the trainer rather than ``Trainer(callbacks=[...])`` alone: a callback first sees the optimizer in
+``on_train_begin``, after accelerate has wrapped it (its GradScaler path holds on to the inner ``step``) and after
+a resume has loaded ``optimizer.pt`` into it, too late both to put MAT's step under accelerate's and to restore
+MAT's state. :func:`with_mat` installs the optimizer before ``train()`` and adds the callback itself.
+"""
+from __future__ import annotations
+
+import collections.abc
+import contextlib
+import itertools
+import random
+import warnings
+import weakref
+
+import torch
+
+from .mat import MAT
+from .model import _default_forward
+from .optim import SUPPORTED_OPTIMIZERS
+
+__all__ = ["with_mat", "MATOptimizer", "MATCallback"]
+
+_PROBES = ("train", "eval")
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover - the tests need transformers
+        raise ImportError("mat_kernels.hf needs `transformers` (and `accelerate` for its Trainer)") from e
+    return transformers
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the optimizer the Trainer steps
+# ----------------------------------------------------------------------------------------------------------------
+class MATOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` whose :meth:`step` is :meth:`MAT.step`, for code that steps an optimizer itself
+    (the ``Trainer``, accelerate's ``AcceleratedOptimizer`` and ``GradScaler``, LR schedulers).
+
+    ``param_groups``, ``state`` and ``defaults`` are the wrapped optimizer's own objects (an LR scheduler built on
+    either sees the same dicts). :meth:`state_dict` is the wrapped optimizer's plus a ``"mat"`` entry with
+    :meth:`MAT.state_dict`; :meth:`load_state_dict` restores both (a state dict without ``"mat"`` restores the
+    optimizer only). Like accelerate's wrapper, it does not call ``Optimizer.__init__``: it owns no state.
+    """
+
+    def __init__(self, mat: MAT):  # noqa: D107 - no Optimizer.__init__: the wrapped optimizer holds everything
+        if not isinstance(mat, MAT):
+            raise TypeError(f"MATOptimizer wraps a mat_kernels.MAT, got {type(mat).__name__}")
+        self.mat = mat
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The wrapped torch optimizer (``SGD``, ``Adam`` or ``AdamW``)."""
+        return self.mat.optimizer.optimizer
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value):
+        self.optimizer.state = value
+
+    @property
+    def defaults(self):
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value):
+        self.optimizer.defaults = value
+
+    def step(self, closure=None):
+        """:meth:`MAT.step`: the frozen-slice optimizer step, then the measurement and new masks when due."""
+        with torch.enable_grad():  # the measurement runs a forward and backward; callers may be in no_grad
+            return self.mat.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.mat.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Added parameters belong to no MAT module: they are trained at every step."""
+        self.optimizer.add_param_group(param_group)
+
+    def state_dict(self) -> dict:
+        sd = self.optimizer.state_dict()
+        sd["mat"] = self.mat.state_dict()
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        sd = dict(state_dict)
+        mat_sd = sd.pop("mat", None)
+        self.optimizer.load_state_dict(sd)
+        # torch's load_state_dict replaces the param_group dicts (accelerate reloads the state when it wraps this
+        # optimizer, the Trainer when it resumes); FrozenSliceOptimizer caches each parameter's group for the
+        # per-block Adam correction: point it at the live groups, whose lr the scheduler sets
+        if hasattr(self.mat.optimizer, "_group"):
+            self.mat.optimizer._group = {p: g for g in self.optimizer.param_groups for p in g["params"]}
+        if mat_sd is not None:
+            # accelerate moves every tensor of an optimizer state dict to the device; MAT's state lives on the CPU
+            self.mat.load_state_dict(_to_cpu(mat_sd))
+
+    def __getstate__(self):
+        return self.__dict__
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return f"MATOptimizer({self.optimizer!r})"
+
+
+@contextlib.contextmanager
+def _without_accelerate_autocast(module):
+    """Under ``bf16``/``fp16`` mixed precision accelerate replaces ``module.forward`` by an autocast wrapper (an
+    instance attribute; the forward it wrapped is kept as ``module._original_forward``). λ is measured with that
+    original forward, in the parameters' precision: the Gram capture needs a layer's input and output gradient in
+    one dtype, which autocast breaks (fp32 input, bf16 output gradient)."""
+    original = module.__dict__.get("_original_forward")  # (also keeps the module's own __call__ and hooks)
+    patched = module.__dict__.get("forward")
+    if original is None or patched is None:
+        yield
+        return
+    module.forward = original
+    try:
+        yield
+    finally:
+        module.forward = patched
+
+
+def _measure_forward(module, batch):
+    """The forward of the measurements (``lambda_kwargs["forward"]`` unless given): the default one of
+    :func:`mat_kernels.model_lambda_max`, without accelerate's autocast."""
+    with _without_accelerate_autocast(module):
+        return _default_forward(module, batch)
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, collections.abc.Mapping):  # also BatchEncoding (a UserDict): a plain dict for the model
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+def _unwrap_optimizer(opt):
+    """The chain ``opt, opt.optimizer, ...`` (accelerate's and other wrappers), outermost first."""
+    seen = []
+    while opt is not None and not any(opt is s for s in seen):
+        seen.append(opt)
+        if isinstance(opt, MATOptimizer):
+            break
+        opt = getattr(opt, "optimizer", None)
+    return seen
+
+
+@contextlib.contextmanager
+def _fixed_rng(seed: int):
+    """Run with the CPU torch, Python and NumPy RNGs seeded with ``seed``; restore their states afterwards (collators
+    draw on the CPU; CUDA generators are not touched)."""
+    py_state = random.getstate()
+    try:
+        import numpy as np
+        np_state = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        np = np_state = None
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        random.seed(seed)
+        if np is not None:
+            np.random.seed(seed % 2 ** 32)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            if np is not None:
+                np.random.set_state(np_state)
+
+
+def _first_examples(dataloader, n: int) -> list:
+    """The first ``n`` examples of a dataloader's dataset, in dataset order (the sampler is not touched)."""
+    ds = dataloader.dataset
+    if isinstance(ds, torch.utils.data.IterableDataset) or not hasattr(ds, "__len__"):
+        return list(itertools.islice(iter(ds), n))
+    return [ds[i] for i in range(min(n, len(ds)))]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the callback
+# ----------------------------------------------------------------------------------------------------------------
+class MATCallback:
+    """The Trainer callback of :func:`with_mat` (installed by it: do not add it yourself).
+
+    ``on_train_begin``: checks that the Trainer steps MAT's optimizer and trains MAT's model, and collates the
+    default probe batch. ``on_step_end``: stops training when ``stop_when_converged`` says so. The optimizer step,
+    measurement and masks happen inside the Trainer's ``optimizer.step()`` (:class:`MATOptimizer`).
+
+    A ``transformers.TrainerCallback`` by duck typing (every other ``on_*`` event is a no-op), so that importing
+    this module does not import ``transformers``.
+    """
+
+    def __init__(self, *, probe="train", probe_size: int | None = None, probe_seed: int = 0, trainer=None):
+        self.mat: MAT | None = None  # set by with_mat once MAT is built (MAT takes this callback's probe)
+        self.optimizer: MATOptimizer | None = None
+        self.probe_source = probe
+        self.probe_size = probe_size
+        self.probe_seed = probe_seed
+        self._trainer = weakref.ref(trainer) if trainer is not None else (lambda: None)
+        self._probe = None  # (batch, labels) on the model's device, once built
+
+    def __getattr__(self, name):
+        if name.startswith("on_"):  # events of TrainerCallback this callback does not use
+            return _no_event
+        raise AttributeError(name)
+
+    # ------------------------------------------------------------------------------------------------ probe
+    def probe(self, step: int):
+        """The probe MAT measures on (its ``probe`` argument): ``(batch, labels)`` on the model's device."""
+        src = self.probe_source
+        if callable(src):
+            batch, labels = src(step)
+            return _to_device(batch, self._device()), _to_device(labels, self._device())
+        if self._probe is None:
+            if isinstance(src, str):
+                raise RuntimeError("the default probe batch is collated when training starts (on_train_begin); "
+                                   "call mat.measure() after trainer.train() has started, or pass probe=")
+            batch, labels = src
+            self._probe = (_to_device(batch, self._device()), _to_device(labels, self._device()))
+        return self._probe
+
+    def _device(self) -> torch.device:
+        p = next(self.mat.module.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def _build_probe(self, args, train_dataloader) -> None:
+        if self.probe_source == "train":
+            if train_dataloader is None:
+                raise RuntimeError("probe='train' needs the Trainer's train dataloader")
+            dl, n = train_dataloader, self.probe_size or args.per_device_train_batch_size
+        else:
+            trainer = self._trainer()
+            if trainer is None or trainer.eval_dataset is None:
+                raise ValueError("probe='eval' needs an eval_dataset on the Trainer")
+            if isinstance(trainer.eval_dataset, dict):
+                raise ValueError("probe='eval' with several eval datasets: pass probe=(batch, labels)")
+            dl, n = trainer.get_eval_dataloader(), self.probe_size or args.per_device_eval_batch_size
+        with _fixed_rng(self.probe_seed):  # a random collator (MLM masking) gives the same batch in every run
+            examples = _first_examples(dl, n)
+            if not examples:
+                raise ValueError(f"probe={self.probe_source!r}: the dataset is empty")
+            batch = dl.collate_fn(examples) if dl.collate_fn is not None else examples
+        if isinstance(batch, collections.abc.Mapping):
+            batch = dict(batch)
+        labels = batch.get("labels") if isinstance(batch, dict) else None
+        if labels is None and self.mat.output != "projection":
+            raise ValueError(
+                f"probe={self.probe_source!r}: the collated batch has no 'labels' entry, which output="
+                f"{self.mat.output!r} needs; pass probe=(batch, labels), or output='projection'")
+        batch = _to_device(batch, self._device())
+        self._probe = (batch, batch.get("labels") if isinstance(batch, dict) else None)
+
+    # ------------------------------------------------------------------------------------------------ events
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        chain = _unwrap_optimizer(optimizer)
+        if not any(o is self.optimizer for o in chain):
+            raise RuntimeError(
+                "mat_kernels.hf: the Trainer steps an optimizer that MAT does not wrap "
+                f"({' -> '.join(type(o).__name__ for o in chain) or None}); something replaced trainer.optimizer "
+                "after with_mat() (model_init, hyperparameter_search, DeepSpeed or FSDP?)")
+        if model is not None and model is not self.mat.module and getattr(model, "module", None) is not self.mat.module:
+            raise RuntimeError("mat_kernels.hf: the Trainer trains another model than the one MAT was set up on "
+                               "(was trainer.model replaced after with_mat()?)")
+        if isinstance(self.probe_source, str) and self._probe is None:
+            self._build_probe(args, train_dataloader)
+        if state.global_step > 0 and self.mat.step_count == 0:
+            warnings.warn(
+                f"mat_kernels.hf: resuming at step {state.global_step} without MAT state (the checkpoint was made "
+                "without MAT, or with save_only_model=True): MAT starts afresh, its schedule counted from here",
+                UserWarning, stacklevel=2)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.mat.should_stop:
+            control.should_training_stop = True
+        return control
+
+
+def _no_event(*args, **kwargs):
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the one line
+# ----------------------------------------------------------------------------------------------------------------
+def _refuse_unsupported(trainer) -> None:
+    from transformers.utils import is_sagemaker_mp_enabled
+
+    why = None
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        why = "DeepSpeed shards parameters and optimizer state and steps its own optimizer"
+    elif getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_fsdp_xla_enabled", False):
+        why = "FSDP shards parameters and optimizer state (MAT freezes slices of whole parameters)"
+    elif is_sagemaker_mp_enabled():
+        why = "SageMaker model parallelism wraps the model and optimizer itself"
+    elif trainer.args.n_gpu > 1:
+        why = ("nn.DataParallel (several GPUs in one process) replicates the layers at every forward; launch with "
+               "torchrun (DDP) instead")
+    if why is None:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # pragma: no cover
+            DTensor = ()
+        if DTensor and any(isinstance(p, DTensor) for p in trainer.model.parameters()):
+            why = "tensor-parallel (DTensor) parameters are sharded"
+    if why is not None:
+        raise NotImplementedError(f"mat_kernels.hf.with_mat: unsupported setup: {why}")
+    if trainer.model_init is not None:
+        raise ValueError("mat_kernels.hf.with_mat: the Trainer has a model_init, so train() builds a new model and "
+                         "optimizer that MAT does not wrap; build the model and pass model= instead")
+
+
+def with_mat(trainer, *, probe="train", probe_size: int | None = None, probe_seed: int = 0, **mat_kwargs):
+    """Add MAT to a ``transformers.Trainer``, before ``trainer.train()``; returns the same trainer::
+
+        trainer = mat_kernels.hf.with_mat(trainer, interval=50)
+
+    The Trainer's own optimizer (``TrainingArguments.optim``: ``adamw_torch_fused``/``adamw_torch`` by default,
+    ``sgd``, or one passed as ``optimizers=``) is created now if needed and wrapped so that frozen slices stay
+    frozen; its LR scheduler keeps working. The controller is ``trainer.mat`` (``trainer.mat.log``,
+    ``trainer.mat.report()``). Where each MAT action happens in the Trainer's loop, checkpoints and what is
+    refused: see the module docstring.
+
+    Args:
+        trainer: a ``transformers.Trainer`` (or subclass) that has not trained yet.
+        probe: ``"train"`` (default: the first ``probe_size`` examples of the train dataset, collated as for
+            training), ``"eval"`` (the same from ``eval_dataset``), ``(batch, labels)`` or a callable
+            ``probe(step) -> (batch, labels)``; tensors are moved to the model's device. ``None`` (measuring from
+            the training backward) is not supported here.
+        probe_size: examples in the default probe batch (default: the per-device batch size).
+        probe_seed: seed under which the default probe batch is collated (random collators).
+        **mat_kwargs: :class:`mat_kernels.MAT` keywords (``interval``, ``warmup_steps``, ``policy``, ``alpha``,
+            ``output``, ``group_by``, ``stop_when_converged``, ``lambda_kwargs``, ``specs``...). Steps are
+            optimizer steps.
+
+    Returns:
+        ``trainer``, with ``trainer.mat`` (the :class:`mat_kernels.MAT`), ``trainer.optimizer`` a
+        :class:`MATOptimizer` and a :class:`MATCallback` added.
+
+    Raises:
+        TypeError: not a Trainer, or an optimizer MAT cannot wrap (the message names the ``optim`` to use).
+        ValueError: ``probe=None``, ``model_init``, MAT already added, bad MAT keywords.
+        NotImplementedError: DeepSpeed, FSDP, SageMaker MP, tensor parallelism, ``nn.DataParallel``.
+    """
+    transformers = _transformers()
+    if not isinstance(trainer, transformers.Trainer):
+        raise TypeError(f"with_mat expects a transformers.Trainer, got {type(trainer).__name__}")
+    if getattr(trainer, "mat", None) is not None or any(isinstance(cb, MATCallback)
+                                                         for cb in trainer.callback_handler.callbacks):
+        raise ValueError("MAT was already added to this trainer")
+    if probe is None:
+        raise ValueError("probe=None measures λ from the training backward, which must run inside "
+                         "mat.measure_step(); the Trainer's training_step does not: use probe='train' (default), "
+                         "'eval', (batch, labels) or a callable")
+    if isinstance(probe, str) and probe not in _PROBES:
+        raise ValueError(f"probe must be 'train', 'eval', (batch, labels) or a callable, got {probe!r}")
+    if not isinstance(probe, str) and not callable(probe) and not (isinstance(probe, (tuple, list))
+                                                                   and len(probe) == 2):
+        raise TypeError("probe must be 'train', 'eval', a (batch, labels) pair or a callable probe(step)")
+    if probe_size is not None and (not isinstance(probe_size, int) or probe_size < 1):
+        raise ValueError(f"probe_size must be a positive int, got {probe_size!r}")
+    _refuse_unsupported(trainer)
+
+    created = trainer.optimizer is None
+    optimizer = trainer.create_optimizer() if created else trainer.optimizer
+    if not isinstance(optimizer, SUPPORTED_OPTIMIZERS):
+        if created:
+            trainer.optimizer = None  # leave the trainer as it was
+        if any(isinstance(o, MATOptimizer) for o in _unwrap_optimizer(optimizer)):
+            raise ValueError("MAT was already added to this trainer")
+        if type(optimizer).__name__ == "AcceleratedOptimizer":
+            hint = "with_mat() must be called before trainer.train()"
+        elif created:
+            hint = (f"TrainingArguments(optim={str(getattr(trainer.args.optim, 'value', trainer.args.optim))!r}) "
+                    "creates it; use optim='adamw_torch_fused', 'adamw_torch' or 'sgd', or pass a torch.optim "
+                    "SGD/Adam/AdamW as optimizers=(opt, None)")
+        else:
+            hint = "pass a torch.optim SGD, Adam or AdamW as optimizers=(opt, scheduler)"
+        raise TypeError(
+            f"mat_kernels.hf.with_mat: MAT cannot wrap the Trainer's optimizer {type(optimizer).__name__}: it keeps "
+            f"frozen slices frozen (no update, no moment update, no weight decay) for torch.optim.SGD, Adam and "
+            f"AdamW only; {hint}")
+
+    lambda_kwargs = dict(mat_kwargs.pop("lambda_kwargs", None) or {})
+    if "causal" not in lambda_kwargs and _is_causal_lm(trainer.model):
+        lambda_kwargs["causal"] = True  # labels are the inputs; position t predicts label t+1
+    lambda_kwargs.setdefault("forward", _measure_forward)
+    callback = MATCallback(probe=probe, probe_size=probe_size, probe_seed=probe_seed, trainer=trainer)
+    try:
+        mat = MAT(trainer.model, optimizer, probe=callback.probe, lambda_kwargs=lambda_kwargs, **mat_kwargs)
+    except Exception:
+        if created:
+            trainer.optimizer = None
+        raise
+    mat_optimizer = MATOptimizer(mat)
+    callback.mat, callback.optimizer = mat, mat_optimizer
+    trainer.optimizer = mat_optimizer
+    trainer.callback_handler.optimizer = mat_optimizer
+    trainer.add_callback(callback)
+    trainer.mat = mat
+    return trainer
+
+
+def _is_causal_lm(model) -> bool:
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # pragma: no cover
+        return False
+    names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    return type(model).__name__ in names
