@@ -77,8 +77,9 @@ def main(argv=None) -> int:
     before = sum(p.numel() for p in model.parameters())
     left = mk.prune_heads(model, heads)
     after = sum(p.numel() for p in model.parameters())
-    print(f"step {a.prune_at}: pruned {len(heads)} of {len(specs) - a.layers} heads by lowest λmax "
-          f"({sum(left.values())} left: {left}); parameters {before:,} -> {after:,}")
+    n_heads = sum(1 for s in specs if s.kind == "head")
+    print(f"step {a.prune_at}: pruned {len(heads)} of {n_heads} heads by lowest λmax ({n_heads - len(heads)} left; "
+          f"heads left in the pruned layers: {left}); parameters {before:,} -> {after:,}")
     start = dict(snap, flops=snap["flops"] + prune_flops)
     pruned = train_mlm.train("mat", init, a, tok, train_stream, val_batches, progress, model=model, start=start)
     pruned["measure_flops"].insert(0, (a.prune_at, prune_flops))

@@ -67,7 +67,7 @@ def test_prune_heads_tiny_end_to_end(tmp_path, capsys):
     rc = prune_heads.main(["--tiny", "--steps", "20", "--prune-at", "10", "--eval-every", "10", "--out",
                            str(tmp_path), "--no-progress"])
     out = capsys.readouterr().out
-    assert rc == 0 and "pruned 2 of 4 heads" in out and "| pruned + MAT |" in out
+    assert rc == 0 and "pruned 2 of 4 heads by lowest λmax (2 left" in out and "| pruned + MAT |" in out
     res = json.loads((tmp_path / "prune_results.json").read_text())
     assert res["params"][1] < res["params"][0] and len(res["pruned_heads"]) == 2
     assert (tmp_path / "prune_curves.png").exists()
