@@ -33,6 +33,8 @@ TORCH_LIBRARY(mat_kernels, m) {
   m.def("sparse_bias_grad(Tensor dy, Tensor active, int[] starts, int[] sizes, int[] owners) -> Tensor");
   m.def("sparse_bias_grad_accumulate(Tensor(a!) grad_bias, Tensor dy, Tensor active, int[] starts, int[] sizes, "
         "int[] owners) -> ()");
+  m.def("sparse_input_grad(Tensor dy, Tensor weight, Tensor active, int[] starts, int[] sizes, int[] owners, "
+        "int axis) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mat_kernels, CPU, m) {
@@ -40,6 +42,7 @@ TORCH_LIBRARY_IMPL(mat_kernels, CPU, m) {
   m.impl("sparse_weight_grad_accumulate", &mat_kernels::sparse_weight_grad_accumulate);
   m.impl("sparse_bias_grad", &mat_kernels::sparse_bias_grad);
   m.impl("sparse_bias_grad_accumulate", &mat_kernels::sparse_bias_grad_accumulate);
+  m.impl("sparse_input_grad", &mat_kernels::sparse_input_grad);
 }
 
 // A plain Python module so `import mat_kernels._C` loads the library (pattern of pytorch/extension-cpp); no

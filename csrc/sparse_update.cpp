@@ -6,6 +6,11 @@
 // strided view of dY, X or dW: no gather, no scatter. Runs of equal length whose starts form an arithmetic
 // progression (interleaved heads; head h of a fused QKV weight, rows h·hd + p·H·hd) become one batched GEMM on
 // as_strided views; the shared operand is expanded with batch stride 0.
+//
+// Input gradient of partial backpropagation (sparse_input_grad): dX = dY (M ⊙ W), M the 0/1 mask of the active
+// blocks. Row blocks: dX = Σ over active row runs [r0, r1) of dY[:, r0:r1] W[r0:r1, :] (a sum of GEMMs into the
+// same output: the first writes, the others accumulate with beta = 1). Column blocks: dX[:, c0:c1] = dY W[:, c0:c1]
+// for active column runs (disjoint outputs: one (batched) GEMM per group, as for dW), frozen columns zero.
 #include "sparse_update.h"
 
 #include <algorithm>
@@ -174,6 +179,41 @@ void zero_groups(const at::Tensor& t, const std::vector<RunGroup>& groups, int64
   for (const auto& g : groups) group_view(t, g, axis).zero_();
 }
 
+// dX = Σ_runs dY[:, run] W[run, :] over the active row runs. Runs of a group of count > 1 get one GEMM each rather
+// than one batched GEMM: the batch outputs would all be [T, d_in] partial products of the same dX, so a bmm would
+// need a [count, T, d_in] reduction buffer plus a sum over it (count x the memory of dX, and a second pass), while
+// the per-run GEMMs accumulate straight into dX (beta = 1) and do the same multiply-adds.
+void input_row_gemms(const at::Tensor& dx2, const at::Tensor& dy2, const at::Tensor& w2,
+                     const std::vector<RunGroup>& groups) {
+  at::Tensor o = dx2;  // a handle on the same storage: the out= overloads take a non-const reference
+  bool first = true;
+  for (const auto& g : groups) {
+    for (int64_t i = 0; i < g.count; ++i) {
+      const RunGroup run{g.start + i * g.stride, g.len, g.len, 1};
+      const at::Tensor a = group_view(dy2, run, 1);  // dY[:, run]: [T, len]
+      const at::Tensor b = group_view(w2, run, 0);   // W[run, :]: [len, d_in]
+      if (first) {
+        at::mm_out(o, a, b);
+        first = false;
+      } else {
+        o.addmm_(a, b);
+      }
+    }
+  }
+}
+
+// dX[:, cols] = dY W[:, cols] over the active column runs: disjoint outputs, so one GEMM per group (a batched GEMM
+// on as_strided views of dX and W for count > 1, dY expanded with batch stride 0), as in weight_gemms.
+void input_col_gemms(const at::Tensor& dx2, const at::Tensor& dy2, const at::Tensor& w2,
+                     const std::vector<RunGroup>& groups) {
+  for (const auto& g : groups) {
+    at::Tensor o = group_view(dx2, g, 1);  // [T, len] or [count, T, len]
+    const at::Tensor a = g.count == 1 ? dy2 : dy2.unsqueeze(0).expand({g.count, dy2.size(0), dy2.size(1)});
+    const at::Tensor b = group_view(w2, g, 1);  // [d_out, len] or [count, d_out, len]
+    g.count == 1 ? (void)at::mm_out(o, a, b) : (void)at::bmm_out(o, a, b);
+  }
+}
+
 }  // namespace
 
 RunPlan plan_runs(const at::Tensor& active, at::IntArrayRef starts, at::IntArrayRef sizes, at::IntArrayRef owners,
@@ -285,6 +325,40 @@ void sparse_bias_grad_accumulate(const at::Tensor& grad_bias, const at::Tensor& 
   const RunPlan plan = plan_runs(active, starts, sizes, owners, N, op, "d_out = dy.size(-1)");
   if (plan.active.empty()) return;
   bias_sums(grad_bias, as_blas_matrix(dy), plan.active, /*accumulate=*/true);
+}
+
+at::Tensor sparse_input_grad(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& active,
+                             at::IntArrayRef starts, at::IntArrayRef sizes, at::IntArrayRef owners, int64_t axis) {
+  constexpr const char* op = "mat_kernels::sparse_input_grad";
+  check_defined(dy, op, "dy");
+  check_defined(weight, op, "weight");
+  check_dims_2_or_3(dy, op, "dy");
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-D [d_out, d_in], got shape ", weight.sizes());
+  check_float_dtype(dy, op, "dy");
+  check_same_dtype(dy, "dy", weight, "weight", op);
+  check_same_device(dy, "dy", weight, "weight", op);
+  TORCH_CHECK_VALUE(dy.size(-1) == weight.size(0), op, ": dy.size(-1) must equal d_out = weight.size(0), got dy ",
+              dy.sizes(), " and weight ", weight.sizes());
+  check_axis(axis, op);
+  const int64_t N = weight.size(0), K = weight.size(1);
+  const RunPlan plan = plan_runs(active, starts, sizes, owners, axis == 0 ? N : K, op,
+                                 axis == 0 ? "d_out = weight.size(0)" : "d_in = weight.size(1)");
+  std::vector<int64_t> shape(dy.sizes().begin(), dy.sizes().end());
+  shape.back() = K;
+  at::Tensor dx = at::empty(shape, dy.options());
+  if (plan.active.empty()) {
+    return dx.zero_();  // nothing active: no gradient flows, no GEMM, no reshape, no copy
+  }
+  const int64_t tokens = dy.dim() == 3 ? dy.size(0) * dy.size(1) : dy.size(0);
+  const at::Tensor dx2 = dx.view({tokens, K});  // dx is contiguous: always a view
+  const at::Tensor dy2 = as_blas_matrix(dy), w2 = as_blas_matrix(weight);
+  if (axis == 0) {
+    input_row_gemms(dx2, dy2, w2, plan.active);
+  } else {
+    zero_groups(dx2, plan.frozen, 1);
+    input_col_gemms(dx2, dy2, w2, plan.active);
+  }
+  return dx;
 }
 
 }  // namespace mat_kernels

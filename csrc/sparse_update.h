@@ -1,4 +1,5 @@
-// Sparse-update backward of a linear layer: weight (and bias) gradients restricted to active blocks.
+// Sparse-update backward of a linear layer: weight (and bias) gradients restricted to active blocks, and the input
+// gradient of partial backpropagation (no gradient through frozen blocks).
 //
 // The implementation is written once against ATen (mm/bmm/sum on strided views) and is device-generic: the CPU
 // registration (csrc/ops.cpp) and the CUDA registration (csrc/cuda/sparse_update_cuda.cu) call the same
@@ -48,5 +49,11 @@ at::Tensor sparse_bias_grad(const at::Tensor& dy, const at::Tensor& active, at::
 // grad_bias[active row blocks] += Σ_tokens dy; frozen entries are not touched.
 void sparse_bias_grad_accumulate(const at::Tensor& grad_bias, const at::Tensor& dy, const at::Tensor& active,
                                  at::IntArrayRef starts, at::IntArrayRef sizes, at::IntArrayRef owners);
+
+// dX = dY · (M ⊙ W): the input gradient when no gradient flows through frozen blocks of W [d_out, d_in]
+// (M: 0/1 mask of the active blocks; axis 0: rows = output features, axis 1: columns = input features).
+// dy: [T, d_out] or [B, T, d_out]; returns dX with dy's leading shape and last dim d_in, contiguous.
+at::Tensor sparse_input_grad(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& active,
+                             at::IntArrayRef starts, at::IntArrayRef sizes, at::IntArrayRef owners, int64_t axis);
 
 }  // namespace mat_kernels

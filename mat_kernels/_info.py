@@ -26,7 +26,8 @@ def report() -> list[tuple[str, str]]:
     return rows
 
 
-CPP_OPS = ("sparse_weight_grad", "sparse_weight_grad_accumulate", "sparse_bias_grad", "sparse_bias_grad_accumulate")
+CPP_OPS = ("sparse_weight_grad", "sparse_weight_grad_accumulate", "sparse_bias_grad", "sparse_bias_grad_accumulate",
+           "sparse_input_grad")
 _KEYS = (("CPU", "cpu"), ("CUDA", "cuda"), ("Meta", "fake"), ("Autograd", "autograd"))
 
 

@@ -4,8 +4,8 @@ Convention (PAPER.md [D]): FLOPs = 2 × multiply-adds of the matrix products (wh
 ``torch.utils.flop_counter.FlopCounterMode`` counts: mm, addmm, bmm, convolutions, attention kernels); elementwise
 work is not counted.
 
-* A training step is counted by ``FlopCounterMode`` on a real forward and backward. The sparse weight-gradient op
-  ``mat_kernels::sparse_weight_grad`` is taught to the counter (:func:`register_sparse_flop_formulas`): it counts
+* A training step is counted by ``FlopCounterMode`` on a real forward and backward. The sparse ops
+  (``mat_kernels::sparse_weight_grad``, ...) are taught to the counter when they load: they count
   the GEMMs of the *active* blocks only, so a MAT step's count is what was executed. Counting slows a step, so
   :class:`StepFlops` counts the first step of each (input shapes, active masks) signature and reuses the number
   while neither changes (masks change only at measurements).
@@ -16,49 +16,23 @@ work is not counted.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["register_sparse_flop_formulas", "count_flops", "StepFlops", "FlopsLedger", "linear_step_flops"]
 
-_REGISTERED = [False]
-
 
 def register_sparse_flop_formulas() -> bool:
-    """Teach ``FlopCounterMode`` the sparse weight-gradient ops (2·T·|active rows|·d_in, or the column analogue).
-    Returns False when the extension is not built (nothing to register). Idempotent."""
-    if _REGISTERED[0]:
-        return True
+    """Kept for compatibility: the sparse ops' FLOP formulas are registered when the ops load
+    (:mod:`mat_kernels.ops.sparse_update`), so every ``FlopCounterMode`` counts them. Returns whether the extension
+    is built."""
     from .ops import sparse_update as ops
 
-    if not ops.extension_available():
-        return False
-    targets = [torch.ops.mat_kernels.sparse_weight_grad, torch.ops.mat_kernels.sparse_weight_grad_accumulate]
-
-    def active_width(active, sizes, owners):
-        act = active.bool().tolist() if isinstance(active, torch.Tensor) else list(active)
-        return sum(s for s, o in zip(sizes, owners) if act[o])
-
-    @register_flop_formula(targets[0], get_raw=True)
-    def _wg(dy, x, active, starts, sizes, owners, axis, *args, out_val=None, **kwargs):
-        tokens = dy.numel() // dy.shape[-1]
-        d_out, d_in = dy.shape[-1], x.shape[-1]
-        w = active_width(active, sizes, owners)
-        return 2 * tokens * (w * d_in if axis == 0 else d_out * w)
-
-    @register_flop_formula(targets[1], get_raw=True)
-    def _wga(grad_weight, dy, x, active, starts, sizes, owners, axis, *args, out_val=None, **kwargs):
-        return _wg(dy, x, active, starts, sizes, owners, axis)
-
-    _REGISTERED[0] = True
-    return True
+    return ops.extension_available()
 
 
 def count_flops(fn, *args, **kwargs) -> tuple[int, object]:
     """``(FLOPs, fn's result)`` of one call under ``FlopCounterMode`` (sparse ops included when built)."""
-    register_sparse_flop_formulas()
     mode = FlopCounterMode(display=False)
     with mode:
         out = fn(*args, **kwargs)
@@ -88,24 +62,87 @@ class StepFlops:
         return flops, out
 
 
-@dataclass
 class FlopsLedger:
-    """Per-step and cumulative FLOPs of a run: training steps and λmax measurements, kept apart."""
+    """The FLOPs and seconds of one training run, training steps and λ measurements kept apart.
 
-    train: list = field(default_factory=list)
-    measure: list = field(default_factory=list)  # (step, FLOPs)
+    One ledger per run, shared by the training loop and :class:`mat_kernels.MAT` (``MAT(..., ledger=)``; MAT makes
+    one otherwise, :attr:`mat_kernels.MAT.ledger`):
 
-    def add_step(self, flops: int) -> None:
+    * the loop runs each step's forward and backward through :meth:`count_step` (FLOPs counted by
+      ``FlopCounterMode`` once per signature ``key``, e.g. ``(input shape, mat.flops_key())``, and reused) and adds
+      the step's wall time with :meth:`add_seconds` (measurement included);
+    * MAT adds each measurement with :meth:`add_measurement`: the probe's forward and backward as counted, plus the
+      Grams and eigen-solves the counter cannot see, and the seconds it took. A step that measures from its own
+      backward (``probe=None``) runs an exact backward; what that costs beyond the same step's usual FLOPs is
+      added to the measurement by :meth:`count_step` when given the usual step's key as ``base_key``.
+
+    Totals: :meth:`total` (FLOPs up to a step, measurements included), :meth:`seconds`, the measurement's shares.
+    """
+
+    def __init__(self):
+        self.train: list[int] = []                       # FLOPs of each training step (forward + backward)
+        self.train_seconds: list[float] = []             # wall seconds of each step (measurement included)
+        self.measure: list[tuple[int, int]] = []         # (step, FLOPs) of each measurement
+        self.measure_seconds: list[tuple[int, float]] = []
+        self._counter = StepFlops()
+
+    # ----------------------------------------------------------------------------------------------- recording
+    def count_step(self, key, fn, *args, base_key=None, **kwargs):
+        """Run ``fn(*args, **kwargs)`` (a step's forward and backward) and record its FLOPs, counted under
+        ``FlopCounterMode`` the first time ``key`` is seen and reused after. ``base_key``: the key the same step
+        has when it does not measure; the difference (if both are known) is recorded as measurement FLOPs.
+        Returns ``fn``'s result."""
+        flops, out = self._counter(key, fn, *args, **kwargs)
         self.train.append(int(flops))
+        if base_key is not None and base_key != key and base_key in self._counter._cache:
+            extra = int(flops) - int(self._counter._cache[base_key])
+            if extra > 0:
+                self.train[-1] -= extra
+                self.measure.append((len(self.train) - 1, extra))
+        return out
 
-    def add_measurement(self, step: int, flops: int) -> None:
-        self.measure.append((step, int(flops)))
+    def add_step(self, flops: int, seconds: float | None = None) -> None:
+        """Record a step's FLOPs (counted elsewhere) and optionally its seconds."""
+        self.train.append(int(flops))
+        if seconds is not None:
+            self.add_seconds(seconds)
 
+    def add_seconds(self, seconds: float) -> None:
+        """Record the wall time of the latest step (its forward, backward, optimizer step and measurement)."""
+        self.train_seconds.append(float(seconds))
+
+    def add_measurement(self, step: int, flops: int, seconds: float = 0.0) -> None:
+        """Record a measurement made at ``step``: its FLOPs and seconds."""
+        self.measure.append((int(step), int(flops)))
+        self.measure_seconds.append((int(step), float(seconds)))
+
+    # ----------------------------------------------------------------------------------------------- totals
     def total(self, upto_step: int | None = None) -> int:
         """Training + measurement FLOPs of steps ``< upto_step`` (all when None)."""
         k = len(self.train) if upto_step is None else upto_step
         return sum(self.train[:k]) + sum(f for s, f in self.measure if upto_step is None or s < upto_step)
 
+    def measurement_flops(self, upto_step: int | None = None) -> int:
+        return sum(f for s, f in self.measure if upto_step is None or s < upto_step)
+
+    def seconds(self, upto_step: int | None = None) -> float:
+        """Wall seconds of steps ``< upto_step`` (all when None), measurements included."""
+        return sum(self.train_seconds[: len(self.train_seconds) if upto_step is None else upto_step])
+
+    def measurement_seconds(self, upto_step: int | None = None) -> float:
+        return sum(t for s, t in self.measure_seconds if upto_step is None or s < upto_step)
+
     def measurement_share(self) -> float:
+        """Measurement FLOPs / all FLOPs."""
         tot = self.total()
-        return sum(f for _, f in self.measure) / tot if tot else 0.0
+        return self.measurement_flops() / tot if tot else 0.0
+
+    def measurement_time_share(self) -> float:
+        """Measurement seconds / all seconds (0 when no step time was recorded)."""
+        tot = self.seconds()
+        return self.measurement_seconds() / tot if tot else 0.0
+
+    @property
+    def counted_steps(self) -> int:
+        """How many steps were run under ``FlopCounterMode`` (one per new signature)."""
+        return self._counter.counted_steps

@@ -30,3 +30,19 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+def aten_counts(fn):
+    """How often each ``aten::`` op ran in ``fn()`` (torch profiler, CPU)."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return Counter(e.name for e in prof.events() if e.name.startswith("aten::"))
+
+
+GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addmm_", "aten::baddbmm_", "aten::matmul")
+COPY_OPS = ("aten::clone", "aten::contiguous", "aten::index_select", "aten::index", "aten::gather", "aten::copy_",
+            "aten::cat", "aten::stack")

@@ -54,3 +54,31 @@ def test_step_flops_cache_and_ledger():
     ledger.add_measurement(1, 100)
     assert ledger.total() == 3 * f1 + 100 and ledger.total(upto_step=1) == f1
     assert 0 < ledger.measurement_share() < 0.01 + 100 / (3 * f1)
+
+
+def test_sparse_formulas_count_without_a_manual_call():
+    """A fresh process that never calls register_sparse_flop_formulas: FlopCounterMode on a step with every module
+    active must count what the same dense step counts (the formulas register when the ops load)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import copy, torch, torch.nn as nn
+        from torch.utils.flop_counter import FlopCounterMode
+        import mat_kernels as mk
+        torch.manual_seed(0)
+        dense = nn.Sequential(nn.Linear(12, 30), nn.Tanh(), nn.Linear(30, 9))
+        sparse = copy.deepcopy(dense)
+        sparse[0] = mk.SparseUpdateLinear.from_linear(sparse[0], row_blocks=3)
+        sparse[2] = mk.SparseUpdateLinear.from_linear(sparse[2], col_blocks=3)
+        x = torch.randn(5, 4, 12, requires_grad=True)
+        counts = []
+        for model in (dense, sparse):
+            with FlopCounterMode(display=False) as mode:
+                model(x).square().sum().backward()
+            counts.append(mode.get_total_flops())
+        print(counts[0], counts[1])
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert int(out[0]) > 0 and int(out[0]) == int(out[1])

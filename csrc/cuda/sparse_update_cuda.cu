@@ -1,5 +1,6 @@
-// CUDA implementation of the sparse-update ops: the device-generic ATen algorithm of csrc/sparse_update.cpp
-// (one cuBLAS GEMM or strided-batched GEMM per group of active runs, issued on the current stream), run under a
+// CUDA implementation of the sparse-update ops (weight/bias gradients and the partial-backpropagation input
+// gradient): the device-generic ATen algorithm of csrc/sparse_update.cpp (one cuBLAS GEMM or strided-batched GEMM
+// per group of active runs, or one GEMM per run for the row blocks of dX, issued on the current stream), run under a
 // guard for the tensors' device so allocations and the cuBLAS handle belong to it.
 //
 // There is deliberately no hand-written kernel here: the work is GEMMs on strided views, which cuBLAS does
@@ -43,6 +44,13 @@ void sparse_bias_grad_accumulate_cuda(const at::Tensor& grad_bias, const at::Ten
   sparse_bias_grad_accumulate(grad_bias, dy, active, starts, sizes, owners);
 }
 
+at::Tensor sparse_input_grad_cuda(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& active,
+                                  at::IntArrayRef starts, at::IntArrayRef sizes, at::IntArrayRef owners,
+                                  int64_t axis) {
+  const c10::cuda::CUDAGuard guard(dy.device());
+  return sparse_input_grad(dy, weight, active, starts, sizes, owners, axis);
+}
+
 }  // namespace
 
 // Reported as mat_kernels._C.CUDA_BUILD: the toolkit and the architectures this file was compiled for.
@@ -64,4 +72,5 @@ TORCH_LIBRARY_IMPL(mat_kernels, CUDA, m) {
   m.impl("sparse_weight_grad_accumulate", &mat_kernels::sparse_weight_grad_accumulate_cuda);
   m.impl("sparse_bias_grad", &mat_kernels::sparse_bias_grad_cuda);
   m.impl("sparse_bias_grad_accumulate", &mat_kernels::sparse_bias_grad_accumulate_cuda);
+  m.impl("sparse_input_grad", &mat_kernels::sparse_input_grad_cuda);
 }

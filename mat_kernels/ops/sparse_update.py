@@ -1,15 +1,21 @@
-"""``mat_kernels::sparse_*``: weight and bias gradients of a linear layer restricted to active blocks.
+"""``mat_kernels::sparse_*``: weight and bias gradients of a linear layer restricted to active blocks, and the input
+gradient of partial backpropagation (no gradient through frozen blocks).
 
 The ops are defined in C++ (``csrc/ops.cpp``: schemas and CPU kernels; ``csrc/cuda/``: CUDA kernels) and live in
 the extension ``mat_kernels._C``; this module loads it and adds what torch needs to trace and differentiate them:
-a fake (meta) kernel for each op (so ``torch.compile`` traces them) and autograd formulas for the two functional
-ops.
+a fake (meta) kernel for each op (so ``torch.compile`` traces them), autograd formulas for the three functional
+ops, and FLOP formulas for ``torch.utils.flop_counter``.
+
+Ops: ``sparse_weight_grad`` / ``sparse_weight_grad_accumulate`` (dW), ``sparse_bias_grad`` /
+``sparse_bias_grad_accumulate`` (db), ``sparse_input_grad`` (dX of partial backpropagation).
 
 Maths (tokens flattened: ``X: [T, d_in]``, ``dY: [T, d_out]``): ``dW = M ⊙ (dYᵀ X)``, ``db = m ⊙ Σ_t dY[t]``,
-with ``M`` the 0/1 mask of active blocks (rows or columns of W) and ``m`` its row mask. The kernels never form
-``M``: they walk maximal runs of active rows/columns and issue one GEMM per run on strided views of ``dY``, ``X``
-and ``dW`` (one batched GEMM for runs of equal length at a constant spacing), zero the frozen blocks, and do
-nothing at all when no block is active. Accumulation in the input dtype's BLAS (fp32 accumulate for bf16/fp16).
+``dX = dY (M ⊙ W)`` (``sparse_input_grad``: no gradient flows through frozen blocks), with ``M`` the 0/1 mask of
+active blocks (rows or columns of W) and ``m`` its row mask. The kernels never form ``M``: they walk maximal runs of
+active rows/columns and issue one GEMM per run on strided views of ``dY``, ``X``, ``W`` and the output (one batched
+GEMM for runs of equal length at a constant spacing, except for the row runs of ``dX``, which all add into the same
+output and get one accumulating GEMM each), zero the frozen blocks, and do nothing at all when no block is active.
+Accumulation in the input dtype's BLAS (fp32 accumulate for bf16/fp16).
 
 Layout arguments of every op (``starts``, ``sizes``, ``owners``: ``int[]``): the blocks are the ranges
 ``[starts[s], starts[s] + sizes[s])`` along ``axis`` (0: rows = output features, 1: columns = input features),
@@ -19,6 +25,8 @@ so planning never synchronises with a GPU, and changing its values needs no reco
 (it is a graph input, the layout is a constant). Indices in no range are never updated.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -30,6 +38,7 @@ __all__ = [
     "sparse_weight_grad_accumulate",
     "sparse_bias_grad",
     "sparse_bias_grad_accumulate",
+    "sparse_input_grad",
     "validate_layout",
     "block_mask",
 ]
@@ -136,6 +145,20 @@ def sparse_bias_grad_accumulate(grad_bias, dy, active, starts, sizes, owners) ->
     torch.ops.mat_kernels.sparse_bias_grad_accumulate(grad_bias, dy, active, starts, sizes, owners)
 
 
+def sparse_input_grad(dy, weight, active, starts, sizes, owners, axis: int) -> torch.Tensor:
+    """Input gradient of ``y = x weightᵀ`` with partial backpropagation: ``dX = dy (M ⊙ weight)``.
+
+    No gradient flows through frozen blocks: ``M`` is the 0/1 mask of the active blocks of ``weight [d_out, d_in]``
+    (``axis`` 0: rows = output features, 1: columns = input features; indices in no range count as frozen).
+    ``dy: [T, d_out]`` or ``[B, T, d_out]`` (any strides, stride 0 included), same dtype and device as ``weight``.
+    Returns ``dX`` of ``dy``'s leading shape and last dimension ``d_in``, contiguous, in ``dy``'s dtype; exactly
+    zero (and no GEMM) when nothing is active. Layout arguments as for :func:`sparse_weight_grad`. Differentiable
+    in ``dy`` and ``weight`` (double backward).
+    """
+    require_extension(dy.device)
+    return torch.ops.mat_kernels.sparse_input_grad(dy, weight, active, starts, sizes, owners, axis)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Fake kernels: the same checks as C++ (shapes, dtypes, devices, layout), output metadata only.
 
@@ -217,9 +240,27 @@ def _bias_grad_accumulate_fake(grad_bias, dy, active, starts, sizes, owners):
     _fake_check_layout(active, starts, sizes, owners, dy.shape[-1], op)
 
 
+def _input_grad_fake(dy, weight, active, starts, sizes, owners, axis):
+    op = "mat_kernels::sparse_input_grad"
+    _fake_check_matrix(dy, op, "dy")
+    torch._check_value(weight.dim() == 2,
+                       lambda: f"{op}: weight must be 2-D [d_out, d_in], got shape {tuple(weight.shape)}")
+    torch._check_type(dy.dtype == weight.dtype, lambda: f"{op}: dy and weight must have the same dtype")
+    torch._check_value(dy.device == weight.device, lambda: f"{op}: dy and weight must be on the same device")
+    torch._check_value(dy.shape[-1] == weight.shape[0],
+                       lambda: f"{op}: dy.size(-1) must equal d_out = weight.size(0), got dy {tuple(dy.shape)} and "
+                               f"weight {tuple(weight.shape)}")
+    _fake_check_active(active, op)
+    torch._check_value(axis in (0, 1), lambda: f"{op}: axis must be 0 or 1")
+    _fake_check_layout(active, starts, sizes, owners, weight.shape[0] if axis == 0 else weight.shape[1], op)
+    return dy.new_empty((*dy.shape[:-1], weight.shape[1]))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Autograd of the functional ops (used for double backward, e.g. gradient penalties). With G the incoming
 # gradient of dW and G' = M ⊙ G: ∂L/∂dY = X G'ᵀ and ∂L/∂X = dY G'. For db: ∂L/∂dY[t] = m ⊙ g for every token t.
+# For dX = dY (M ⊙ W), with G the incoming gradient of dX: ∂L/∂dY = G (M ⊙ W)ᵀ and ∂L/∂W = M ⊙ (dYᵀ G) summed over
+# tokens, which is sparse_weight_grad(dY, G) itself (active blocks only).
 
 
 def _weight_grad_setup(ctx, inputs, output):
@@ -253,12 +294,75 @@ def _bias_grad_backward(ctx, grad):
     return d_dy, None, None, None, None
 
 
+def _input_grad_setup(ctx, inputs, output):
+    dy, weight, active, starts, sizes, owners, axis = inputs
+    ctx.layout = (tuple(starts), tuple(sizes), tuple(owners), axis)
+    ctx.save_for_backward(dy, weight, active)
+
+
+def _input_grad_backward(ctx, grad):
+    dy, weight, active = ctx.saved_tensors
+    starts, sizes, owners, axis = ctx.layout
+    d_dy = d_w = None
+    if ctx.needs_input_grad[0]:
+        mask = block_mask(active, starts, sizes, owners, weight.shape[axis], device=weight.device,
+                          dtype=weight.dtype)
+        wm = weight * (mask[:, None] if axis == 0 else mask[None, :])
+        d_dy = grad @ wm.t()
+    if ctx.needs_input_grad[1]:
+        d_w = torch.ops.mat_kernels.sparse_weight_grad(dy, grad, active, starts, sizes, owners, axis)
+    return d_dy, d_w, None, None, None, None, None
+
+
 if _C is not None:
     torch.library.register_fake("mat_kernels::sparse_weight_grad")(_weight_grad_fake)
     torch.library.register_fake("mat_kernels::sparse_weight_grad_accumulate")(_weight_grad_accumulate_fake)
     torch.library.register_fake("mat_kernels::sparse_bias_grad")(_bias_grad_fake)
     torch.library.register_fake("mat_kernels::sparse_bias_grad_accumulate")(_bias_grad_accumulate_fake)
+    torch.library.register_fake("mat_kernels::sparse_input_grad")(_input_grad_fake)
     torch.library.register_autograd("mat_kernels::sparse_weight_grad", _weight_grad_backward,
                                     setup_context=_weight_grad_setup)
     torch.library.register_autograd("mat_kernels::sparse_bias_grad", _bias_grad_backward,
                                     setup_context=_bias_grad_setup)
+    torch.library.register_autograd("mat_kernels::sparse_input_grad", _input_grad_backward,
+                                    setup_context=_input_grad_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FLOPs: torch.utils.flop_counter counts mm/bmm/convolutions but knows nothing of custom ops, so a step through
+# these ops would be counted as if its weight (and input) gradients cost nothing. The formulas are registered here,
+# when the ops load, so every FlopCounterMode sees them without a call by the user. They count what the kernels
+# execute: the GEMMs of the active blocks only (2 × multiply-adds). Bias sums are elementwise work, not counted.
+
+
+def _active_width(active, sizes, owners) -> int:
+    act = active.bool().tolist() if isinstance(active, torch.Tensor) else list(active)
+    return sum(s for s, o in zip(sizes, owners) if act[o])
+
+
+def _weight_grad_flops(dy, x, active, starts, sizes, owners, axis, *args, out_val=None, **kwargs) -> int:
+    tokens = dy.numel() // dy.shape[-1]
+    width = _active_width(active, sizes, owners)
+    return 2 * tokens * (width * x.shape[-1] if axis == 0 else dy.shape[-1] * width)
+
+
+def _input_grad_flops(dy, weight, active, starts, sizes, owners, axis, *args, out_val=None, **kwargs) -> int:
+    # dX = dY (M ⊙ W): the GEMMs contract (axis 0) or produce (axis 1) the active width only; the other
+    # dimension of W (d_in for row blocks, d_out for column blocks) is full.
+    tokens = math.prod(dy.shape[:-1])
+    width = _active_width(active, sizes, owners)
+    return 2 * tokens * width * (weight.shape[1] if axis == 0 else weight.shape[0])
+
+
+def _weight_grad_accumulate_flops(grad_weight, dy, x, active, starts, sizes, owners, axis, *args, out_val=None,
+                                  **kwargs) -> int:
+    return _weight_grad_flops(dy, x, active, starts, sizes, owners, axis)
+
+
+if _C is not None:
+    from torch.utils.flop_counter import register_flop_formula
+
+    register_flop_formula(torch.ops.mat_kernels.sparse_weight_grad, get_raw=True)(_weight_grad_flops)
+    register_flop_formula(torch.ops.mat_kernels.sparse_weight_grad_accumulate, get_raw=True)(
+        _weight_grad_accumulate_flops)
+    register_flop_formula(torch.ops.mat_kernels.sparse_input_grad, get_raw=True)(_input_grad_flops)
