@@ -87,13 +87,14 @@ def _gather_backward(x, w, dy, axis, idx):
     dw = torch.zeros_like(w)
     db = torch.zeros(w.shape[0], dtype=dy.dtype, device=dy.device)
     if idx.numel() == 0:
-        return dx, dw, db
+        return dx, dw, (dy.sum(0) if axis == 1 else db)
     if axis == 0:
         dy_a = dy.index_select(1, idx)
         dw.index_copy_(0, idx, dy_a.t() @ x)
         db.index_copy_(0, idx, dy_a.sum(0))
     else:
         dw.index_copy_(1, idx, dy.t() @ x.index_select(1, idx))
+    if axis == 1:  # a shared bias (column blocks) always gets its full gradient
         db = dy.sum(0)
     return dx, dw, db
 
@@ -171,7 +172,7 @@ def bench_shape(name, shape, dtype, device, fractions, patterns, providers, time
             vec = block_mask(active, layout.starts, layout.sizes, layout.owners, axis_len, device=device,
                              dtype=dtype)
             mask_w = vec[:, None] if layout.axis == 0 else vec[None, :]
-            mask_b = vec if layout.axis == 0 else vec.new_full((d_out,), float(bool(active.any())))
+            mask_b = vec if layout.axis == 0 else vec.new_ones(d_out)  # column blocks share the bias: always trained
             idx = vec.nonzero().flatten()
             y_sparse = mk.sparse_update_linear(x, w, b, active=active, layout=layout)
 

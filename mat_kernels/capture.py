@@ -28,7 +28,9 @@ model's ``.grad`` is restored afterwards.)
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -107,9 +109,11 @@ class LambdaCapture:
         self.held_bytes = 0
         self.peak_held_bytes = 0
         self.gram_flops = 0  # 2 × multiply-adds of the Gram routes run (mat_kernels.route_costs)
+        self.gram_seconds = 0.0  # host wall time spent building Grams (inside the backward's hooks)
         self._records: dict[tuple, list[_Record]] = {}
         self._done: set[tuple] = set()
         self._handles: list = []
+        self._stack = contextlib.ExitStack()
         self._z = torch.zeros((), requires_grad=True) if tap else None
         self._tapped = 0
 
@@ -176,6 +180,14 @@ class LambdaCapture:
     def __enter__(self) -> "LambdaCapture":
         if self._handles:
             raise RuntimeError("this capture is already active")
+        # Sparse-update layers (MAT) run the exact backward while captured: gradients must flow through frozen
+        # blocks (frozen_backward="detach" would stop them), and a measurement's own backward needs no dW at all.
+        from .sparse_linear import SparseUpdateLinear
+
+        self._stack = contextlib.ExitStack()
+        for site in self.sites.values():
+            if isinstance(site.owner, SparseUpdateLinear):
+                self._stack.enter_context(site.owner.exact_backward(weight_grad=not self.tap))
         scopes_done = set()
         for site in self.sites.values():
             if site.kind == "mha":
@@ -192,6 +204,7 @@ class LambdaCapture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._stack.close()
 
     def _module_hook(self, site: _Site, module, inputs, output):
         x = inputs[0] if inputs else None
@@ -249,7 +262,11 @@ class LambdaCapture:
         out.register_hook(functools.partial(self._on_dy, rec))
         return None
 
-    def _on_dy(self, rec: _Record, grad: torch.Tensor):
+    def _on_dy(self, rec: _Record, grad: torch.Tensor | None):
+        if grad is None:
+            raise RuntimeError(
+                f"{rec.site.weight}: no gradient reached this layer's output in the backward; a measurement needs "
+                "the gradient of every captured layer (was the branch detached, e.g. by a layer's forward hook?)")
         rec.dy = grad.detach()
         self.held_bytes += rec.dy.numel() * rec.dy.element_size()
         self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
@@ -313,6 +330,13 @@ class LambdaCapture:
         return parts
 
     def _build(self, site: _Site, group: list[_Record]) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._build_grams(site, group)
+        finally:
+            self.gram_seconds += time.perf_counter() - t0
+
+    def _build_grams(self, site: _Site, group: list[_Record]) -> None:
         if self.grams is None:
             dev = group[0].x.device
             self.grams = torch.zeros(len(self.specs), self.n, self.n, dtype=torch.float32, device=dev)

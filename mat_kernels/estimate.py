@@ -92,7 +92,7 @@ def _check_tensor(t, name: str) -> None:
         raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, bfloat16, float16")
 
 
-def _validate(x, dy, check_finite: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _validate(x, dy) -> tuple[torch.Tensor, torch.Tensor]:
     _check_tensor(x, "x")
     _check_tensor(dy, "dy")
     if x.dim() not in (2, 3):
@@ -116,10 +116,6 @@ def _validate(x, dy, check_finite: bool) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError("x and dy have T = 0 tokens")
     if x.shape[-1] == 0 or dy.shape[-1] == 0:
         raise ValueError(f"feature dimensions must be positive, got d_in={x.shape[-1]}, d_out={dy.shape[-1]}")
-    if check_finite:
-        for t, name in ((x, "x"), (dy, "dy")):
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{name} contains NaN or Inf")
     if x.dim() == 2:
         x, dy = x.unsqueeze(1), dy.unsqueeze(1)
     return x.detach(), dy.detach()
@@ -191,10 +187,30 @@ def layer_grams(
         raise ValueError(f"sketch_size must be a positive int, got {sketch_size!r}")
     if not isinstance(scratch_bytes, int) or scratch_bytes <= 0:
         raise ValueError(f"scratch_bytes must be a positive int, got {scratch_bytes!r}")
-    x, dy = _validate(x, dy, check_finite)
+    x, dy = _validate(x, dy)
     n, T, d_in = x.shape
     d_out = dy.shape[-1]
     layouts = _layouts(row_blocks, col_blocks, bias, d_in, d_out)
+    result = _layer_grams(x, dy, layouts, method, allow_tf32, sketch_size, seed, backend, scratch_bytes)
+    if check_finite:
+        _check_finite_grams(result.grams, x, dy)
+    return result
+
+
+def _check_finite_grams(grams: torch.Tensor, x: torch.Tensor, dy: torch.Tensor) -> None:
+    """Any NaN/Inf of x or dy that a module's Gram reads reaches that Gram (0·Inf is NaN too), so the small
+    ``[M, n, n]`` Grams are checked (one host sync); the inputs are scanned only to name the culprit."""
+    if bool(torch.isfinite(grams).all()):
+        return
+    for t, name in ((x, "x"), (dy, "dy")):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or Inf")
+    raise ValueError("the Grams contain NaN or Inf although x and dy are finite (overflow: rescale the inputs or "
+                     "use float32)")
+
+
+def _layer_grams(x, dy, layouts, method, allow_tf32, sketch_size, seed, backend, scratch_bytes) -> GramResult:
+    n, T, _ = x.shape
 
     chosen, reason = _backend.pick_backend(x.device, backend)
     backend_name = chosen
@@ -285,8 +301,9 @@ def estimate_lambda_max(
         return_grams: also return the fp32 Grams ``[M, n, n]``.
         backend: ``"auto"`` (Triton where it can run, else PyTorch with a one-time warning), ``"triton"``,
             ``"torch"``.
-        check_finite: reject NaN/Inf inputs and Grams (a pass over the inputs and host syncs; turn off in hot
-            loops, where NaN then propagates into the result).
+        check_finite: reject NaN/Inf in x or dy. The small ``[M, n, n]`` Grams are checked (any NaN/Inf of the
+            entries a module reads reaches its Gram), with one host sync; x and dy are scanned only when the check
+            fails, to name the culprit. Off: NaN propagates into the result.
         scratch_bytes: bound on the temporary memory of the per-sample-gradient route.
 
     Returns:
@@ -308,5 +325,5 @@ def estimate_lambda_max(
     )
     n = gr.grams.shape[-1]
     solver_used = solver if solver != "auto" else ("eigvalsh" if n < 256 else "subspace")
-    lam = _solve(gr.grams, solver=solver, tol=solver_tol, check_finite=check_finite)
+    lam = _solve(gr.grams, solver=solver, tol=solver_tol, check_finite=False)  # the Grams were checked
     return LambdaMaxResult(lam, gr.grams if return_grams else None, gr.routes, gr.backend, solver_used, gr.blocks)

@@ -1,5 +1,5 @@
-"""The MAT controller: measure each module's λmax on a schedule, keep only modules above a dynamic threshold
-trainable, and make sure frozen modules are truly frozen.
+"""The MAT controller: measure each module's mNTK on a schedule, keep only modules whose score clears a dynamic
+threshold trainable, and make sure frozen modules are truly frozen.
 
 ::
 
@@ -15,51 +15,83 @@ trainable, and make sure frozen modules are truly frozen.
             mat.backward(criterion(model(x), y))
         mat.step()
 
-What it does (defaults and their provenance in PAPER.md):
+What it does (defaults and their provenance in PAPER.md and python/README.md):
 
 * **Modules**: :func:`mat_kernels.discover_modules` (or ``specs=``). Parameters no module owns are trained at every
   step; ``always_trained`` declares them: ``"rest"`` (default: all of them, listed in :attr:`MAT.always_trained`)
-  or regular expressions that must cover every one of them (an uncovered parameter is an error).
+  or regular expressions that must cover every one of them (an uncovered parameter is an error). Entries of a
+  weight that no module owns (e.g. the heads left out by ``discover_modules(include=...)``) and a bias no module
+  owns (an output projection's bias, shared by its heads' column blocks) are trained at every step too.
 * **Frozen modules skip their weight-gradient GEMMs**: every ``nn.Linear`` that holds module slices is swapped for
   a :class:`mat_kernels.SparseUpdateLinear` sharing its parameters (so the optimizer stays valid) whose mask the
-  controller sets. Weights that are not plain linears (Hugging Face ``Conv1D``, ``nn.Conv2d``, the projections of
-  ``nn.MultiheadAttention``) still compute their weight gradient; its frozen part is discarded. :meth:`report`
-  says which is which, and a warning says so once.
+  controller sets. A module that owns whole weights of other layers (``nn.Conv2d``, Hugging Face ``Conv1D`` FFN
+  blocks) is gated by ``requires_grad``: while it is frozen its weights do not require grad, so autograd computes
+  no weight gradient for them. Row or column slices of weights that are neither (``Conv1D`` attention, the
+  projections of ``nn.MultiheadAttention``) still compute their weight gradient, of which the frozen part is
+  discarded; :meth:`report` lists them (``masked_weights``) and a warning says so once.
+* **Partial backpropagation** (``frozen_backward="detach"``): no gradient flows through a frozen module either, so
+  its input-gradient work is skipped too: a frozen head's rows drop out of the fused QKV's dX product, a frozen
+  FFN block passes gradient only through the residual, a frozen head's output-projection columns send no gradient
+  back into that head, a frozen conv stops the backward of everything below it. Gradients are then those of the
+  model with its frozen branches detached (not the full model's); measurements always run the exact backward.
+  ``"dw"`` (default): exact gradients, frozen modules skip only their dW.
 * **Truly frozen**: :class:`mat_kernels.optim.FrozenSliceOptimizer`: no update, no moment update, no weight decay
   for frozen slices; per-block Adam step counts.
-* **Schedule**: measure at step ``warmup_steps`` and every ``interval`` steps after; no gating before two
-  measurements (all modules train). ``probe``: None measures from the training backward of that step (NTK output =
-  per-sample training loss; forward and backward inside :meth:`measure_step`), else a ``(batch, labels)`` pair or a callable
-  ``probe(step) -> (batch, labels)`` measured with :func:`mat_kernels.model_lambda_max` in eval mode (``output``:
-  ``"logprob"`` by default).
-* **Decisions**: ``active = threshold(λ) & ~converged`` (:mod:`mat_kernels.policy`); ``stop_when_converged``
-  sets :attr:`should_stop` once every module has converged.
-* **Distributed**: under ``torch.distributed``, λ is averaged over ranks (``all_reduce``) before any decision, so
-  every rank applies the same masks.
+* **Schedule**: measure at step ``warmup_steps`` and every ``interval`` steps after; no gating before
+  ``gate_after`` measurements (all modules train). ``probe``: None measures from the training backward of that step
+  (NTK output = per-sample training loss; forward and backward inside :meth:`measure_step`), else a
+  ``(batch, labels)`` pair or a callable ``probe(step) -> (batch, labels)`` measured with
+  :func:`mat_kernels.model_lambda_max` in eval mode (``output``: ``"logprob"`` by default).
+* **Decisions** (:mod:`mat_kernels.policy`): a score per module from its Gram (``criterion``: λmax by default;
+  ``"trace"`` and ``"grad_norm"`` are ablations), optionally smoothed across measurements (``smoothing``: EMA
+  weight of the past), thresholded per kind (``policy``, ``alpha``; ``"random"`` keeps as many modules as
+  ``"mean"`` would, chosen at random: the ablation), with a ``hysteresis`` band; ``active = threshold &
+  ~converged``, where the temporal rule (``beta``, ``patience``) marks modules converged for good.
+  ``stop_when_converged`` sets :attr:`should_stop` once every module has converged.
+* **Distributed**: under ``torch.distributed``, the scores are averaged over ranks (``all_reduce``) before any
+  decision, so every rank applies the same masks. (Modules gated by ``requires_grad`` leave parameters without a
+  gradient while frozen: wrap the model with ``DistributedDataParallel(..., find_unused_parameters=True)``.)
+* **Ledger**: :attr:`ledger` (:class:`mat_kernels.flops.FlopsLedger`) receives every measurement's FLOPs (its
+  forward and backward as counted by ``FlopCounterMode``, plus the Grams and eigen-solves the counter cannot see)
+  and seconds; a training loop adds its steps with ``ledger.count_step(mat.flops_key(...), fn)``.
 * :meth:`state_dict` / :meth:`load_state_dict`: a resumed run makes the same decisions. :attr:`log` holds one entry
-  per measurement (step, λ per module, threshold, active set) for plotting.
+  per measurement (step, λ and score per module, thresholds, active set, kinds left with nothing active).
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import re
+import time
 import warnings
-from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from .capture import capture_lambda_max
+from .flops import FlopsLedger
 from .model import _check_samples_independent, model_lambda_max
 from .modules import ModuleSpec, _is_conv1d, discover_modules, validate_specs
 from .optim import Block, FrozenSliceOptimizer
-from .policy import TemporalRule, threshold_mask
+from .policy import CRITERIA, POLICIES, TemporalRule, module_scores, threshold_mask
+from .sparse_linear import FROZEN_BACKWARD
 
 __all__ = ["MAT"]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _number(name: str, value, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+            hi_open: bool = False) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value!r}")
+    if hi is not None and (value > hi or (hi_open and value == hi)):
+        raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {value!r}")
+    return float(value)
 
 
 class MAT:
@@ -71,59 +103,104 @@ class MAT:
         specs: modules (default: discovery with ``out_proj``).
         always_trained: ``"rest"`` or a list of regular expressions covering every parameter in no module.
         warmup_steps, interval: measurement schedule (steps are counted by :meth:`step`).
+        gate_after: number of measurements before the first gating decision (all modules train until then).
         probe: None (training backward), ``(batch, labels)`` or ``probe(step) -> (batch, labels)``.
         output: NTK output of probe measurements (``"logprob"``, ``"loss"``, ``"projection"``).
-        policy, alpha, q, top_k: threshold (:func:`mat_kernels.policy.threshold_mask`).
+        criterion: score of a module from its Gram: ``"lambda"`` (λmax, MAT), ``"trace"`` (Σ_i ‖g_i‖²) or
+            ``"grad_norm"`` (‖Σ_i g_i‖²).
+        policy, alpha, q, top_k: threshold (:func:`mat_kernels.policy.threshold_mask`); ``policy="random"``: the
+            ablation at the same budget as ``"mean"``.
+        seed: seed of ``policy="random"``'s choices.
+        smoothing: weight ρ of the past in an exponential moving average of the scores across measurements
+            (``s_t = ρ·s_{t−1} + (1−ρ)·score_t``); 0: no smoothing.
+        hysteresis: relative band h around the threshold τ: an active module stays active while its score is above
+            τ·(1−h), a frozen one re-enters only above τ·(1+h) (threshold policies ``mean``, ``max``,
+            ``quantile``); 0: none.
         group_by: ``"kind"`` (default): threshold each kind of module (heads, output heads, FFN blocks, convs,
             experts) against its own kind; ``"all"``: one threshold over all modules. Raw λmax grows with a module's
             size (an FFN block has ~8× a head's parameters and, measured, a λ an order of magnitude larger), so one
             global α·mean would freeze every head for good [D].
-        beta, temporal_rule: the temporal convergence rule (off with ``temporal_rule=False``).
+        beta, patience, temporal_rule: the temporal convergence rule (off with ``temporal_rule=False``).
         stop_when_converged: set :attr:`should_stop` when every module has converged.
-        sparse_backward: swap ``nn.Linear`` layers for ``SparseUpdateLinear`` (needs the C++ extension).
-        lambda_kwargs: passed to :func:`mat_kernels.model_lambda_max` / ``layer_grams`` (``method``, ``backend``...).
+        frozen_backward: ``"dw"`` (exact gradients; frozen modules skip their weight gradient) or ``"detach"``
+            (partial backpropagation: no gradient flows through a frozen module).
+        sparse_backward: swap ``nn.Linear`` layers for ``SparseUpdateLinear`` and gate whole non-linear weights by
+            ``requires_grad`` (needs the C++ extension for the former).
+        lambda_kwargs: passed to :func:`mat_kernels.model_lambda_max` / ``layer_grams`` (``method``, ``backend``,
+            ``check_finite``...).
+        ledger: a :class:`mat_kernels.flops.FlopsLedger` to record measurements in (default: a new one,
+            :attr:`ledger`).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, specs: list[ModuleSpec] | None = None,
                  out_proj: str = "separate", always_trained="rest", warmup_steps: int = 0, interval: int = 100,
-                 probe=None, output: str = "logprob", policy: str = "mean", alpha: float = 1.0, q: float = 0.5,
-                 top_k: int | None = None, group_by: str = "kind", beta: float = 1e-3, temporal_rule: bool = True,
-                 stop_when_converged: bool = False, sparse_backward: bool = True, lambda_kwargs: dict | None = None):
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
-        if not isinstance(interval, int) or interval < 1:
-            raise ValueError(f"interval must be a positive int, got {interval!r}")
+                 gate_after: int = 2, probe=None, output: str = "logprob", criterion: str = "lambda",
+                 policy: str = "mean", alpha: float = 1.0, q: float = 0.5, top_k: int | None = None, seed: int = 0,
+                 smoothing: float = 0.0, hysteresis: float = 0.0, group_by: str = "kind", beta: float = 1e-3,
+                 patience: int = 1, temporal_rule: bool = True, stop_when_converged: bool = False,
+                 frozen_backward: str = "dw", sparse_backward: bool = True, lambda_kwargs: dict | None = None,
+                 ledger: FlopsLedger | None = None):
+        for name, v, lo in (("warmup_steps", warmup_steps, 0), ("interval", interval, 1), ("gate_after", gate_after, 1),
+                            ("seed", seed, 0)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
         if probe is not None and not callable(probe) and not (isinstance(probe, (tuple, list)) and len(probe) == 2):
             raise TypeError("probe must be None, a (batch, labels) pair or a callable probe(step) -> (batch, labels)")
-        threshold_mask(torch.ones(max(top_k or 1, 1)), policy, alpha=alpha, q=q, k=top_k)  # validates the policy
+        if output not in ("logprob", "loss", "projection"):
+            raise ValueError(f"output must be 'logprob', 'loss' or 'projection', got {output!r}")
+        if criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        alpha = _number("alpha", alpha, lo=0)
+        threshold_mask(torch.ones(max(top_k or 1, 1)), policy, alpha=alpha, q=q, k=top_k)  # validates q and top_k
+        smoothing = _number("smoothing", smoothing, lo=0, hi=1, hi_open=True)
+        hysteresis = _number("hysteresis", hysteresis, lo=0, hi=1, hi_open=True)
+        if hysteresis and policy in ("top_k", "random"):
+            raise ValueError(f"hysteresis applies to threshold policies (mean, max, quantile), not policy={policy!r}")
+        beta = _number("beta", beta, lo=0)
         if group_by not in ("kind", "all"):
             raise ValueError(f"group_by must be 'kind' or 'all', got {group_by!r}")
+        if frozen_backward not in FROZEN_BACKWARD:
+            raise ValueError(f"frozen_backward must be one of {FROZEN_BACKWARD}, got {frozen_backward!r}")
+        if ledger is not None and not isinstance(ledger, FlopsLedger):
+            raise TypeError(f"ledger must be a mat_kernels.flops.FlopsLedger or None, got {type(ledger).__name__}")
+        if lambda_kwargs is not None and not isinstance(lambda_kwargs, dict):
+            raise TypeError(f"lambda_kwargs must be a dict or None, got {type(lambda_kwargs).__name__}")
         self.model = model
         self.module = _unwrap(model)
         disc = discover_modules(self.module, out_proj=out_proj) if specs is None else None
         self.specs = list(specs if specs is not None else disc.specs)
         validate_specs(self.module, self.specs)
         self.names = [s.name for s in self.specs]
-        kinds = [s.kind for s in self.specs] if group_by == "kind" else ["all"] * len(self.specs)
+        self.kinds = [s.kind for s in self.specs]
+        kinds = self.kinds if group_by == "kind" else ["all"] * len(self.specs)
         self.groups = {k: torch.tensor([i for i, x in enumerate(kinds) if x == k]) for k in dict.fromkeys(kinds)}
         self.always_trained = self._always_trained(always_trained)
-        self.warmup_steps, self.interval, self.probe, self.output = warmup_steps, interval, probe, output
+        self.warmup_steps, self.interval, self.gate_after = warmup_steps, interval, gate_after
+        self.probe, self.output, self.criterion = probe, output, criterion
         self.policy = dict(policy=policy, alpha=alpha, q=q, k=top_k)
-        self.rule = TemporalRule(beta) if temporal_rule else None
+        self.smoothing, self.hysteresis = smoothing, hysteresis
+        self.rule = TemporalRule(beta, patience) if temporal_rule else None
         self.stop_when_converged = stop_when_converged
+        self.frozen_backward = frozen_backward
         self.lambda_kwargs = dict(lambda_kwargs or {})
+        self.ledger = ledger if ledger is not None else FlopsLedger()
+        self._rng = torch.Generator().manual_seed(seed)
         M = len(self.specs)
         self.active = torch.ones(M, dtype=torch.bool)
         self.converged = torch.zeros(M, dtype=torch.bool)
+        self._smoothed: torch.Tensor | None = None
         self.step_count = 0
         self.measurements = 0
         self.should_stop = False
         self.log: list[dict] = []
         self._pending: torch.Tensor | None = None
         self._in_measure = False
-        self.last_measure_extra_flops = 0  # FLOPs of the last probe measurement that FlopCounterMode cannot see
+        self.last_measure_extra_flops = 0  # FLOPs of the last measurement that FlopCounterMode cannot see
         self.optimizer = self._frozen_optimizer(optimizer)  # validates before any layer is swapped
-        self.sparse_layers, self.masked_weights = self._install_sparse(sparse_backward)
+        self.sparse_layers, self.gated, self.masked_weights = self._install_sparse(sparse_backward)
+        self._apply_masks()
 
     # ------------------------------------------------------------------------------------------------ setup
     def _always_trained(self, spec) -> list[str]:
@@ -144,14 +221,16 @@ class MAT:
         return owner_name, self.module.get_submodule(owner_name) if owner_name else self.module, attr
 
     def _install_sparse(self, wanted: bool):
-        """Swap plain nn.Linear layers holding module slices for SparseUpdateLinear; return (layers, others)."""
+        """Swap plain nn.Linear layers holding module slices for SparseUpdateLinear, gate whole weights of other
+        layers by requires_grad; return (layers, gated, masked weight names)."""
         from .ops import sparse_update as ops
 
         by_weight: dict[str, list[tuple[int, object]]] = {}
         for m, spec in enumerate(self.specs):
             for sl in spec.slices:
                 by_weight.setdefault(sl.weight, []).append((m, sl))
-        layers, masked = [], []
+        params = dict(self.module.named_parameters())
+        layers, gated, masked = [], [], []
         reason = None
         if wanted and not ops.extension_available():
             reason = f"the C++ extension is not built ({ops.extension_error()})"
@@ -160,6 +239,14 @@ class MAT:
             owner_name, owner, attr = self._owner(wname)
             axes = {sl.axis for _, sl in items}
             plain = type(owner) is nn.Linear and attr == "weight" and id(owner) not in mha_children
+            if wanted and axes == {"all"} and not (plain and reason is None):
+                # a whole weight of a layer without a sparse-update twin (Conv2d, Conv1D, ...): requires_grad gate.
+                # Tensors the user froze (requires_grad=False) are left alone.
+                tensors = [params[wname]] + [params[sl.bias] for _, sl in items if sl.bias is not None]
+                tensors = [t for t in tensors if t.requires_grad]
+                if tensors:
+                    gated.append(_Gate(owner, tensors, sorted({m for m, _ in items})))
+                continue
             if not wanted or reason is not None or not plain or len(axes) != 1:
                 masked.append(wname)
                 continue
@@ -170,24 +257,39 @@ class MAT:
             for m, sl in items:
                 per_module.setdefault(m, []).extend(sl.ranges)
             order = list(per_module)
+            owns_bias = any(sl.bias is not None for _, sl in items)
             if axis == "all":
-                layer = SparseUpdateLinear.from_linear(owner)
+                layer = SparseUpdateLinear.from_linear(owner, shared_bias=not owns_bias)
+                extra = 0
             else:
                 blocks = list(per_module.values())
-                layer = SparseUpdateLinear.from_linear(owner, **({"row_blocks": blocks} if axis == "rows"
-                                                                 else {"col_blocks": blocks}))
+                dim = owner.out_features if axis == "rows" else owner.in_features
+                rest = _complement([r for rs in blocks for r in rs], dim)
+                extra = int(bool(rest))
+                if rest:  # entries no module owns: one more block, always active (they train like the rest)
+                    blocks.append(rest)
+                layer = SparseUpdateLinear.from_linear(owner, shared_bias=axis == "cols" or not owns_bias,
+                                                       **({"row_blocks": blocks} if axis == "rows"
+                                                          else {"col_blocks": blocks}))
+            layer.set_frozen_backward(self.frozen_backward)
             parent_name, child = owner_name.rsplit(".", 1) if "." in owner_name else ("", owner_name)
             parent = self.module.get_submodule(parent_name) if parent_name else self.module
             setattr(parent, child, layer)
-            layers.append((layer, order))
+            layers.append((layer, order, extra))
         if masked and wanted:
-            why = reason or "they are not plain nn.Linear layers with one block axis"
+            why = reason or "they are row or column slices of layers that are not plain nn.Linear"
             warnings.warn(
                 f"mat_kernels.MAT: {len(masked)} weight(s) compute their full weight gradient, of which the frozen "
                 f"part is discarded ({why}): {masked[:4]}{' ...' if len(masked) > 4 else ''}. MAT.report() lists them.",
                 UserWarning, stacklevel=3,
             )
-        return layers, masked
+        if self.frozen_backward == "detach" and masked:
+            warnings.warn(
+                f"mat_kernels.MAT: frozen_backward='detach' cannot stop the gradient through the {len(masked)} masked "
+                f"weight(s) {masked[:4]}: gradients still flow through their frozen slices", UserWarning, stacklevel=3)
+        for gate in gated:
+            gate.install(self)
+        return layers, gated, masked
 
     def _frozen_optimizer(self, optimizer) -> FrozenSliceOptimizer:
         params = dict(self.module.named_parameters())
@@ -213,15 +315,31 @@ class MAT:
 
     # ------------------------------------------------------------------------------------------------ loop
     def measuring_now(self) -> bool:
-        """Whether the step about to run measures λ (counted by :meth:`step`)."""
+        """Whether the step about to run measures (counted by :meth:`step`)."""
         s = self.step_count - self.warmup_steps
         return s >= 0 and s % self.interval == 0 and not self.should_stop
 
+    def flops_key(self) -> tuple:
+        """What determines the FLOPs of the next training step besides the input shapes: the masks, and whether
+        it measures from its own backward (which then runs exactly). Key of
+        :meth:`mat_kernels.flops.FlopsLedger.count_step`."""
+        return (tuple(self.active.tolist()), self.probe is None and self.measuring_now())
+
+    @contextlib.contextmanager
+    def _exact(self, *, weight_grad: bool):
+        """Exact backward in every gated layer (no partial backpropagation); ``weight_grad=False``: no dW at all."""
+        with contextlib.ExitStack() as stack:
+            for layer, _, _ in self.sparse_layers:
+                stack.enter_context(layer.exact_backward(weight_grad=weight_grad))
+            for gate in self.gated:
+                stack.enter_context(gate.open())
+            yield
+
     @contextlib.contextmanager
     def measure_step(self, *, loss_scale: float):
-        """Context for one training step's forward and backward. When this step measures λ from the training
-        backward (``probe=None``), the module Grams are captured from it; otherwise it does nothing.
-        ``loss = loss_scale · Σ_i s_i`` (``1/n`` for a mean over the n samples of the batch)::
+        """Context for one training step's forward and backward. When this step measures from the training
+        backward (``probe=None``), the module Grams are captured from it (the step then runs the exact backward);
+        otherwise it does nothing. ``loss = loss_scale · Σ_i s_i`` (``1/n`` for a mean over the n samples)::
 
             with mat.measure_step(loss_scale=1 / n):
                 loss = criterion(model(x), y)
@@ -231,15 +349,21 @@ class MAT:
         if self.probe is not None or not self.measuring_now():
             yield
             return
-        kw = {k: v for k, v in self.lambda_kwargs.items() if k not in ("output", "causal")}
+        kw = {k: v for k, v in self.lambda_kwargs.items() if k not in ("output", "causal", "forward", "loss_fn")}
         self._in_measure = True
         try:
-            with capture_lambda_max(self.module, self.specs, loss_scale=loss_scale, **kw) as cap:
-                yield
-            lam = cap.lambda_max()
+            with self._exact(weight_grad=True):
+                with capture_lambda_max(self.module, self.specs, loss_scale=loss_scale, **kw) as cap:
+                    yield
+            t0 = time.perf_counter()
+            cap.check_complete()
+            grams = cap.module_grams()
+            self._pending = self._scores(grams)
+            seconds = cap.gram_seconds + time.perf_counter() - t0
         finally:
             self._in_measure = False
-        self._pending = torch.tensor([lam[n] for n in self.names], dtype=torch.float64)
+        self.last_measure_extra_flops = cap.gram_flops + self._solve_flops(cap.n)
+        self.ledger.add_measurement(self.step_count, self.last_measure_extra_flops, seconds)
 
     def backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()``. When this step measures from the training backward (``probe=None``), it must run
@@ -263,48 +387,93 @@ class MAT:
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
-    @torch.no_grad()
-    def _set_masks(self) -> None:
-        for layer, order in self.sparse_layers:
-            layer.set_active(self.active[order])
+    def _apply_masks(self) -> None:
+        with torch.no_grad():
+            for layer, order, extra in self.sparse_layers:
+                mask = self.active[order]
+                layer.set_active(torch.cat([mask, torch.ones(extra, dtype=torch.bool)]) if extra else mask)
+        for gate in self.gated:
+            gate.apply(bool(self.active[gate.modules].any()))
 
-    def measure(self) -> torch.Tensor:
-        """λmax of every module on the probe batch (eval mode, restored after): float64 ``[M]``."""
+    def _solve_flops(self, n: int) -> int:
+        return len(self.specs) * (4 * n ** 3) // 3  # eigvalsh ~ (4/3)·n³ per module (an estimate)
+
+    def _scores(self, grams: torch.Tensor) -> dict:
+        from .solvers import lambda_max
+
+        check = bool(self.lambda_kwargs.get("check_finite", True))
+        lam = lambda_max(grams, check_finite=check).double().cpu()
+        score = module_scores(grams, self.criterion, lam=lam)
+        return {"lambda": lam, "score": score}
+
+    def measure(self) -> dict:
+        """Measure every module on the probe batch (eval mode, restored after; exact backward, no weight
+        gradients): ``{"lambda": float64 [M], "score": float64 [M]}`` (the score under ``criterion``). The
+        measurement's FLOPs and seconds go to :attr:`ledger`."""
+        from .flops import count_flops
+
+        t0 = time.perf_counter()
         batch, labels = self.probe(self.step_count) if callable(self.probe) else self.probe
         was = [(m, m.training) for m in self.module.modules()]
         self.module.eval()
         try:
-            res = model_lambda_max(self.module, batch, labels=labels, specs=self.specs,
-                                   **{"output": self.output, **self.lambda_kwargs})
+            with self._exact(weight_grad=False):
+                counted, res = count_flops(model_lambda_max, self.module, batch, labels=labels, specs=self.specs,
+                                           return_grams=True, **{"output": self.output, **self.lambda_kwargs})
         finally:
             for m, t in was:
                 m.train(t)
-        # Grams (Triton or behind a custom op) are invisible to FlopCounterMode; eigvalsh ~ (4/3)·n³ per module
-        self.last_measure_extra_flops = res.gram_flops + len(self.specs) * (4 * res.n ** 3) // 3
-        return torch.tensor([res.lambda_max[n] for n in self.names], dtype=torch.float64)
+        grams = torch.stack([res.grams[nm] for nm in self.names])
+        out = self._scores(grams)
+        # Grams (Triton or behind a custom op) and eigvalsh are invisible to FlopCounterMode
+        self.last_measure_extra_flops = res.gram_flops + self._solve_flops(res.n)
+        self.ledger.add_measurement(self.step_count, counted + self.last_measure_extra_flops,
+                                    time.perf_counter() - t0)
+        return out
 
-    def _decide(self, lam: torch.Tensor) -> None:
+    def _decide(self, measured) -> None:
+        if isinstance(measured, torch.Tensor):  # λ given directly (tests, external measurements)
+            measured = {"lambda": measured.double().cpu(), "score": measured.double().cpu()}
+        lam, score = measured["lambda"], measured["score"]
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
             dev = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-            t = lam.to(dev)
+            t = torch.stack([lam, score]).to(dev)
             torch.distributed.all_reduce(t)
-            lam = t.cpu() / torch.distributed.get_world_size()
+            lam, score = (t.cpu() / torch.distributed.get_world_size()).unbind(0)
         self.measurements += 1
+        if self.smoothing and self._smoothed is not None:
+            score = self.smoothing * self._smoothed + (1 - self.smoothing) * score
+        self._smoothed = score.clone()
         if self.rule is not None:
             self.converged = self.rule.update(lam)
         thr, tau = torch.ones_like(self.active), {}
-        if self.measurements >= 2:
+        if self.measurements >= self.gate_after:
+            pol = self.policy
             for kind, idx in self.groups.items():
-                k = self.policy["k"]
+                k = pol["k"]
                 if k is not None:  # top-k per group: the same share of each group
                     k = max(1, round(k * len(idx) / len(self.specs)))
-                thr[idx], tau[kind] = threshold_mask(lam[idx], self.policy["policy"], alpha=self.policy["alpha"],
-                                                     q=self.policy["q"], k=k)
+                s = score[idx]
+                if pol["policy"] == "random":  # as many as the mean rule keeps, among modules not converged
+                    keep, tau[kind] = threshold_mask(s, "mean", alpha=pol["alpha"])
+                    count = int((keep & ~self.converged[idx]).sum())
+                    free = (~self.converged[idx]).nonzero().flatten()
+                    pick = free[torch.randperm(free.numel(), generator=self._rng)[:count]]
+                    thr[idx] = False
+                    thr[idx[pick]] = True
+                    continue
+                thr[idx], tau[kind] = threshold_mask(s, pol["policy"], alpha=pol["alpha"], q=pol["q"], k=k)
+                if self.hysteresis and self.measurements > self.gate_after:
+                    was = self.active[idx]
+                    h = self.hysteresis
+                    thr[idx] = torch.where(was, s > tau[kind] * (1 - h), s > tau[kind] * (1 + h))
         self.active = thr & ~self.converged
-        self._set_masks()
-        self.log.append({"step": self.step_count, "lambda": lam.tolist(), "threshold": tau,
-                         "active": self.active.tolist(), "converged": self.converged.tolist()})
+        self._apply_masks()
+        empty = [kind for kind, idx in self.groups.items() if not bool(self.active[idx].any())]
+        self.log.append({"step": self.step_count, "lambda": lam.tolist(), "score": score.tolist(),
+                         "threshold": tau, "active": self.active.tolist(), "converged": self.converged.tolist(),
+                         "empty_kinds": empty})
         if self.stop_when_converged and bool(self.converged.all()):
             self.should_stop = True
 
@@ -313,15 +482,17 @@ class MAT:
         return float(self.active.float().mean())
 
     def report(self) -> dict:
-        """Which modules skip their weight-gradient GEMMs, which weights only discard frozen gradients, and which
-        parameters are always trained."""
+        """Which modules skip their weight-gradient GEMMs (sparse-update layers, or weights gated by
+        ``requires_grad``), which weights only discard frozen gradients, and which parameters are always trained."""
         return {
             "modules": len(self.specs),
             "active": int(self.active.sum()),
             "converged": int(self.converged.sum()),
             "sparse_backward_layers": len(self.sparse_layers),
+            "gated_weights": [n for g in self.gated for n in g.names],
             "masked_weights": list(self.masked_weights),
             "always_trained": list(self.always_trained),
+            "frozen_backward": self.frozen_backward,
         }
 
     def state_dict(self) -> dict:
@@ -329,7 +500,8 @@ class MAT:
             "step_count": self.step_count, "measurements": self.measurements, "active": self.active.clone(),
             "converged": self.converged.clone(), "should_stop": self.should_stop, "log": list(self.log),
             "rule": self.rule.state_dict() if self.rule is not None else None, "names": list(self.names),
-            "block_steps": self.optimizer.block_steps.clone(),
+            "block_steps": self.optimizer.block_steps.clone(), "rng": self._rng.get_state(),
+            "smoothed": None if self._smoothed is None else self._smoothed.clone(),
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -341,8 +513,67 @@ class MAT:
         if self.rule is not None and sd["rule"] is not None:
             self.rule.load_state_dict(sd["rule"])
         self.optimizer.block_steps = sd["block_steps"].clone()
-        self._set_masks()
+        if sd.get("rng") is not None:
+            self._rng.set_state(sd["rng"])
+        self._smoothed = sd.get("smoothed")
+        self._apply_masks()
 
     def check_probe_model(self) -> None:
         """Raise if samples interact in the model (train-mode BatchNorm) when measuring from the training backward."""
         _check_samples_independent(self.module)
+
+
+def _complement(ranges, dim: int) -> list[tuple[int, int]]:
+    """``(start, size)`` ranges of ``[0, dim)`` covered by none of ``ranges``."""
+    out, pos = [], 0
+    for start, size in sorted(ranges):
+        if start > pos:
+            out.append((pos, start - pos))
+        pos = max(pos, start + size)
+    if pos < dim:
+        out.append((pos, dim - pos))
+    return out
+
+
+class _Gate:
+    """Whole weights (and their biases) of one layer owned by modules, gated by ``requires_grad``: while every
+    owning module is frozen they do not require grad, so autograd computes no weight gradient for them; with
+    partial backpropagation a forward pre-hook also detaches the layer's input, so no gradient flows through it."""
+
+    def __init__(self, owner: nn.Module, tensors: list[torch.Tensor], modules: list[int]):
+        self.owner, self.tensors, self.modules = owner, tensors, modules
+        self.frozen = False
+        self._open = 0
+        self._detach = False
+        self.names: list[str] = []
+
+    def install(self, mat: "MAT") -> None:
+        ids = {id(t) for t in self.tensors}
+        self.names = [n for n, p in mat.module.named_parameters() if id(p) in ids]
+        self._detach = mat.frozen_backward == "detach"
+        if self._detach:
+            self.owner.register_forward_pre_hook(self._pre_hook)
+
+    def _pre_hook(self, module, args):
+        if self.frozen and not self._open and args and isinstance(args[0], torch.Tensor):
+            return (args[0].detach(), *args[1:])
+        return None
+
+    def apply(self, active: bool) -> None:
+        self.frozen = not active
+        if not self._open:
+            for t in self.tensors:
+                t.requires_grad_(active)
+
+    @contextlib.contextmanager
+    def open(self):
+        """Exact behaviour (weights require grad, no detach) within the context: measurements."""
+        self._open += 1
+        for t in self.tensors:
+            t.requires_grad_(True)
+        try:
+            yield
+        finally:
+            self._open -= 1
+            if not self._open:
+                self.apply(not self.frozen)

@@ -16,12 +16,18 @@ on the host (no GPU synchronisation) and, under ``torch.compile``, it is a graph
 constant, so changing which modules are active never recompiles, and updating it in place never reallocates.
 
 Gradients, with ``M`` the 0/1 mask of active rows (row blocks) or columns (column blocks):
-``dX = dY W`` (always in full), ``dW = M ⊙ (dYᵀ X)``, and ``db = m ⊙ Σ_t dY[t]`` for row blocks (each row block owns
-its bias entries). With column blocks the bias is shared by every column: it gets its full gradient whenever any
-block is active. When no block is active the layer is wholly frozen: in eager mode ``weight.grad`` (and
-``bias.grad``) stay ``None``, so optimizers skip them. Under ``torch.compile`` that choice would be a data-dependent
-graph, so a compiled wholly-frozen layer gets zero gradients instead (freeze it structurally with
-``requires_grad_(False)`` if ``None`` matters; that recompiles once).
+``dX = dY W`` (in full, the default), ``dW = M ⊙ (dYᵀ X)``, and ``db = m ⊙ Σ_t dY[t]`` for row blocks (each row block
+owns its bias entries). A *shared* bias (column blocks always; row blocks with ``shared_bias=True``) belongs to no
+block: it gets its full gradient ``Σ_t dY[t]`` at every backward, whatever the mask. When no block is active the
+weight is wholly frozen: in eager mode ``weight.grad`` (and an unshared ``bias.grad``) stay ``None``, so optimizers
+skip them. Under ``torch.compile`` that choice would be a data-dependent graph, so a compiled wholly-frozen layer
+gets zero gradients instead (freeze it structurally with ``requires_grad_(False)`` if ``None`` matters; that
+recompiles once).
+
+Partial backpropagation (``frozen_backward="detach"``, :meth:`SparseUpdateLinear.set_frozen_backward`): no gradient
+flows through a frozen block either, ``dX = dY (M ⊙ W)`` (op ``mat_kernels::sparse_input_grad``: one GEMM per run of
+active rows or columns), so a frozen head's rows drop out of a fused QKV's input gradient and a wholly frozen layer
+returns no input gradient at all (eager), which stops the backward of the branch it sits on.
 """
 from __future__ import annotations
 
@@ -44,6 +50,7 @@ if _ops.extension_available():  # OpOverloads, resolved once: the backward calls
     _WEIGHT_GRAD_ACC = torch.ops.mat_kernels.sparse_weight_grad_accumulate.default
     _BIAS_GRAD = torch.ops.mat_kernels.sparse_bias_grad.default
     _BIAS_GRAD_ACC = torch.ops.mat_kernels.sparse_bias_grad_accumulate.default
+    _INPUT_GRAD = torch.ops.mat_kernels.sparse_input_grad.default
 
 
 @dataclass(frozen=True)
@@ -161,35 +168,51 @@ def _check_call(x, weight, bias, active, layout: SparseLayout, accumulate_grad: 
 
 
 class _SparseUpdateLinearFunction(torch.autograd.Function):
-    """y = F.linear(x, W, b); backward: dX = dY W, dW/db on active blocks only (ops in mat_kernels.ops).
+    """y = F.linear(x, W, b); backward: dX = dY W (or dY (M ⊙ W) with ``detach``), dW/db on active blocks only.
+
+    ``mode`` (static, a tuple of bools): ``(detach, weight_grad, shared_bias)``: ``detach``: no gradient flows
+    through frozen blocks; ``weight_grad``: False computes no dW/db at all (λ measurement: dX only);
+    ``shared_bias``: the bias belongs to no block and gets its full gradient.
 
     Old-style ``forward(ctx, ...)``: the ``setup_context`` style binds arguments with ``inspect`` on every call,
     which costs more host time than the whole forward of a small layer.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, active, starts, sizes, owners, axis, accumulate_grad):
+    def forward(ctx, x, weight, bias, active, starts, sizes, owners, axis, accumulate_grad, mode):
         needs_x, needs_w = ctx.needs_input_grad[:2]
         ctx.layout = (starts, sizes, owners, axis)
         ctx.accumulate_grad = accumulate_grad
+        ctx.mode = mode
         if accumulate_grad:
             ctx.params = (weight, bias)
-        # Save only what the requested gradients need: X for dW, W for dX.
-        ctx.save_for_backward(x if needs_w else None, weight if needs_x else None, active)
+        # Save only what the requested gradients need: X for dW, W for dX. The mask is copied (a few bytes on the
+        # CPU) so that the backward uses the mask of its own forward even if set_active runs in between.
+        ctx.save_for_backward(x if needs_w and mode[1] else None, weight if needs_x else None, active.clone())
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, active = ctx.saved_tensors
         starts, sizes, owners, axis = ctx.layout
+        detach, weight_grad, shared_bias = ctx.mode
         needs_x, needs_w, needs_b = ctx.needs_input_grad[:3]
+        compiling = torch.compiler.is_compiling()
+        # Eager: decisions on the mask's values are free (it lives on the CPU). Compiled: the graph cannot depend on
+        # them, so the ops run (no GEMM inside for frozen blocks) and return zeros.
+        any_active = compiling or bool(active.any())
+        all_active = not compiling and bool(active.all())
         dx = dw = db = None
         if needs_x:
-            dx = dy.matmul(weight)
-        compiling = torch.compiler.is_compiling()
-        # Eager: a wholly frozen layer computes nothing and its parameters keep grad=None. Compiled: the graph
-        # cannot depend on the mask's values, so the ops run (no GEMM inside) and return zeros.
-        if (needs_w or needs_b) and (compiling or bool(active.any())):
+            if not detach or all_active:
+                dx = dy.matmul(weight)
+            elif any_active:
+                dx = _INPUT_GRAD(_as_matrix(dy), weight, active, starts, sizes, owners, axis).view(
+                    *dy.shape[:-1], weight.shape[1])
+            # else: a wholly frozen layer under partial backpropagation passes no gradient (None stops the branch)
+        want_w = needs_w and weight_grad and any_active
+        want_b = needs_b and weight_grad and (any_active or shared_bias)
+        if want_w or want_b:
             dy2 = _as_matrix(dy)
             # Eager, no double backward: call the C++ kernels directly, below the ops' (Python) autograd layer,
             # whose per-call host cost would otherwise exceed a small layer's GEMM time on a GPU.
@@ -197,36 +220,36 @@ class _SparseUpdateLinearFunction(torch.autograd.Function):
                 torch._C._AutoDispatchBelowAutograd()
             with below:
                 if ctx.accumulate_grad:
-                    _accumulate_into_grads(ctx.params, dy2, x, active, starts, sizes, owners, axis, needs_w, needs_b)
+                    _accumulate_into_grads(ctx.params, dy2, x, active, starts, sizes, owners, axis, want_w, want_b,
+                                           shared_bias)
                 else:
-                    if needs_w:
+                    if want_w:
                         dw = _WEIGHT_GRAD(dy2, _as_matrix(x), active, starts, sizes, owners, axis)
-                    if needs_b:
-                        db = _bias_grad(dy2, active, starts, sizes, owners, axis)
-        return dx, dw, db, None, None, None, None, None, None
+                    if want_b:
+                        db = _bias_grad(dy2, active, starts, sizes, owners, shared_bias)
+        return dx, dw, db, None, None, None, None, None, None, None
 
 
-def _bias_grad(dy2, active, starts, sizes, owners, axis):
-    if axis == 0:
+def _bias_grad(dy2, active, starts, sizes, owners, shared_bias):
+    if not shared_bias:
         return _BIAS_GRAD(dy2, active, starts, sizes, owners)
-    # Column blocks: the bias is shared by all columns and is updated whenever any module is active.
-    return _BIAS_GRAD(dy2, active.any().reshape(1), [0], [dy2.shape[-1]], [0])
+    return dy2.reshape(-1, dy2.shape[-1]).sum(0)  # a shared bias belongs to no block: always its full gradient
 
 
 @torch.no_grad()
-def _accumulate_into_grads(params, dy2, x, active, starts, sizes, owners, axis, needs_w, needs_b):
+def _accumulate_into_grads(params, dy2, x, active, starts, sizes, owners, axis, want_w, want_b, shared_bias):
     weight, bias = params
-    if needs_w:
+    if want_w:
         if weight.grad is None:
             weight.grad = torch.zeros_like(weight)
         _WEIGHT_GRAD_ACC(weight.grad, dy2, _as_matrix(x), active, starts, sizes, owners, axis)
-    if needs_b:
+    if want_b:
         if bias.grad is None:
             bias.grad = torch.zeros_like(bias)
-        if axis == 0:
-            _BIAS_GRAD_ACC(bias.grad, dy2, active, starts, sizes, owners)
+        if shared_bias:
+            bias.grad.add_(dy2.reshape(-1, dy2.shape[-1]).sum(0))
         else:
-            _BIAS_GRAD_ACC(bias.grad, dy2, active.any().reshape(1), [0], [dy2.shape[-1]], [0])
+            _BIAS_GRAD_ACC(bias.grad, dy2, active, starts, sizes, owners)
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -247,6 +270,9 @@ def sparse_update_linear(
     col_blocks: BlockSpec = None,
     layout: SparseLayout | None = None,
     accumulate_grad: bool = False,
+    frozen_backward: str = "dw",
+    shared_bias: bool = False,
+    weight_grad: bool = True,
 ) -> torch.Tensor:
     """``y = x Wᵀ + b`` whose backward computes ``dX`` in full and ``dW``/``db`` only for active blocks.
 
@@ -262,6 +288,12 @@ def sparse_update_linear(
             straight into ``weight.grad``/``bias.grad`` (allocated as zeros on first use) instead of returning a
             full-size gradient that autograd then adds, so frozen blocks cost no memory traffic at all. Autograd
             hooks on ``weight``/``bias`` (e.g. DDP's) do not fire in this mode.
+        frozen_backward: ``"dw"`` (default): frozen blocks skip their weight gradient only, ``dX = dY W`` is exact;
+            ``"detach"``: no gradient flows through frozen blocks either, ``dX = dY (M ⊙ W)`` (partial
+            backpropagation; a wholly frozen layer returns no input gradient in eager mode).
+        shared_bias: the bias belongs to no block and gets its full gradient at every backward (always so for
+            column blocks; for row blocks the default is that each block owns its bias entries).
+        weight_grad: False: compute no weight or bias gradient at all, only ``dX`` (a measurement's backward).
 
     Returns:
         ``[..., d_out]``, the same as ``F.linear(x, weight, bias)``.
@@ -287,8 +319,18 @@ def sparse_update_linear(
     if x.dtype != weight.dtype:
         raise TypeError(f"x and weight must have the same dtype, got {x.dtype} and {weight.dtype}")
     _ops.require_extension(x.device)
+    mode = (_check_frozen_backward(frozen_backward) == "detach", bool(weight_grad), bool(shared_bias) or layout.axis == 1)
     return _SparseUpdateLinearFunction.apply(x, weight, bias, active, layout.starts, layout.sizes, layout.owners,
-                                             layout.axis, accumulate_grad)
+                                             layout.axis, accumulate_grad, mode)
+
+
+FROZEN_BACKWARD = ("dw", "detach")
+
+
+def _check_frozen_backward(value) -> str:
+    if value not in FROZEN_BACKWARD:
+        raise ValueError(f"frozen_backward must be one of {FROZEN_BACKWARD}, got {value!r}")
+    return value
 
 
 class SparseUpdateLinear(nn.Linear):
@@ -303,6 +345,9 @@ class SparseUpdateLinear(nn.Linear):
         in_features, out_features, bias, device, dtype: as ``nn.Linear``.
         row_blocks / col_blocks: block spec (see :class:`SparseLayout`); neither: the whole weight is one module.
         accumulate_grad: see :func:`sparse_update_linear` (eager-only).
+        frozen_backward: ``"dw"`` (default) or ``"detach"`` (no gradient through frozen blocks), see
+            :func:`sparse_update_linear`; changed with :meth:`set_frozen_backward`.
+        shared_bias: the bias belongs to no block (full gradient at every backward); always so for column blocks.
 
     Example::
 
@@ -311,21 +356,27 @@ class SparseUpdateLinear(nn.Linear):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 row_blocks: BlockSpec = None, col_blocks: BlockSpec = None, accumulate_grad: bool = False):
+                 row_blocks: BlockSpec = None, col_blocks: BlockSpec = None, accumulate_grad: bool = False,
+                 frozen_backward: str = "dw", shared_bias: bool = False):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init_sparse(row_blocks, col_blocks, accumulate_grad)
+        self._init_sparse(row_blocks, col_blocks, accumulate_grad, frozen_backward, shared_bias)
 
-    def _init_sparse(self, row_blocks, col_blocks, accumulate_grad) -> None:
+    def _init_sparse(self, row_blocks, col_blocks, accumulate_grad, frozen_backward, shared_bias) -> None:
         _ops.require_extension()
         self.layout = SparseLayout.build(self.out_features, self.in_features, row_blocks=row_blocks,
                                          col_blocks=col_blocks)
         self.accumulate_grad = bool(accumulate_grad)
+        self.frozen_backward = _check_frozen_backward(frozen_backward)
+        self.shared_bias = bool(shared_bias) or self.layout.axis == 1
+        # Exact backward with or without weight gradients, whatever frozen_backward says (set by a measurement).
+        self._override: tuple[bool, bool] | None = None
         # A plain attribute, not a buffer: Module.to()/cuda() must not move it off the CPU.
         self._active = torch.ones(self.layout.num_modules, dtype=torch.bool)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, row_blocks: BlockSpec = None, col_blocks: BlockSpec = None,
-                    accumulate_grad: bool = False) -> "SparseUpdateLinear":
+                    accumulate_grad: bool = False, frozen_backward: str = "dw",
+                    shared_bias: bool = False) -> "SparseUpdateLinear":
         """Wrap an existing ``nn.Linear``, sharing its parameter objects (optimizers built on it stay valid)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
@@ -335,7 +386,7 @@ class SparseUpdateLinear(nn.Linear):
         new.weight = linear.weight
         new.register_parameter("bias", linear.bias)
         new.train(linear.training)
-        new._init_sparse(row_blocks, col_blocks, accumulate_grad)
+        new._init_sparse(row_blocks, col_blocks, accumulate_grad, frozen_backward, shared_bias)
         return new
 
     def to_linear(self) -> nn.Linear:
@@ -358,14 +409,34 @@ class SparseUpdateLinear(nn.Linear):
         return self._active.clone()
 
     def set_active(self, active) -> None:
-        """Set which modules are updated from the next backward on: bool tensor or sequence of bools
-        ``[num_modules]``. Copied in place into the CPU mask (no reallocation; a CUDA tensor costs one sync)."""
+        """Set which modules are updated from the next forward on: bool tensor or sequence of bools
+        ``[num_modules]``. Copied in place into the CPU mask (no reallocation; a CUDA tensor costs one sync).
+
+        A backward always uses the mask of its own forward: a change between a forward and its backward applies
+        from the next forward on."""
         self._active.copy_(_as_mask(active, self.layout.num_modules))
 
+    def set_frozen_backward(self, mode: str) -> None:
+        """``"dw"``: frozen blocks skip their weight gradient only; ``"detach"``: no gradient flows through them."""
+        self.frozen_backward = _check_frozen_backward(mode)
+
+    @contextlib.contextmanager
+    def exact_backward(self, *, weight_grad: bool):
+        """Within the context, forwards record an exact backward (``dX = dY W`` whatever ``frozen_backward`` says),
+        with the active blocks' weight gradients (``weight_grad=True``) or none at all (a measurement's backward)."""
+        prev, self._override = self._override, (False, bool(weight_grad))
+        try:
+            yield
+        finally:
+            self._override = prev
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        detach, weight_grad = self._override or (self.frozen_backward == "detach", True)
         return sparse_update_linear(input, self.weight, self.bias, active=self._active, layout=self.layout,
-                                    accumulate_grad=self.accumulate_grad)
+                                    accumulate_grad=self.accumulate_grad,
+                                    frozen_backward="detach" if detach else "dw", shared_bias=self.shared_bias,
+                                    weight_grad=weight_grad)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, layout={self.layout.describe()}, "
-                f"active={int(self._active.sum())}/{self.layout.num_modules}")
+                f"active={int(self._active.sum())}/{self.layout.num_modules}, frozen_backward={self.frozen_backward!r}")

@@ -25,16 +25,9 @@ What it does:
      (over all convs) trainable; the temporal rule (β) freezes a conv for good once its λ stops moving. BatchNorm
      and the classifier are always trained.
 
-2. **Frozen convs skip their weight gradient** (``--skip-frozen-dw``, default on). The library cannot skip a
-   Conv2d's dW by itself (only ``nn.Linear`` has a sparse-update replacement): it computes the full dW and
-   discards it (``MAT.report()["masked_weights"]``; it warns). A conv is one whole-tensor module, though, so while
-   it is frozen *as a whole* this program sets ``requires_grad_(False)`` on its weight for the training forward and
-   backward and restores it right after the backward, before ``mat.step()``. Autograd then asks
-   ``convolution_backward`` for dX only (and, for the first conv, whose input needs no gradient, for nothing at
-   all). The weight's ``.grad`` stays None, which :class:`mat_kernels.optim.FrozenSliceOptimizer` and torch's SGD
-   treat as "skip this tensor": no update, no momentum update, no weight decay (exactly the guarantee MAT gives a
-   frozen module). λ measurement and evaluation see ``requires_grad=True`` as usual. ``--no-skip-frozen-dw`` shows
-   the library-only behaviour (full dW computed, frozen part discarded).
+2. **Frozen convs skip their weight gradient**: MAT gates a conv module by ``requires_grad`` (a conv is one whole
+   tensor): while it is frozen its weight does not require grad, so ``convolution_backward`` computes dX only (and,
+   for the first conv, whose input needs no gradient, nothing at all), and the weight's ``.grad`` stays None.
 
 3. **FLOPs are counted, not modelled**: :class:`mat_kernels.flops.StepFlops` runs the real forward + backward under
    ``torch.utils.flop_counter.FlopCounterMode`` once per (input shape, active-mask) signature and reuses the
@@ -239,27 +232,16 @@ def train_run(name: str, a, init_state: dict, data, probe, order, device, keep_s
     for step, idx in enumerate(order):
         x, y = Xtr[idx].to(device), ytr[idx].to(device)
         t0 = time.perf_counter()
-        frozen = []
         if mat is not None:
             active = tuple(bool(v) for v in mat.active.tolist())
             active_frac.append(sum(active) / len(active))
-            if a.skip_frozen_dw:
-                frozen = [conv_of[n] for n, act in zip(mat.names, active) if not act]
-            key = (tuple(x.shape), active, a.skip_frozen_dw)
+            key = (tuple(x.shape), active)
         else:
             key = (tuple(x.shape),)
 
         def fwd_bwd():
-            for conv in frozen:  # wholly frozen conv: no dW in this backward (restored below, before mat.step)
-                for p in conv.parameters():
-                    p.requires_grad_(False)
-            try:
-                loss = F.cross_entropy(model(x), y)
-                (mat.backward if mat is not None else torch.Tensor.backward)(loss)
-            finally:
-                for conv in frozen:
-                    for p in conv.parameters():
-                        p.requires_grad_(True)
+            loss = F.cross_entropy(model(x), y)
+            (mat.backward if mat is not None else torch.Tensor.backward)(loss)
             return loss
 
         flops, loss = counter(key, fwd_bwd)
@@ -458,9 +440,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="MAT: steps between λ measurements (default 30, about half an epoch)")
     ap.add_argument("--alpha", type=float, default=1.0, help="MAT: threshold τ = α·mean_m λ_m (default 1)")
     ap.add_argument("--beta", type=float, default=1e-3, help="MAT: temporal-rule tolerance β (default 1e-3)")
-    ap.add_argument("--skip-frozen-dw", action=argparse.BooleanOptionalAction, default=True,
-                    help="MAT: frozen convs skip their weight gradient via requires_grad_(False) during the backward "
-                         "(default on; --no-skip-frozen-dw: the library computes the full dW and discards it)")
     ap.add_argument("--gram-backend", choices=("auto", "torch", "triton"), default=None,
                     help="backend of the λ Gram kernels (default: torch on CPU, auto on CUDA)")
     ap.add_argument("--eval-every", type=int, default=None,
@@ -545,7 +524,7 @@ def _run(ap, a, limit) -> int:
     print(f"budget: {steps} steps of {a.batch} ({steps / per_epoch:.2f} epochs), SGD lr {a.lr} (cosine) momentum "
           f"{a.momentum} wd {a.weight_decay}; MAT: λ at step {a.warmup} and every {a.interval} steps on {Xp.shape[0]} "
           f"probe images, τ = {a.alpha}·mean, β = {a.beta}, frozen convs "
-          f"{'skip' if a.skip_frozen_dw else 'compute and discard'} dW; device {device}, "
+          f"skip dW; device {device}, "
           f"{torch.get_num_threads()} threads")
 
     dense = train_run("dense", a, init_state, data, probe, order, device)
@@ -561,9 +540,6 @@ def _run(ap, a, limit) -> int:
     print()
     for w in mat["library_warnings"]:
         print(f"library note: {w.splitlines()[0][:300]}")
-    if a.skip_frozen_dw:
-        print("this program: a wholly frozen conv runs its training backward with requires_grad=False (dX only, no "
-              "dW), so masked convs skip their dW here; FLOPs above are what FlopCounterMode saw executed.")
     print(f"MAT: {len(mat['measurements'])} λ measurements ({mat['measure_wall_s']:.1f} s), gating from step "
           f"{mat['mat_log'][1]['step'] if len(mat['mat_log']) > 1 else '-'}, {froze_steps}/{steps} steps with at "
           f"least one conv frozen, mean active fraction {sum(mat['active_fraction']) / steps:.2f}; MAT used "

@@ -159,7 +159,7 @@ def test_trainer_with_mat_in_one_line(tmp_path):
     assert [s for (s, n), (_, prev) in zip(rec.steps, [(0, 0)] + rec.steps) if n > prev] == MEASURED
     assert mat.log[0]["active"] == [True] * len(mat.specs)  # no gating before two measurements
     assert any(not all(e["active"]) for e in mat.log)  # something was frozen
-    for layer, order in mat.sparse_layers:  # the masks reached the sparse-update layers
+    for layer, order, _ in mat.sparse_layers:  # the masks reached the sparse-update layers
         assert torch.equal(layer.active, mat.active[order])
     # frozen slices (weights, bias entries, Adam moments) unchanged across every step where they were frozen;
     # active weight slices moved
@@ -242,7 +242,7 @@ def test_probe_sources(tmp_path, kind):
     trainer.train()
     assert [e["step"] for e in trainer.mat.log] == [1, 2, 3]
     ref = mk.model_lambda_max(trainer.model.eval(), batch, specs=trainer.mat.specs, backend="torch").lambda_max
-    got = trainer.mat.measure().tolist()  # eval: the first 8 eval examples = the batch above
+    got = trainer.mat.measure()["lambda"].tolist()  # eval: the first 8 eval examples = the batch above
     assert got == pytest.approx([ref[n] for n in trainer.mat.names], rel=1e-5)
 
 
@@ -258,7 +258,7 @@ def test_bf16_autocast_training_measures_without_autocast(tmp_path):
     unpatched = lambda m, b: m._original_forward(**{k: v for k, v in b.items() if k != "labels"})  # noqa: E731
     fp32 = mk.model_lambda_max(trainer.model.eval(), batch, specs=trainer.mat.specs, backend="torch",
                                forward=unpatched)
-    assert trainer.mat.measure().tolist() == pytest.approx([fp32.lambda_max[n] for n in trainer.mat.names], rel=1e-5)
+    assert trainer.mat.measure()["lambda"].tolist() == pytest.approx([fp32.lambda_max[n] for n in trainer.mat.names], rel=1e-5)
 
 
 def test_unsupported_setups_are_refused(tmp_path):

@@ -59,8 +59,8 @@ def test_masks_reach_layers_and_frozen_slices_stay_frozen():
             if name != "emb.weight":  # rows of unused tokens keep a zero gradient: only weight decay moves them
                 assert not torch.equal(params[name], before[name]), name
         # each sparse layer's mask is the controller's decision for its modules
-        for layer, order in mat.sparse_layers:
-            assert torch.equal(layer.active, mat.active[order])
+        for layer, order, extra in mat.sparse_layers:
+            assert extra == 0 and torch.equal(layer.active, mat.active[order])
     assert froze_something and len(mat.log) == 4
     assert mat.log[0]["active"] == [True] * len(mat.specs)  # no gating before two measurements
 

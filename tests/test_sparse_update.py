@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import devices, rel_err, requires_cuda
+from helpers import COPY_OPS, GEMM_OPS, aten_counts, devices, rel_err, requires_cuda
 from torch import nn
 
 import mat_kernels as mk
@@ -82,8 +82,8 @@ def _expected_masks(layout_name, active):
                     mw[:, start:start + size] = 1
     if axis == "rows":
         mb = mw[:, 0].clone()
-    else:
-        mb = torch.full((d_out,), float(any(active)), dtype=torch.float64)
+    else:  # column blocks share the bias: it belongs to no block and always gets its full gradient
+        mb = torch.ones(d_out, dtype=torch.float64)
     return mw, mb
 
 
@@ -133,8 +133,12 @@ def test_functional_matches_dense_autograd_fp32(layout_name, mask_name, three_d,
     mw, mb = _expected_masks(layout_name, active)
 
     assert rel_err(dx, rdx) <= FP32_RTOL  # dX is always computed in full
-    if not any(active):  # wholly frozen layer: no gradient at all, so optimizers skip it
-        assert dw is None and db is None
+    if not any(active):  # wholly frozen weight: no gradient at all, so optimizers skip it
+        assert dw is None
+        if LAYOUTS[layout_name][0] == "rows":
+            assert db is None
+        else:  # a shared bias is always trained
+            assert rel_err(db, rdb) <= FP32_RTOL
         return
     assert dw.dtype == torch.float32 and dw.shape == w.shape
     assert rel_err(dw, rdw * mw) <= FP32_RTOL
@@ -296,19 +300,6 @@ def test_uint8_mask_and_empty_tokens(device):
     assert dw.shape == w.shape and torch.all(dw == 0)
 
 
-def _aten_counts(fn):
-    from collections import Counter
-
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return Counter(e.name for e in prof.events() if e.name.startswith("aten::"))
-
-
-_GEMMS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addmm_", "aten::baddbmm_", "aten::matmul")
-_COPIES = ("aten::clone", "aten::contiguous", "aten::index_select", "aten::index", "aten::gather", "aten::copy_",
-           "aten::cat", "aten::stack")
 
 
 @pytest.mark.parametrize(
@@ -331,23 +322,23 @@ def test_gemm_plan_fused_qkv_no_copies(mask, expect):
     owners = [i for i, h in enumerate(heads) for _ in h]
     dy, x = torch.randn(2, 7, 144), torch.randn(2, 7, 19)
     act = torch.tensor(mask)
-    counts = _aten_counts(lambda: OPS.sparse_weight_grad(dy, x, act, starts, sizes, owners, 0))
-    assert {k: v for k, v in counts.items() if k in _GEMMS} == expect
-    assert not any(k in _COPIES for k in counts), counts
-    counts = _aten_counts(lambda: OPS.sparse_bias_grad(dy, act, starts, sizes, owners))
-    assert not any(k in _COPIES for k in counts), counts
+    counts = aten_counts(lambda: OPS.sparse_weight_grad(dy, x, act, starts, sizes, owners, 0))
+    assert {k: v for k, v in counts.items() if k in GEMM_OPS} == expect
+    assert not any(k in COPY_OPS for k in counts), counts
+    counts = aten_counts(lambda: OPS.sparse_bias_grad(dy, act, starts, sizes, owners))
+    assert not any(k in COPY_OPS for k in counts), counts
 
 
 def test_gemm_plan_columns_and_single_copy_for_stride0():
     x, dy = torch.randn(9, 24), torch.randn(9, 6)
     act = torch.tensor([True, False] * 4)
-    counts = _aten_counts(lambda: OPS.sparse_weight_grad(dy, x, act, list(range(0, 24, 3)), [3] * 8,
+    counts = aten_counts(lambda: OPS.sparse_weight_grad(dy, x, act, list(range(0, 24, 3)), [3] * 8,
                                                          list(range(8)), 1))
-    assert counts["aten::bmm"] == 1 and not any(k in _COPIES for k in counts), counts
+    assert counts["aten::bmm"] == 1 and not any(k in COPY_OPS for k in counts), counts
     # a stride-0 dY is not BLAS-compatible: copied once (not once per run)
     dy0 = torch.randn(1, 6).expand(9, 6)
     act = torch.tensor([True, False, True, False, True, True, False, True])
-    counts = _aten_counts(lambda: OPS.sparse_weight_grad(dy0, x, act, list(range(0, 24, 3)), [3] * 8,
+    counts = aten_counts(lambda: OPS.sparse_weight_grad(dy0, x, act, list(range(0, 24, 3)), [3] * 8,
                                                          list(range(8)), 1))
     assert counts["aten::contiguous"] == 1, counts
 
@@ -486,7 +477,11 @@ def test_module_accumulate_grad_mode(layout_name, device):
     fresh = mk.SparseUpdateLinear(d_in, d_out, device=device, accumulate_grad=True, **spec)
     fresh.set_active([False] * len(modules))
     fresh(torch.randn(3, d_in, device=device)).sum().backward()
-    assert fresh.weight.grad is None and fresh.bias.grad is None
+    assert fresh.weight.grad is None
+    if LAYOUTS[layout_name][0] == "rows":
+        assert fresh.bias.grad is None
+    else:  # a shared bias always gets its full gradient: 3 tokens of dy = 1
+        assert torch.equal(fresh.bias.grad.cpu(), torch.full((d_out,), 3.0))
 
 
 def test_autocast_bf16_cpu():
