@@ -78,6 +78,7 @@ import collections.abc
 import contextlib
 import itertools
 import random
+import time
 import warnings
 import weakref
 
@@ -288,8 +289,12 @@ class MATCallback:
     this module does not import ``transformers``.
     """
 
-    def __init__(self, *, probe="train", probe_size: int | None = None, probe_seed: int = 0, trainer=None):
+    def __init__(self, *, probe="train", probe_size: int | None = None, probe_seed: int = 0, trainer=None,
+                 count_flops: bool = False):
         self.mat: MAT | None = None  # set by with_mat once MAT is built (MAT takes this callback's probe)
+        self.count_flops = count_flops
+        self._t0: float | None = None
+        self._mode = None
         self.optimizer: MATOptimizer | None = None
         self.probe_source = probe
         self.probe_size = probe_size
@@ -367,7 +372,28 @@ class MATCallback:
                 "without MAT, or with save_only_model=True): MAT starts afresh, its schedule counted from here",
                 UserWarning, stacklevel=2)
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._measured = len(self.mat.measure_counted)
+        if self.count_flops:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            self._mode = FlopCounterMode(display=False)
+            self._mode.__enter__()
+        self._t0 = time.perf_counter()
+
     def on_step_end(self, args, state, control, **kwargs):
+        ledger = self.mat.ledger
+        if self._t0 is not None:
+            seconds = time.perf_counter() - self._t0
+            flops = 0
+            if self._mode is not None:
+                self._mode.__exit__(None, None, None)
+                # the measurement's own forward and backward were counted inside this step too: it is in the
+                # ledger already, apart from the step
+                flops = int(self._mode.get_total_flops()) - sum(self.mat.measure_counted[self._measured:])
+                self._mode = None
+            ledger.add_step(flops, seconds)
+            self._t0 = None
         if self.mat.should_stop:
             control.should_training_stop = True
         return control
@@ -407,7 +433,8 @@ def _refuse_unsupported(trainer) -> None:
                          "optimizer that MAT does not wrap; build the model and pass model= instead")
 
 
-def with_mat(trainer, *, probe="train", probe_size: int | None = None, probe_seed: int = 0, **mat_kwargs):
+def with_mat(trainer, *, probe="train", probe_size: int | None = None, probe_seed: int = 0,
+             count_flops: bool = False, **mat_kwargs):
     """Add MAT to a ``transformers.Trainer``, before ``trainer.train()``; returns the same trainer::
 
         trainer = mat_kernels.hf.with_mat(trainer, interval=50)
@@ -426,6 +453,9 @@ def with_mat(trainer, *, probe="train", probe_size: int | None = None, probe_see
             the training backward) is not supported here.
         probe_size: examples in the default probe batch (default: the per-device batch size).
         probe_seed: seed under which the default probe batch is collated (random collators).
+        count_flops: also count every training step's FLOPs (``FlopCounterMode`` around each optimizer step, which
+            slows small models) into ``trainer.mat.ledger`` (:class:`mat_kernels.flops.FlopsLedger`). Step
+            seconds and every measurement's FLOPs and seconds are recorded there in any case.
         **mat_kwargs: :class:`mat_kernels.MAT` keywords (``interval``, ``warmup_steps``, ``policy``, ``alpha``,
             ``output``, ``group_by``, ``stop_when_converged``, ``lambda_kwargs``, ``specs``...). Steps are
             optimizer steps.
@@ -482,7 +512,10 @@ def with_mat(trainer, *, probe="train", probe_size: int | None = None, probe_see
     if "causal" not in lambda_kwargs and _is_causal_lm(trainer.model):
         lambda_kwargs["causal"] = True  # labels are the inputs; position t predicts label t+1
     lambda_kwargs.setdefault("forward", _measure_forward)
-    callback = MATCallback(probe=probe, probe_size=probe_size, probe_seed=probe_seed, trainer=trainer)
+    if not isinstance(count_flops, bool):
+        raise TypeError(f"count_flops must be a bool, got {type(count_flops).__name__}")
+    callback = MATCallback(probe=probe, probe_size=probe_size, probe_seed=probe_seed, trainer=trainer,
+                           count_flops=count_flops)
     try:
         mat = MAT(trainer.model, optimizer, probe=callback.probe, lambda_kwargs=lambda_kwargs, **mat_kwargs)
     except Exception:

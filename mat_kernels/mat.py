@@ -198,6 +198,7 @@ class MAT:
         self._pending: torch.Tensor | None = None
         self._in_measure = False
         self.last_measure_extra_flops = 0  # FLOPs of the last measurement that FlopCounterMode cannot see
+        self.measure_counted: list[int] = []  # per measurement: the FLOPs FlopCounterMode saw (probe passes)
         self.optimizer = self._frozen_optimizer(optimizer)  # validates before any layer is swapped
         self.sparse_layers, self.gated, self.masked_weights = self._install_sparse(sparse_backward)
         self._apply_masks()
@@ -363,6 +364,7 @@ class MAT:
         finally:
             self._in_measure = False
         self.last_measure_extra_flops = cap.gram_flops + self._solve_flops(cap.n)
+        self.measure_counted.append(0)
         self.ledger.add_measurement(self.step_count, self.last_measure_extra_flops, seconds)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -427,6 +429,7 @@ class MAT:
         out = self._scores(grams)
         # Grams (Triton or behind a custom op) and eigvalsh are invisible to FlopCounterMode
         self.last_measure_extra_flops = res.gram_flops + self._solve_flops(res.n)
+        self.measure_counted.append(counted)
         self.ledger.add_measurement(self.step_count, counted + self.last_measure_extra_flops,
                                     time.perf_counter() - t0)
         return out

@@ -288,3 +288,18 @@ def test_import_needs_no_transformers():
             "import mat_kernels, mat_kernels.hf; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_ledger_counts_steps_and_measurements(tmp_path):
+    """count_flops=True: every optimizer step's FLOPs in trainer.mat.ledger, the measurement's own forward and
+    backward kept apart (a measuring step counts what a plain step with the same masks counts)."""
+    trainer = mkhf.with_mat(_trainer(tmp_path), count_flops=True, **MAT_KW)
+    trainer.train()
+    mat, ledger = trainer.mat, trainer.mat.ledger
+    assert len(ledger.train) == len(ledger.train_seconds) == STEPS and all(f > 0 for f in ledger.train)
+    assert [s for s, _ in ledger.measure] == [s - 1 for s in MEASURED] and all(f > 0 for _, f in ledger.measure)
+    # masks change only after the 2nd measurement: before, every step (measuring or not) counts the same
+    first_change = MEASURED[1]
+    assert len(set(ledger.train[:first_change])) == 1
+    assert ledger.train[-1] < ledger.train[0]  # frozen modules' dW skipped
+    assert 0 < ledger.measurement_share() < 1 and 0 < ledger.measurement_time_share() < 1

@@ -1,0 +1,509 @@
+#!/usr/bin/env python
+"""The experiment runner: tasks x arms x seeds -> one CSV, a summary table and a plot.
+
+Every cell (task, arm, seed) trains the task's model from the seed's initial weights on the seed's batches (the same
+for every arm), evaluates it every ``eval_every`` steps and appends one CSV row per evaluation to ``--csv``
+(rows of a cell that is run again are replaced). The summary is computed from the CSV, so cells can be run in
+separate invocations (one at a time, in the background) and summarised at the end.
+
+Arms (``--arms``; add your own with ``--arm name=key:value,...``, MAT keyword arguments):
+
+==============  =============================================================================================
+``dense``       every parameter updated at every step (no MAT)
+``mat``         ``mat_kernels.MAT`` with its shipped defaults (λmax measured from the training backward)
+``random``      MAT's schedule and budget, modules chosen at random: as many per kind as the λ rule keeps
+``trace``       the threshold on tr(Θ) = Σ_i ‖g_i‖² instead of λmax (a criterion that is not λ, same Grams)
+``gradnorm``    the threshold on ‖Σ_i g_i‖² (the batch gradient's squared norm) instead of λmax
+``dw``          MAT with ``frozen_backward="dw"``: frozen modules skip only their weight gradient
+``detach``      MAT with ``frozen_backward="detach"``: no gradient flows through frozen modules either
+``prune``       the paper's pruning extension (language tasks): dense until ``prune_at`` (default: a tenth of the
+                steps), then the ``prune_fraction`` (0.5) of heads with the lowest λmax (a head = its Q/K/V rows and
+                output columns, measured on that step's batch) are removed physically, and the rest trains with MAT
+==============  =============================================================================================
+
+Keys of an arm that are not MAT's: ``prune_fraction`` and ``prune_at`` (the ``prune`` arm's).
+
+Per evaluation the CSV holds: the step, the validation metric, cumulative training FLOPs (λ measurement included)
+and the measurement's share of them, cumulative wall time of the training steps (measurement included; evaluation
+excluded) and the measurement's share, the active module fraction. FLOPs are counted by
+``torch.utils.flop_counter`` on the real steps (``mat_kernels.flops.FlopsLedger``): what ran is what is counted.
+
+Summary per task and arm, mean ± std over seeds: the best validation metric, FLOPs and wall time to reach the same
+seed's dense best (and the saving against dense), the measurement's share of FLOPs and time, the mean active
+fraction; and the difference of each arm's best metric from ``mat``'s (positive: better than MAT).
+
+    python python/reproduce.py                                   # the default: mlm-small, dense vs MAT, seed 0
+    python python/reproduce.py --tasks mlm-small,cnn-small --arms dense,mat,random,trace,detach --seeds 0,1,2
+    python python/reproduce.py --summary-only --csv results/reproduce.csv     # tables and plots from the CSV
+    python python/reproduce.py --list                            # tasks and arms
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tasks as task_registry  # noqa: E402
+
+import mat_kernels as mk  # noqa: E402
+from mat_kernels.flops import FlopsLedger  # noqa: E402
+
+ARMS: dict[str, dict | None] = {
+    "dense": None,
+    "mat": {},
+    "random": {"policy": "random"},
+    "trace": {"criterion": "trace"},
+    "gradnorm": {"criterion": "grad_norm"},
+    "dw": {"frozen_backward": "dw"},
+    "detach": {"frozen_backward": "detach"},
+    "prune": {"prune_fraction": 0.5},
+}
+RUNNER_KEYS = ("prune_fraction", "prune_at")
+FIELDS = ["task", "arm", "seed", "step", "metric", "value", "flops", "measure_flops", "wall_s", "measure_s",
+          "active_fraction", "mat_kwargs", "commit", "date", "machine", "threads"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CSV = os.path.join(os.path.dirname(HERE), "results", "reproduce.csv")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one cell
+# ----------------------------------------------------------------------------------------------------------------
+def run_cell(task_name: str, arm: str, arm_kwargs: dict | None, seed: int, *, tiny: bool = False,
+             progress: bool = True, keep: bool = False) -> tuple[list[dict], dict]:
+    """Train one (task, arm, seed) cell; returns its CSV rows and extras (the MAT log and report; with ``keep``, the
+    model, ledger and controller too)."""
+    task = task_registry.build(task_name, seed, tiny=tiny)
+    model = task.model
+    opt = task.make_optimizer(model)
+    ledger = FlopsLedger()
+    mat_kwargs = None if arm_kwargs is None else {k: v for k, v in arm_kwargs.items() if k not in RUNNER_KEYS}
+    if mat_kwargs is not None:
+        mat_kwargs = {"probe": None, **(_TINY_SCHEDULE if tiny else {}), **mat_kwargs}
+    prune_at = None
+    if arm_kwargs is not None and "prune_fraction" in arm_kwargs:
+        prune_at = int(arm_kwargs.get("prune_at", max(1, task.steps // 10)))
+        if not 0 < prune_at < task.steps:
+            raise ValueError(f"arm {arm!r}: prune_at must be inside (0, {task.steps}), got {prune_at}")
+    mat = None
+    if mat_kwargs is not None and prune_at is None:
+        mat = mk.MAT(model, opt, ledger=ledger, **mat_kwargs)
+    rows, evals, pruned = [], [], {}
+    env = _environment()
+
+    def record(step: int) -> None:
+        value = task.evaluate(model)
+        evals.append(value)
+        rows.append({
+            "task": task_name, "arm": arm, "seed": seed, "step": step, "metric": task.metric, "value": value,
+            "flops": ledger.total(step), "measure_flops": ledger.measurement_flops(step),
+            "wall_s": round(ledger.seconds(step), 4), "measure_s": round(ledger.measurement_seconds(step), 4),
+            "active_fraction": mat.active_fraction() if mat is not None else 1.0,
+            "mat_kwargs": "" if arm_kwargs is None else _kw_text(arm_kwargs), **env,
+        })
+
+    bar = _progress(task.steps, f"{task_name} {arm} s{seed}", progress)
+    record(0)
+    for step in range(task.steps):
+        batch = task.batch(step)
+        if step == prune_at:
+            t0 = time.perf_counter()
+            pruned = _prune(model, batch, float(arm_kwargs["prune_fraction"]), ledger, step)
+            opt = task.make_optimizer(model)
+            mat = mk.MAT(model, opt, ledger=ledger, **mat_kwargs)
+            ledger.measure_seconds[-1] = (step, time.perf_counter() - t0)
+        for g in opt.param_groups:
+            g["lr"] = task.lr_at(step)
+        t0 = time.perf_counter()
+        if mat is None:
+            loss = ledger.count_step(_shapes(batch), _dense_step, model, task, batch)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        else:
+            key = mat.flops_key()
+            loss = ledger.count_step((_shapes(batch), key), _mat_step, mat, model, task, batch,
+                                     base_key=(_shapes(batch), (key[0], False)))
+            mat.step()
+            mat.zero_grad()
+        ledger.add_seconds(time.perf_counter() - t0)
+        if (step + 1) % task.eval_every == 0 or step + 1 == task.steps:
+            record(step + 1)
+            if bar is not None:
+                bar.set_postfix(loss=f"{float(loss):.3f}", val=f"{evals[-1]:.4f}",
+                                active=f"{rows[-1]['active_fraction']:.2f}")
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    extra = {"info": task.info, **pruned}
+    if mat is not None:
+        extra.update(log=mat.log, report=mat.report(), names=mat.names)
+    if keep:
+        extra.update(model=model, ledger=ledger, mat=mat)
+    return rows, extra
+
+
+# MAT's schedule counts steps; the tiny tasks (tests) are a few dozen steps long
+_TINY_SCHEDULE = {"warmup_steps": 2, "interval": 3}
+
+
+def _prune(model, batch, fraction: float, ledger: FlopsLedger, step: int) -> dict:
+    """Measure every head (its Q/K/V rows and output columns) on ``batch`` in eval mode, remove the ``fraction``
+    with the lowest λmax (at least one per layer), and record the measurement in ``ledger``."""
+    from mat_kernels.flops import count_flops
+
+    specs = [s for s in mk.discover_modules(model, out_proj="merge").specs if s.kind == "head"]
+    if not specs:
+        raise ValueError("the prune arm needs attention heads; this task's model has none")
+    model.eval()
+    try:
+        flops, res = count_flops(mk.model_lambda_max, model, batch[0], labels=batch[1], specs=specs)
+    finally:
+        model.train()
+    ledger.add_measurement(step, flops + res.gram_flops)
+    heads = mk.lowest_heads(res.lambda_max, fraction)
+    before = sum(p.numel() for p in model.parameters())
+    mk.prune_heads(model, heads)
+    return {"pruned_heads": heads, "params": [before, sum(p.numel() for p in model.parameters())]}
+
+
+def _dense_step(model, task, batch):
+    loss = task.loss(model, batch)
+    loss.backward()
+    return loss.detach()
+
+
+def _mat_step(mat, model, task, batch):
+    with mat.measure_step(loss_scale=task.loss_scale(batch)):
+        loss = task.loss(model, batch)
+        mat.backward(loss)
+    return loss.detach()
+
+
+def _shapes(batch) -> tuple:
+    return tuple(tuple(t.shape) for t in batch)
+
+
+def _kw_text(kw: dict) -> str:
+    return ";".join(f"{k}={v}" for k, v in sorted(kw.items()))
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+_ENV: dict | None = None
+
+
+def _environment() -> dict:
+    global _ENV
+    if _ENV is None:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                                    text=True, check=True).stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                                   capture_output=True, text=True, check=True).stdout.strip()
+            commit += "-dirty" if dirty else ""
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
+        _ENV = {"commit": commit, "date": datetime.date.today().isoformat(),
+                "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+                "threads": torch.get_num_threads()}
+    return _ENV
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CSV
+# ----------------------------------------------------------------------------------------------------------------
+def read_csv(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in ("seed", "step", "threads"):
+            r[k] = int(r[k])
+        for k in ("value", "flops", "measure_flops", "wall_s", "measure_s", "active_fraction"):
+            r[k] = float(r[k])
+    return rows
+
+
+def upsert_csv(path: str, new_rows: list[dict]) -> None:
+    """Replace the rows of the cells in ``new_rows`` (keyed by task, arm, seed) and append them."""
+    cells = {(r["task"], r["arm"], int(r["seed"])) for r in new_rows}
+    old = [r for r in read_csv(path) if (r["task"], r["arm"], r["seed"]) not in cells]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        for r in old + new_rows:
+            w.writerow({k: r[k] for k in FIELDS})
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# summary
+# ----------------------------------------------------------------------------------------------------------------
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    if not xs:
+        return float("nan"), float("nan")
+    m = sum(xs) / len(xs)
+    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, s
+
+
+def _curve(rows, task, arm, seed):
+    return sorted((r for r in rows if (r["task"], r["arm"], r["seed"]) == (task, arm, seed)), key=lambda r: r["step"])
+
+
+def _best(curve, higher: bool):
+    vals = [r["value"] for r in curve[1:]] or [curve[0]["value"]]
+    return max(vals) if higher else min(vals)
+
+
+def _reach(curve, target: float, higher: bool):
+    for r in curve[1:]:
+        if (r["value"] >= target) if higher else (r["value"] <= target):
+            return r
+    return None
+
+
+def summarize(rows: list[dict], task: str) -> tuple[list[dict], str]:
+    """Per arm of ``task``: mean ± std over the seeds that have both the arm and dense. Returns (records, table)."""
+    sub = [r for r in rows if r["task"] == task]
+    if not sub:
+        return [], f"no rows for task {task}"
+    higher = "accuracy" in sub[0]["metric"]
+    arms = list(dict.fromkeys(r["arm"] for r in sub))
+    if "dense" in arms:
+        arms = ["dense"] + [a for a in arms if a != "dense"]
+    seeds_of = {a: sorted({r["seed"] for r in sub if r["arm"] == a}) for a in arms}
+    recs = []
+    for arm in arms:
+        per = {"best": [], "flops_saving": [], "wall_saving": [], "measure_flops_share": [], "measure_time_share": [],
+               "active": [], "reached": 0, "seeds": 0, "delta_vs_mat": []}
+        for seed in seeds_of[arm]:
+            c = _curve(sub, task, arm, seed)
+            if len(c) < 2:
+                continue
+            per["seeds"] += 1
+            per["best"].append(_best(c, higher))
+            last = c[-1]
+            per["measure_flops_share"].append(last["measure_flops"] / last["flops"] if last["flops"] else 0.0)
+            per["measure_time_share"].append(last["measure_s"] / last["wall_s"] if last["wall_s"] else 0.0)
+            per["active"].append(sum(r["active_fraction"] for r in c[1:]) / (len(c) - 1))
+            d = _curve(sub, task, "dense", seed)
+            if len(d) >= 2:
+                target = _best(d, higher)
+                rd, ra = _reach(d, target, higher), _reach(c, target, higher)
+                if ra is not None:
+                    per["reached"] += 1
+                    per["flops_saving"].append(1 - ra["flops"] / rd["flops"])
+                    per["wall_saving"].append(1 - ra["wall_s"] / rd["wall_s"])
+            m = _curve(sub, task, "mat", seed)
+            if len(m) >= 2:
+                diff = per["best"][-1] - _best(m, higher)
+                per["delta_vs_mat"].append(diff if higher else -diff)
+        if per["seeds"]:
+            recs.append({"task": task, "arm": arm, **per})
+    return recs, _table(recs, sub[0]["metric"], higher)
+
+
+def _fmt(ms, digits=4, pct=False):
+    m, s = ms
+    if math.isnan(m):
+        return "-"
+    if pct:
+        return f"{100 * m:+.1f} ± {100 * s:.1f}%"
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def _table(recs: list[dict], metric: str, higher: bool) -> str:
+    head = ["arm", "seeds", f"best {metric}", "vs MAT (+: better)", "reached dense best",
+            "FLOPs saved to dense best", "wall time saved to dense best", "λ share of FLOPs", "λ share of time",
+            "active fraction"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in recs:
+        cells = [r["arm"], str(r["seeds"]), _fmt(_mean_std(r["best"])),
+                 _fmt(_mean_std(r["delta_vs_mat"])) if r["arm"] != "mat" else "",
+                 f"{r['reached']}/{r['seeds']}",
+                 _fmt(_mean_std(r["flops_saving"]), pct=True) if r["arm"] != "dense" else "",
+                 _fmt(_mean_std(r["wall_saving"]), pct=True) if r["arm"] != "dense" else "",
+                 _fmt(_mean_std(r["measure_flops_share"]), 3, pct=False) if r["arm"] != "dense" else "",
+                 _fmt(_mean_std(r["measure_time_share"]), 3, pct=False) if r["arm"] != "dense" else "",
+                 _fmt(_mean_std(r["active"]), 2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], task: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sub = [r for r in rows if r["task"] == task]
+    if not sub:
+        return
+    arms = list(dict.fromkeys(r["arm"] for r in sub))
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.2))
+    for i, arm in enumerate(arms):
+        seeds = sorted({r["seed"] for r in sub if r["arm"] == arm})
+        curves = [_curve(sub, task, arm, s) for s in seeds]
+        n = min(len(c) for c in curves)
+        flops = [sum(c[k]["flops"] for c in curves) / len(curves) for k in range(n)]
+        val = [sum(c[k]["value"] for c in curves) / len(curves) for k in range(n)]
+        steps = [curves[0][k]["step"] for k in range(n)]
+        act = [sum(c[k]["active_fraction"] for c in curves) / len(curves) for k in range(n)]
+        color = f"C{i}"
+        ax[0].plot([f / 1e12 for f in flops[1:]], val[1:], "-", color=color, lw=1.4,
+                   label=f"{arm} (mean of {len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
+        ax[1].plot(steps, act, "-", color=color, lw=1.2, label=arm)
+    ax[0].set_xlabel("cumulative training FLOPs (TFLOP, λ measurement included)")
+    ax[0].set_ylabel(sub[0]["metric"])
+    ax[0].set_title(task)
+    ax[0].grid(alpha=0.3)
+    ax[0].legend(fontsize=8)
+    ax[1].set_xlabel("step")
+    ax[1].set_ylabel("active module fraction")
+    ax[1].set_ylim(-0.03, 1.03)
+    ax[1].grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------------------------
+def _parse_arm(text: str) -> tuple[str, dict]:
+    """``name=key:value,key:value`` -> (name, MAT kwargs); values are parsed as int, float, bool, None or str."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--arm {text!r}: expected name=key:value,... (MAT keyword arguments)")
+    name, spec = text.split("=", 1)
+    if not name or name in ARMS:
+        raise argparse.ArgumentTypeError(f"--arm {text!r}: the name must be new (built-in arms: {', '.join(ARMS)})")
+    kw = {}
+    for item in filter(None, spec.split(",")):
+        if ":" not in item:
+            raise argparse.ArgumentTypeError(f"--arm {text!r}: {item!r} is not key:value")
+        k, v = item.split(":", 1)
+        kw[k] = _value(v)
+    return name, kw
+
+
+def _value(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(v.lower(), v)
+
+
+def _int_list(text: str, name: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name} must be comma-separated integers, got {text!r}") from None
+    if not out or any(x < 0 for x in out):
+        raise argparse.ArgumentTypeError(f"{name} must list non-negative integers, got {text!r}")
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--tasks", default="mlm-small", help=f"comma-separated tasks ({', '.join(task_registry.names())})")
+    ap.add_argument("--arms", default="dense,mat", help=f"comma-separated arms ({', '.join(ARMS)}, or --arm names)")
+    ap.add_argument("--arm", action="append", default=[], type=_parse_arm, metavar="NAME=KEY:VALUE,...",
+                    help="define an arm from MAT keyword arguments (repeatable), e.g. --arm a05=alpha:0.5")
+    ap.add_argument("--seeds", default="0", type=lambda t: _int_list(t, "--seeds"), help="comma-separated seeds")
+    ap.add_argument("--csv", default=DEFAULT_CSV, help="the CSV to upsert rows into and summarise from")
+    ap.add_argument("--out", default=None, help="folder for the summary (summary.md) and plots (default: the "
+                                                "CSV's folder)")
+    ap.add_argument("--summary-only", action="store_true", help="run nothing: tables and plots from the CSV")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--tiny", action="store_true", help="seconds-long versions of the tasks (tests)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--list", action="store_true", help="list the tasks and arms, then exit")
+    return ap
+
+
+def resolve(a, ap) -> tuple[list[str], dict[str, dict | None]]:
+    arms = dict(ARMS)
+    for name, kw in a.arm:
+        arms[name] = kw
+    tasks = [t for t in a.tasks.split(",") if t]
+    unknown = [t for t in tasks if t not in task_registry.names()]
+    if unknown or not tasks:
+        ap.error(f"--tasks: unknown {unknown or a.tasks!r}; known: {', '.join(task_registry.names())}")
+    chosen = [x for x in a.arms.split(",") if x]
+    bad = [x for x in chosen if x not in arms]
+    if bad or not chosen:
+        ap.error(f"--arms: unknown {bad or a.arms!r}; known: {', '.join(arms)}")
+    if a.threads is not None and a.threads < 1:
+        ap.error("--threads must be >= 1")
+    return tasks, {x: arms[x] for x in chosen}
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    if a.list:
+        for name in task_registry.names():
+            print(f"task {name}: {task_registry.build.__doc__ and ''}{task_registry._TASKS[name].__name__}")
+        for name, kw in ARMS.items():
+            print(f"arm {name}: {'no MAT' if kw is None else 'MAT(' + _kw_text(kw) + ')'}")
+        return 0
+    tasks, arms = resolve(a, ap)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    out = a.out or os.path.dirname(os.path.abspath(a.csv))
+    if not a.summary_only:
+        for task in tasks:
+            for seed in a.seeds:
+                for arm, kw in arms.items():
+                    t0 = time.perf_counter()
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", UserWarning)  # backend notices; MAT.report() has them
+                        rows, extra = run_cell(task, arm, kw, seed, tiny=a.tiny, progress=not a.no_progress)
+                    upsert_csv(a.csv, rows)
+                    best = (max if "accuracy" in rows[0]["metric"] else min)(r["value"] for r in rows[1:])
+                    print(f"{task} {arm} seed {seed}: best {rows[0]['metric']} {best:.4f}, "
+                          f"{rows[-1]['flops']:.3e} FLOPs, {rows[-1]['wall_s']:.1f} s training "
+                          f"({time.perf_counter() - t0:.0f} s with evaluation)", flush=True)
+    rows = read_csv(a.csv)
+    os.makedirs(out, exist_ok=True)
+    parts = []
+    for task in tasks:
+        _, table = summarize(rows, task)
+        parts.append(f"## {task}\n\n{table}\n")
+        plot(rows, task, os.path.join(out, f"{task}.png"))
+    text = "\n".join(parts)
+    print()
+    print(text)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
