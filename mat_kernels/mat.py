@@ -117,9 +117,11 @@ class MAT:
             τ·(1−h), a frozen one re-enters only above τ·(1+h) (threshold policies ``mean``, ``max``,
             ``quantile``); 0: none.
         group_by: ``"kind"`` (default): threshold each kind of module (heads, output heads, FFN blocks, convs,
-            experts) against its own kind; ``"all"``: one threshold over all modules. Raw λmax grows with a module's
-            size (an FFN block has ~8× a head's parameters and, measured, a λ an order of magnitude larger), so one
-            global α·mean would freeze every head for good [D].
+            experts) against its own kind; ``"layer"``: each kind within its layer (the modules' name prefix, e.g.
+            the heads of one attention layer), kinds with one module per layer across layers; ``"all"``: one
+            threshold over all modules. Raw λmax grows with a module's size (an FFN block has ~8× a head's
+            parameters and, measured, a λ an order of magnitude larger), so one global α·mean would freeze every
+            head for good [D].
         beta, patience, temporal_rule: the temporal convergence rule (off with ``temporal_rule=False``).
         stop_when_converged: set :attr:`should_stop` when every module has converged.
         frozen_backward: ``"dw"`` (exact gradients; frozen modules skip their weight gradient) or ``"detach"``
@@ -133,11 +135,11 @@ class MAT:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, specs: list[ModuleSpec] | None = None,
-                 out_proj: str = "separate", always_trained="rest", warmup_steps: int = 0, interval: int = 100,
+                 out_proj: str = "separate", always_trained="rest", warmup_steps: int = 300, interval: int = 100,
                  gate_after: int = 2, probe=None, output: str = "logprob", criterion: str = "lambda",
                  policy: str = "mean", alpha: float = 1.0, q: float = 0.5, top_k: int | None = None, seed: int = 0,
                  smoothing: float = 0.0, hysteresis: float = 0.0, group_by: str = "kind", beta: float = 1e-3,
-                 patience: int = 1, temporal_rule: bool = True, stop_when_converged: bool = False,
+                 patience: int = 2, temporal_rule: bool = True, stop_when_converged: bool = False,
                  frozen_backward: str = "dw", sparse_backward: bool = True, lambda_kwargs: dict | None = None,
                  ledger: FlopsLedger | None = None):
         for name, v, lo in (("warmup_steps", warmup_steps, 0), ("interval", interval, 1), ("gate_after", gate_after, 1),
@@ -159,8 +161,8 @@ class MAT:
         if hysteresis and policy in ("top_k", "random"):
             raise ValueError(f"hysteresis applies to threshold policies (mean, max, quantile), not policy={policy!r}")
         beta = _number("beta", beta, lo=0)
-        if group_by not in ("kind", "all"):
-            raise ValueError(f"group_by must be 'kind' or 'all', got {group_by!r}")
+        if group_by not in ("kind", "layer", "all"):
+            raise ValueError(f"group_by must be 'kind', 'layer' or 'all', got {group_by!r}")
         if frozen_backward not in FROZEN_BACKWARD:
             raise ValueError(f"frozen_backward must be one of {FROZEN_BACKWARD}, got {frozen_backward!r}")
         if ledger is not None and not isinstance(ledger, FlopsLedger):
@@ -174,7 +176,7 @@ class MAT:
         validate_specs(self.module, self.specs)
         self.names = [s.name for s in self.specs]
         self.kinds = [s.kind for s in self.specs]
-        kinds = self.kinds if group_by == "kind" else ["all"] * len(self.specs)
+        kinds = {"kind": self.kinds, "all": ["all"] * len(self.specs), "layer": _layer_groups(self.specs)}[group_by]
         self.groups = {k: torch.tensor([i for i, x in enumerate(kinds) if x == k]) for k in dict.fromkeys(kinds)}
         self.always_trained = self._always_trained(always_trained)
         self.warmup_steps, self.interval, self.gate_after = warmup_steps, interval, gate_after
@@ -524,6 +526,17 @@ class MAT:
     def check_probe_model(self) -> None:
         """Raise if samples interact in the model (train-mode BatchNorm) when measuring from the training backward."""
         _check_samples_independent(self.module)
+
+
+def _layer_groups(specs: list[ModuleSpec]) -> list[str]:
+    """Group key of each module for ``group_by="layer"``: its kind within its layer (the name up to the module's
+    own part: ``layers.3`` for ``layers.3.head1`` and ``layers.3.head1.out``), or its kind alone when that kind
+    has one module per layer (an FFN block, a conv): a group of one could never pass a threshold set by itself."""
+    def layer(name: str) -> str:
+        return re.sub(r"(\.?(head\d+(\.out)?|ffn|experts\.[^.]+))$", "", name)
+
+    keys = [f"{s.kind}@{layer(s.name)}" for s in specs]
+    return [k if keys.count(k) > 1 else s.kind for k, s in zip(keys, specs)]
 
 
 def _complement(ranges, dim: int) -> list[tuple[int, int]]:

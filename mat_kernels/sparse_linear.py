@@ -319,7 +319,8 @@ def sparse_update_linear(
     if x.dtype != weight.dtype:
         raise TypeError(f"x and weight must have the same dtype, got {x.dtype} and {weight.dtype}")
     _ops.require_extension(x.device)
-    mode = (_check_frozen_backward(frozen_backward) == "detach", bool(weight_grad), bool(shared_bias) or layout.axis == 1)
+    detach = _check_frozen_backward(frozen_backward) == "detach"
+    mode = (detach, bool(weight_grad), bool(shared_bias) or layout.axis == 1)
     return _SparseUpdateLinearFunction.apply(x, weight, bias, active, layout.starts, layout.sizes, layout.owners,
                                              layout.axis, accumulate_grad, mode)
 

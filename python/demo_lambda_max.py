@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import shakespeare  # noqa: E402
-from train_mlm import BertMLM  # noqa: E402  (the same BERT-style model as the training program, one layer)
+from tasks import BertMLM  # noqa: E402  (the same BERT-style model as the experiment tasks, one layer)
 
 import mat_kernels as mk  # noqa: E402
 

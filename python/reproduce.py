@@ -16,6 +16,8 @@ Arms (``--arms``; add your own with ``--arm name=key:value,...``, MAT keyword ar
 ``gradnorm``    the threshold on ‖Σ_i g_i‖² (the batch gradient's squared norm) instead of λmax
 ``dw``          MAT with ``frozen_backward="dw"``: frozen modules skip only their weight gradient
 ``detach``      MAT with ``frozen_backward="detach"``: no gradient flows through frozen modules either
+``layer``       MAT with ``group_by="layer"``: heads thresholded against the heads of their own layer
+``v0``          MAT with the defaults it had before this grid (first measurement at step 0, temporal rule patience 1)
 ``prune``       the paper's pruning extension (language tasks): dense until ``prune_at`` (default: a tenth of the
                 steps), then the ``prune_fraction`` (0.5) of heads with the lowest λmax (a head = its Q/K/V rows and
                 output columns, measured on that step's batch) are removed physically, and the rest trains with MAT
@@ -66,6 +68,8 @@ ARMS: dict[str, dict | None] = {
     "gradnorm": {"criterion": "grad_norm"},
     "dw": {"frozen_backward": "dw"},
     "detach": {"frozen_backward": "detach"},
+    "layer": {"group_by": "layer"},
+    "v0": {"warmup_steps": 0, "patience": 1},
     "prune": {"prune_fraction": 0.5},
 }
 RUNNER_KEYS = ("prune_fraction", "prune_at")

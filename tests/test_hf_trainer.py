@@ -23,7 +23,7 @@ V, T, LR, STEPS = 40, 12, 1e-2, 12
 MEASURED = [2, 5, 8, 11]  # warmup_steps=1, interval=3: after optimizer steps 2, 5, 8, 11 of 12
 # threshold at the 0.3-quantile of each kind: one head of the four is frozen, so a Q/K/V/output weight is frozen
 # in part (an optimizer step that is not frozen-aware would move the frozen rows through Adam's moments and decay)
-MAT_KW = dict(interval=3, warmup_steps=1, policy="quantile", q=0.3, lambda_kwargs={"backend": "torch"})
+MAT_KW = dict(interval=3, warmup_steps=1, patience=1, policy="quantile", q=0.3, lambda_kwargs={"backend": "torch"})
 
 
 @pytest.fixture(autouse=True)
@@ -209,13 +209,14 @@ def test_gradient_accumulation_measures_once_per_optimizer_step(tmp_path):
 
 def test_checkpoint_resume_restores_mat(tmp_path):
     kw = dict(max_steps=8, save_strategy="steps", save_steps=4)
-    full = mkhf.with_mat(_trainer(tmp_path / "full", **kw), interval=2, lambda_kwargs={"backend": "torch"})
+    full = mkhf.with_mat(_trainer(tmp_path / "full", **kw), warmup_steps=0, interval=2,
+                         lambda_kwargs={"backend": "torch"})
     full.train()
     ckpt = tmp_path / "full" / "checkpoint-4"
     saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
     assert saved["mat"]["step_count"] == 4 and len(saved["mat"]["log"]) == 2
     _trainer(tmp_path / "plain").create_optimizer().load_state_dict(saved)  # a plain one ignores the MAT entry
-    resumed = mkhf.with_mat(_trainer(tmp_path / "resumed", model=_model(seed=5), **kw), interval=2,
+    resumed = mkhf.with_mat(_trainer(tmp_path / "resumed", model=_model(seed=5), **kw), warmup_steps=0, interval=2,
                             lambda_kwargs={"backend": "torch"})
     resumed.train(resume_from_checkpoint=str(ckpt))
     assert resumed.mat.step_count == 8 and resumed.mat.log == full.mat.log
@@ -224,7 +225,7 @@ def test_checkpoint_resume_restores_mat(tmp_path):
         assert torch.equal(a, b), k
     # a checkpoint without MAT state: MAT starts afresh, and says so
     torch.save({k: v for k, v in saved.items() if k != "mat"}, ckpt / "optimizer.pt")
-    again = mkhf.with_mat(_trainer(tmp_path / "again", **{**kw, "max_steps": 5}), interval=2,
+    again = mkhf.with_mat(_trainer(tmp_path / "again", **{**kw, "max_steps": 5}), warmup_steps=0, interval=2,
                           lambda_kwargs={"backend": "torch"})
     with pytest.warns(UserWarning, match="without MAT state"):
         again.train(resume_from_checkpoint=str(ckpt))
@@ -238,7 +239,7 @@ def test_probe_sources(tmp_path, kind):
     probe = {"eval": "eval", "pair": (batch, batch["labels"]), "callable": lambda step: (batch, None)}[kind]
     trainer = _trainer(tmp_path, max_steps=3)
     trainer.eval_dataset = ds
-    trainer = mkhf.with_mat(trainer, probe=probe, interval=1, lambda_kwargs={"backend": "torch"})
+    trainer = mkhf.with_mat(trainer, probe=probe, warmup_steps=0, interval=1, lambda_kwargs={"backend": "torch"})
     trainer.train()
     assert [e["step"] for e in trainer.mat.log] == [1, 2, 3]
     ref = mk.model_lambda_max(trainer.model.eval(), batch, specs=trainer.mat.specs, backend="torch").lambda_max
@@ -249,7 +250,8 @@ def test_probe_sources(tmp_path, kind):
 def test_bf16_autocast_training_measures_without_autocast(tmp_path):
     """Under bf16 mixed precision accelerate wraps the model's forward in autocast; the measurement runs the forward
     it wrapped (the Gram capture needs one dtype per layer), and training forwards keep autocast."""
-    trainer = mkhf.with_mat(_trainer(tmp_path, max_steps=2, bf16=True), interval=1, lambda_kwargs={"backend": "torch"})
+    trainer = mkhf.with_mat(_trainer(tmp_path, max_steps=2, bf16=True), warmup_steps=0, interval=1,
+                            lambda_kwargs={"backend": "torch"})
     trainer.train()
     assert [e["step"] for e in trainer.mat.log] == [1, 2]
     assert "_original_forward" in vars(trainer.model) and "forward" in vars(trainer.model)  # autocast kept

@@ -29,7 +29,8 @@ def _make(seed=0, **kw):
     model = TinyLM(layers=2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     probe = _batches(99, 1)[0]
-    mat = mk.MAT(model, opt, interval=2, probe=(probe, probe), lambda_kwargs={"backend": "torch"}, **kw)
+    mat = mk.MAT(model, opt, **{"warmup_steps": 0, "patience": 1, **kw}, interval=2, probe=(probe, probe),
+                 lambda_kwargs={"backend": "torch"})
     return model, opt, mat
 
 
@@ -119,7 +120,7 @@ def test_measuring_from_the_training_backward():
     torch.manual_seed(5)
     model = TinyLM(layers=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    mat = mk.MAT(model, opt, interval=3, probe=None, lambda_kwargs={"backend": "torch"})
+    mat = mk.MAT(model, opt, warmup_steps=0, interval=3, probe=None, lambda_kwargs={"backend": "torch"})
     ids = _batches(6, 1, n=4)[0]
     with pytest.raises(ValueError, match="measure_step"):
         mat.backward(_loss(model, ids))
@@ -149,7 +150,7 @@ def test_bad_configurations():
     with pytest.raises(ValueError, match="interval"):
         mk.MAT(model, opt, interval=0)
     with pytest.raises(ValueError, match="group_by"):
-        mk.MAT(model, opt, group_by="layer")
+        mk.MAT(model, opt, group_by="block")
     with pytest.raises(ValueError, match="policy must be"):
         mk.MAT(model, opt, policy="median")
 
@@ -163,8 +164,8 @@ def test_layers_that_are_not_plain_linears_are_masked_and_said_so():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ids = torch.randint(0, 30, (4, 8))
     with pytest.warns(UserWarning, match="compute their full weight gradient"):
-        mat = mk.MAT(model, opt, interval=1, probe=({"input_ids": ids}, ids), lambda_kwargs={"backend": "torch",
-                                                                                             "causal": True})
+        mat = mk.MAT(model, opt, warmup_steps=0, interval=1, probe=({"input_ids": ids}, ids),
+                     lambda_kwargs={"backend": "torch", "causal": True})
     assert "transformer.h.0.attn.c_attn.weight" in mat.report()["masked_weights"]
     w = model.transformer.h[0].attn.c_attn.weight
     for _ in range(4):
@@ -192,7 +193,7 @@ def _ddp_worker(rank, world, path, port):
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2, weight_decay=0.1)
     probe = _batches(50 + rank, 1)[0]  # different probe data per rank: λ differ until all-reduced
-    mat = mk.MAT(ddp, opt, interval=2, probe=(probe, probe), lambda_kwargs={"backend": "torch"})
+    mat = mk.MAT(ddp, opt, warmup_steps=0, interval=2, probe=(probe, probe), lambda_kwargs={"backend": "torch"})
     for ids in _batches(10 + rank, 6):
         mat.backward(_loss(ddp, ids))
         mat.step()

@@ -29,7 +29,7 @@ def _mat(model, lr=0.1, **kw):
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     probe = _ids(99)
     kw.setdefault("lambda_kwargs", {"backend": "torch"})
-    return mk.MAT(model, opt, interval=1, probe=(probe, probe), **kw)
+    return mk.MAT(model, opt, **{"warmup_steps": 0, "patience": 1, **kw}, interval=1, probe=(probe, probe))
 
 
 def _set(mat, active):
@@ -94,7 +94,7 @@ def test_bias_of_a_whole_weight_module_that_does_not_own_it_trains():
     spec = mk.ModuleSpec.whole("first", "0.weight")  # the bias is not part of the module
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(5, 6)
-    mat = mk.MAT(model, opt, specs=[spec], interval=1, probe=(x, torch.zeros(5, dtype=torch.long)),
+    mat = mk.MAT(model, opt, specs=[spec], warmup_steps=0, interval=1, probe=(x, torch.zeros(5, dtype=torch.long)),
                  lambda_kwargs={"backend": "torch"})
     assert "0.bias" in mat.always_trained
     _set(mat, [False])
@@ -232,7 +232,7 @@ def test_conv_modules_skip_their_weight_gradient(frozen_backward):
     model = _CNN()
     x, y = torch.randn(5, 1, 4, 4), torch.randint(0, 3, (5,))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    mat = mk.MAT(model, opt, interval=1, probe=(x, y), frozen_backward=frozen_backward,
+    mat = mk.MAT(model, opt, warmup_steps=0, interval=1, probe=(x, y), frozen_backward=frozen_backward,
                  lambda_kwargs={"backend": "torch"})
     assert mat.report()["masked_weights"] == [] and len(mat.report()["gated_weights"]) == 6
     dense, _ = count_flops(lambda: F.cross_entropy(model(x), y).backward())
@@ -261,7 +261,7 @@ def test_gating_leaves_parameters_the_user_froze_alone():
     model = _CNN()
     model.c1.bias.requires_grad_(False)
     x, y = torch.randn(3, 1, 4, 4), torch.randint(0, 3, (3,))
-    mat = mk.MAT(model, torch.optim.SGD(model.parameters(), lr=0.1), interval=1,
+    mat = mk.MAT(model, torch.optim.SGD(model.parameters(), lr=0.1), warmup_steps=0, interval=1,
                  probe=(x, y), lambda_kwargs={"backend": "torch"})
     _set(mat, [True, True, True])
     assert not model.c1.bias.requires_grad
@@ -439,3 +439,19 @@ def test_measuring_from_the_training_backward_records_its_extra_cost():
     steps = [s for s, _ in ledger.measure]
     assert steps.count(1) == 2  # the Grams (from MAT) and the exact backward's extra dX (from count_step)
     assert ledger.train[1] == ledger.train[0]
+
+
+def test_group_by_layer_thresholds_heads_within_their_layer():
+    torch.manual_seed(15)
+    mat = _mat(TinyLM(layers=2), group_by="layer", temporal_rule=False)
+    assert set(mat.groups) == {"head@blocks.0", "head_out@blocks.0", "head@blocks.1", "head_out@blocks.1", "ffn"}
+    lam = torch.tensor([1.0 if n.startswith("blocks.0") else 100.0 for n in mat.names], dtype=torch.float64)
+    lam[mat.names.index("blocks.0.head1")] = 2.0  # layer 0's heads are small, one of them less so
+    mat._decide(lam)
+    mat._decide(lam)
+    active = dict(zip(mat.names, mat.active.tolist()))
+    assert active["blocks.0.head1"]  # above its own layer's mean, although far below layer 1's
+    kind = _mat(TinyLM(layers=2), temporal_rule=False)
+    kind._decide(lam)
+    kind._decide(lam)
+    assert not any(a for n, a in zip(kind.names, kind.active.tolist()) if n.startswith("blocks.0.head"))

@@ -544,7 +544,7 @@ def test_prune_heads_fused_and_hf_separate_qkv():
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
-    from train_mlm import BertMLM
+    from tasks import BertMLM
 
     torch.manual_seed(15)
     model = BertMLM(vocab=17, d=12, heads=3, ffn=8, layers=2, max_len=6).eval()
