@@ -34,7 +34,7 @@ Summary per task and arm, mean ± std over seeds: the best validation metric, FL
 seed's dense best (and the saving against dense), the measurement's share of FLOPs and time, the mean active
 fraction; and the difference of each arm's best metric from ``mat``'s (positive: better than MAT).
 
-    python python/reproduce.py                                   # the default: mlm-small, dense vs MAT, seed 0
+    python python/reproduce.py              # the default: mlm-small, dense vs MAT vs random, seed 0 (~10 min)
     python python/reproduce.py --tasks mlm-small,cnn-small --arms dense,mat,random,trace,detach --seeds 0,1,2
     python python/reproduce.py --summary-only --csv results/reproduce.csv     # tables and plots from the CSV
     python python/reproduce.py --list                            # tasks and arms
@@ -76,7 +76,8 @@ RUNNER_KEYS = ("prune_fraction", "prune_at")
 FIELDS = ["task", "arm", "seed", "step", "metric", "value", "flops", "measure_flops", "wall_s", "measure_s",
           "active_fraction", "mat_kwargs", "commit", "date", "machine", "threads"]
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CSV = os.path.join(os.path.dirname(HERE), "results", "reproduce.csv")
+DEFAULT_CSV = os.path.join("reproduce_out", "reproduce.csv")  # relative to the working directory; the committed
+# grid lives in results/ (results/run_grid.sh passes --csv results/reproduce.csv)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,7 +303,8 @@ def summarize(rows: list[dict], task: str) -> tuple[list[dict], str]:
     recs = []
     for arm in arms:
         per = {"best": [], "flops_saving": [], "wall_saving": [], "measure_flops_share": [], "measure_time_share": [],
-               "active": [], "reached": 0, "seeds": 0, "delta_vs_mat": []}
+               "active": [], "reached": 0, "seeds": 0, "delta_vs_mat": [], "run_flops_saving": [],
+               "run_wall_saving": []}
         for seed in seeds_of[arm]:
             c = _curve(sub, task, arm, seed)
             if len(c) < 2:
@@ -315,6 +317,8 @@ def summarize(rows: list[dict], task: str) -> tuple[list[dict], str]:
             per["active"].append(sum(r["active_fraction"] for r in c[1:]) / (len(c) - 1))
             d = _curve(sub, task, "dense", seed)
             if len(d) >= 2:
+                per["run_flops_saving"].append(1 - last["flops"] / d[-1]["flops"])
+                per["run_wall_saving"].append(1 - last["wall_s"] / d[-1]["wall_s"])
                 target = _best(d, higher)
                 rd, ra = _reach(d, target, higher), _reach(c, target, higher)
                 if ra is not None:
@@ -341,8 +345,8 @@ def _fmt(ms, digits=4, pct=False):
 
 def _table(recs: list[dict], metric: str, higher: bool) -> str:
     head = ["arm", "seeds", f"best {metric}", "vs MAT (+: better)", "reached dense best",
-            "FLOPs saved to dense best", "wall time saved to dense best", "λ share of FLOPs", "λ share of time",
-            "active fraction"]
+            "FLOPs saved to dense best", "wall time saved to dense best", "FLOPs saved, whole run",
+            "wall time saved, whole run", "λ share of FLOPs", "λ share of time", "active fraction"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in recs:
         cells = [r["arm"], str(r["seeds"]), _fmt(_mean_std(r["best"])),
@@ -350,6 +354,8 @@ def _table(recs: list[dict], metric: str, higher: bool) -> str:
                  f"{r['reached']}/{r['seeds']}",
                  _fmt(_mean_std(r["flops_saving"]), pct=True) if r["arm"] != "dense" else "",
                  _fmt(_mean_std(r["wall_saving"]), pct=True) if r["arm"] != "dense" else "",
+                 _fmt(_mean_std(r["run_flops_saving"]), pct=True) if r["arm"] != "dense" else "",
+                 _fmt(_mean_std(r["run_wall_saving"]), pct=True) if r["arm"] != "dense" else "",
                  _fmt(_mean_std(r["measure_flops_share"]), 3, pct=False) if r["arm"] != "dense" else "",
                  _fmt(_mean_std(r["measure_time_share"]), 3, pct=False) if r["arm"] != "dense" else "",
                  _fmt(_mean_std(r["active"]), 2)]
@@ -436,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--tasks", default="mlm-small", help=f"comma-separated tasks ({', '.join(task_registry.names())})")
-    ap.add_argument("--arms", default="dense,mat", help=f"comma-separated arms ({', '.join(ARMS)}, or --arm names)")
+    ap.add_argument("--arms", default="dense,mat,random",
+                    help=f"comma-separated arms ({', '.join(ARMS)}, or --arm names)")
     ap.add_argument("--arm", action="append", default=[], type=_parse_arm, metavar="NAME=KEY:VALUE,...",
                     help="define an arm from MAT keyword arguments (repeatable), e.g. --arm a05=alpha:0.5")
     ap.add_argument("--seeds", default="0", type=lambda t: _int_list(t, "--seeds"), help="comma-separated seeds")
@@ -465,6 +472,8 @@ def resolve(a, ap) -> tuple[list[str], dict[str, dict | None]]:
         ap.error(f"--arms: unknown {bad or a.arms!r}; known: {', '.join(arms)}")
     if a.threads is not None and a.threads < 1:
         ap.error("--threads must be >= 1")
+    if a.summary_only and not os.path.exists(a.csv):
+        ap.error(f"--csv: {a.csv!r} does not exist (--summary-only summarises an existing CSV)")
     return tasks, {x: arms[x] for x in chosen}
 
 

@@ -81,6 +81,16 @@ def test_bad_options_are_named(argv, match, capsys):
     assert match in capsys.readouterr().err
 
 
+def test_summary_only_needs_an_existing_csv(tmp_path, capsys):
+    import reproduce
+
+    with pytest.raises(SystemExit):
+        reproduce.main(["--summary-only", "--csv", str(tmp_path / "missing.csv")])
+    assert "--csv: " in capsys.readouterr().err
+    # the default CSV is written under the working directory, never over the committed grid in results/
+    assert reproduce.build_parser().parse_args([]).csv == os.path.join("reproduce_out", "reproduce.csv")
+
+
 def test_bad_mat_keywords_name_the_argument(tmp_path):
     import reproduce
 
