@@ -14,7 +14,8 @@ Public API:
   sparse-update layers, an optimizer step that keeps frozen slices frozen.
 * :func:`discover_modules`, :class:`ModuleSpec`, :class:`ParamSlice`, :func:`register_layout`: MAT modules of a
   model (attention heads in separate or fused projections, FFN blocks, conv layers, experts) and custom ones.
-* :func:`sparse_update_linear`, :class:`SparseUpdateLinear`, :class:`SparseLayout`: a linear layer whose backward
+* :func:`sparse_update_linear`, :class:`SparseUpdateLinear` (and :class:`SparseUpdateConv1D` for
+  GPT-2's ``Conv1D``), :class:`SparseLayout`: a linear layer whose backward
   computes dX in full and dW/db only for active blocks (C++/CUDA extension ``mat_kernels._C``).
 * :mod:`mat_kernels.reference`: float64 oracles (per-sample gradients by autograd, explicit Grams).
 
@@ -36,7 +37,7 @@ from .model import ModelLambdaMax, model_lambda_max
 from .mat import MAT
 from .prune import lowest_heads, prune_heads
 from . import hf  # noqa: F401,E402  (Hugging Face Trainer integration; imports transformers only when used)
-from .sparse_linear import SparseLayout, SparseUpdateLinear, sparse_update_linear
+from .sparse_linear import SparseLayout, SparseUpdateConv1D, SparseUpdateLinear, sparse_update_linear
 
 __version__ = "0.1.0"
 
@@ -64,6 +65,7 @@ __all__ = [
     "DEFAULT_SKETCH_SIZE",
     "sparse_update_linear",
     "SparseUpdateLinear",
+    "SparseUpdateConv1D",
     "SparseLayout",
     "__version__",
 ]

@@ -85,6 +85,22 @@ def _ranges_in_call(ranges, axis: str, r0: int, rows: int, d_out: int):
     return out
 
 
+def conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """The input padding a ``Conv2d`` applies, as ``F.pad``'s ``(left, right, top, bottom)``: integer padding, or
+    ``"valid"`` (none) and ``"same"`` (``dilation·(k-1)`` in all, the odd one on the right/bottom, as PyTorch
+    does)."""
+    if conv.padding == "valid":
+        return (0, 0, 0, 0)
+    if conv.padding == "same":
+        out = []
+        for d, k in zip(reversed(conv.dilation), reversed(conv.kernel_size)):
+            total = d * (k - 1)
+            out += [total // 2, total - total // 2]
+        return tuple(out)
+    ph, pw = conv.padding
+    return (pw, pw, ph, ph)
+
+
 class LambdaCapture:
     """Context manager that captures what the given modules need during a forward and backward pass, and builds
     their Grams layer by layer. See :func:`capture_lambda_max` (the public constructor) for the arguments."""
@@ -167,9 +183,6 @@ class LambdaCapture:
         if attr == "weight" and _is_conv1d(owner):
             return _Site(name, "conv1d", owner, owner, p, d_out, d_in)
         if attr == "weight" and isinstance(owner, nn.Conv2d):
-            if owner.padding_mode != "zeros":
-                raise ValueError(f"{name}: Conv2d with padding_mode={owner.padding_mode!r} is not supported "
-                                 "(its input is padded outside the convolution); use padding_mode='zeros'")
             return _Site(name, "conv2d", owner, owner, p, d_out, d_in)
         raise ValueError(
             f"parameter {name} belongs to a {type(owner).__name__}; mat_kernels captures nn.Linear, Hugging Face "
@@ -182,11 +195,11 @@ class LambdaCapture:
             raise RuntimeError("this capture is already active")
         # Sparse-update layers (MAT) run the exact backward while captured: gradients must flow through frozen
         # blocks (frozen_backward="detach" would stop them), and a measurement's own backward needs no dW at all.
-        from .sparse_linear import SparseUpdateLinear
+        from .sparse_linear import _SparseUpdateMixin
 
         self._stack = contextlib.ExitStack()
         for site in self.sites.values():
-            if isinstance(site.owner, SparseUpdateLinear):
+            if isinstance(site.owner, _SparseUpdateMixin):
                 self._stack.enter_context(site.owner.exact_backward(weight_grad=not self.tap))
         scopes_done = set()
         for site in self.sites.values():
@@ -323,8 +336,11 @@ class LambdaCapture:
         G = conv.groups
         cg, og = x.shape[1] // G, dy.shape[1] // G
         parts = []
+        pads = conv_padding(conv)
+        if any(pads):  # the convolution's own padding, made explicit: unfold pads symmetrically and only with zeros
+            x = F.pad(x, pads, mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
         for g in range(G):
-            pt = F.unfold(x[:, g * cg:(g + 1) * cg], conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+            pt = F.unfold(x[:, g * cg:(g + 1) * cg], conv.kernel_size, conv.dilation, 0, conv.stride)
             d = dy[:, g * og:(g + 1) * og].reshape(n, og, -1)
             parts.append((pt.transpose(1, 2), d.transpose(1, 2), g * og))
         return parts

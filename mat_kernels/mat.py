@@ -24,11 +24,14 @@ What it does (defaults and their provenance in PAPER.md and python/README.md):
   owns (an output projection's bias, shared by its heads' column blocks) are trained at every step too.
 * **Frozen modules skip their weight-gradient GEMMs**: every ``nn.Linear`` that holds module slices is swapped for
   a :class:`mat_kernels.SparseUpdateLinear` sharing its parameters (so the optimizer stays valid) whose mask the
-  controller sets. A module that owns whole weights of other layers (``nn.Conv2d``, Hugging Face ``Conv1D`` FFN
-  blocks) is gated by ``requires_grad``: while it is frozen its weights do not require grad, so autograd computes
-  no weight gradient for them. Row or column slices of weights that are neither (``Conv1D`` attention, the
-  projections of ``nn.MultiheadAttention``) still compute their weight gradient, of which the frozen part is
-  discarded; :meth:`report` lists them (``masked_weights``) and a warning says so once.
+  controller sets, every Hugging Face ``Conv1D`` (GPT-2) for a :class:`mat_kernels.SparseUpdateConv1D` (the same
+  kernels on its transposed storage), and the projection weights of ``nn.MultiheadAttention`` get a
+  :class:`mat_kernels.SparseUpdateMHAWeight` (its ``F.linear`` calls are routed to the same kernels while the
+  attention runs). A module that owns whole weights of other layers (``nn.Conv2d``, and ``nn.Linear`` subclasses
+  such as Falcon's) is gated by ``requires_grad``: while it is frozen its weights do not require grad, so autograd
+  computes no weight gradient for them. Row or column slices of weights that are none of these (e.g. a
+  ``nn.Linear`` subclass) still compute their weight gradient, of which the frozen part is discarded;
+  :meth:`report` lists them (``masked_weights``) and a warning says so once.
 * **Partial backpropagation** (``frozen_backward="detach"``): no gradient flows through a frozen module either, so
   its input-gradient work is skipped too: a frozen head's rows drop out of the fused QKV's dX product, a frozen
   FFN block passes gradient only through the residual, a frozen head's output-projection columns send no gradient
@@ -71,7 +74,7 @@ import torch.nn as nn
 from .capture import capture_lambda_max
 from .flops import FlopsLedger
 from .model import _check_samples_independent, model_lambda_max
-from .modules import ModuleSpec, _is_conv1d, discover_modules, validate_specs
+from .modules import ModuleSpec, _is_conv1d, discover_modules, linear_shape, validate_specs
 from .optim import Block, FrozenSliceOptimizer
 from .policy import CRITERIA, POLICIES, TemporalRule, module_scores, threshold_mask
 from .sparse_linear import FROZEN_BACKWARD
@@ -126,8 +129,8 @@ class MAT:
         stop_when_converged: set :attr:`should_stop` when every module has converged.
         frozen_backward: ``"dw"`` (exact gradients; frozen modules skip their weight gradient) or ``"detach"``
             (partial backpropagation: no gradient flows through a frozen module).
-        sparse_backward: swap ``nn.Linear`` layers for ``SparseUpdateLinear`` and gate whole non-linear weights by
-            ``requires_grad`` (needs the C++ extension for the former).
+        sparse_backward: swap ``nn.Linear``/``Conv1D`` layers for sparse-update twins and gate whole weights of
+            other layers by ``requires_grad`` (needs the C++ extension for the former).
         lambda_kwargs: passed to :func:`mat_kernels.model_lambda_max` / ``layer_grams`` (``method``, ``backend``,
             ``check_finite``...).
         ledger: a :class:`mat_kernels.flops.FlopsLedger` to record measurements in (default: a new one,
@@ -237,11 +240,16 @@ class MAT:
         reason = None
         if wanted and not ops.extension_available():
             reason = f"the C++ extension is not built ({ops.extension_error()})"
-        mha_children = {id(mod.out_proj) for mod in self.module.modules() if isinstance(mod, nn.MultiheadAttention)}
+        mha_of = {id(mod.out_proj): mod for mod in self.module.modules() if isinstance(mod, nn.MultiheadAttention)}
         for wname, items in by_weight.items():
             owner_name, owner, attr = self._owner(wname)
             axes = {sl.axis for _, sl in items}
-            plain = type(owner) is nn.Linear and attr == "weight" and id(owner) not in mha_children
+            conv1d = type(owner).__name__ == "Conv1D" and _is_conv1d(owner)
+            # nn.MultiheadAttention's projections: no layer to swap, F.linear is routed while the attention runs
+            mha = owner if isinstance(owner, nn.MultiheadAttention) and attr.endswith("proj_weight") else (
+                mha_of.get(id(owner)) if attr == "weight" else None)
+            plain = ((type(owner) is nn.Linear or conv1d) and attr == "weight" and id(owner) not in mha_of) or (
+                mha is not None)
             if wanted and axes == {"all"} and not (plain and reason is None):
                 # a whole weight of a layer without a sparse-update twin (Conv2d, Conv1D, ...): requires_grad gate.
                 # Tensors the user froze (requires_grad=False) are left alone.
@@ -253,7 +261,7 @@ class MAT:
             if not wanted or reason is not None or not plain or len(axes) != 1:
                 masked.append(wname)
                 continue
-            from .sparse_linear import SparseUpdateLinear
+            from .sparse_linear import SparseUpdateConv1D, SparseUpdateLinear, SparseUpdateMHAWeight
 
             axis = axes.pop()
             per_module: dict[int, list] = {}  # a head's Q, K and V ranges are one module of the layer
@@ -261,23 +269,29 @@ class MAT:
                 per_module.setdefault(m, []).extend(sl.ranges)
             order = list(per_module)
             owns_bias = any(sl.bias is not None for _, sl in items)
+            # Conv1D: the same kernels on the transposed view of its [d_in, d_out] storage
+            if mha is not None:
+                def wrap(_, *, _mha=mha, _w=params[wname], **kw):
+                    return SparseUpdateMHAWeight(_mha, _w, **kw)
+            else:
+                wrap = SparseUpdateConv1D.from_conv1d if conv1d else SparseUpdateLinear.from_linear
             if axis == "all":
-                layer = SparseUpdateLinear.from_linear(owner, shared_bias=not owns_bias)
+                layer = wrap(owner, shared_bias=not owns_bias)
                 extra = 0
             else:
                 blocks = list(per_module.values())
-                dim = owner.out_features if axis == "rows" else owner.in_features
-                rest = _complement([r for rs in blocks for r in rs], dim)
+                d_out, d_in = linear_shape(owner, attr, params[wname])
+                rest = _complement([r for rs in blocks for r in rs], d_out if axis == "rows" else d_in)
                 extra = int(bool(rest))
                 if rest:  # entries no module owns: one more block, always active (they train like the rest)
                     blocks.append(rest)
-                layer = SparseUpdateLinear.from_linear(owner, shared_bias=axis == "cols" or not owns_bias,
-                                                       **({"row_blocks": blocks} if axis == "rows"
-                                                          else {"col_blocks": blocks}))
+                layer = wrap(owner, shared_bias=axis == "cols" or not owns_bias,
+                             **({"row_blocks": blocks} if axis == "rows" else {"col_blocks": blocks}))
             layer.set_frozen_backward(self.frozen_backward)
-            parent_name, child = owner_name.rsplit(".", 1) if "." in owner_name else ("", owner_name)
-            parent = self.module.get_submodule(parent_name) if parent_name else self.module
-            setattr(parent, child, layer)
+            if mha is None:
+                parent_name, child = owner_name.rsplit(".", 1) if "." in owner_name else ("", owner_name)
+                parent = self.module.get_submodule(parent_name) if parent_name else self.module
+                setattr(parent, child, layer)
             layers.append((layer, order, extra))
         if masked and wanted:
             why = reason or "they are row or column slices of layers that are not plain nn.Linear"

@@ -105,6 +105,41 @@ def projection_vectors(shape: tuple[int, ...], k: int, seed: int, device, dtype=
     return torch.randn((k, *shape), generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _check_label_shapes(logits: torch.Tensor, labels, causal: bool) -> None:
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in _INT_DTYPES:
+        raise TypeError(f"labels must be an integer tensor of class indices (-100: ignored), got "
+                        f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    if causal and (labels.dim() < 2 or labels.shape[1] < 2):
+        raise ValueError(f"causal=True needs at least 2 positions (position t predicts label t+1), got labels of "
+                         f"shape {tuple(labels.shape)}")
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels of shape {tuple(labels.shape)} do not match logits {tuple(logits.shape)} "
+                         "(expected logits [n, ..., classes] and labels [n, ...])")
+
+
+def check_label_values(logits: torch.Tensor, labels: torch.Tensor, *, causal: bool = False) -> None:
+    """Refuse labels outside ``[0, classes)`` other than -100 (a -1 would be read as class 0, a label >= classes
+    would fail inside ``gather``) and batches whose labels select no position (every λ would be 0). One reduction
+    and one host sync; run on the whole batch before :func:`per_sample_output`."""
+    _check_label_shapes(logits, labels, causal)
+    if labels.device != logits.device:
+        raise ValueError(f"labels are on {labels.device}, the model output on {logits.device}")
+    if causal:
+        labels = labels[:, 1:]
+    classes = logits.shape[-1]
+    valid = labels != -100
+    bad_mask = ((labels < 0) & valid) | (labels >= classes)
+    bad, any_valid = torch.stack([bad_mask.any(), valid.any()]).tolist()
+    if bad:
+        raise ValueError(f"labels must be in [0, {classes}) or -100 (ignored); found {labels[bad_mask][:5].tolist()}")
+    if not any_valid:
+        raise ValueError("labels select no position (every label is -100" + (" after the causal shift" if causal else "")
+                         + "): every λ would be 0")
+
+
 def per_sample_output(kind: str, logits: torch.Tensor, labels: torch.Tensor | None, *, causal: bool = False,
                       loss_fn: Callable | None = None, batch: Any = None, v: torch.Tensor | None = None):
     """``[n]`` per-sample NTK outputs s_i (see the module docstring). Used by :func:`model_lambda_max`; public so
@@ -119,13 +154,11 @@ def per_sample_output(kind: str, logits: torch.Tensor, labels: torch.Tensor | No
         return s
     if labels is None:
         raise ValueError(f"output={kind!r} needs labels: pass labels=, or a dict batch with a 'labels' entry")
+    _check_label_shapes(logits, labels, causal)
     if causal:
         logits, labels = logits[:, :-1], labels[:, 1:]
-    if labels.shape != logits.shape[:-1]:
-        raise ValueError(f"labels of shape {tuple(labels.shape)} do not match logits {tuple(logits.shape)} "
-                         "(expected logits [n, ..., classes] and labels [n, ...])")
-    logp = F.log_softmax(logits.float(), dim=-1)
     valid = labels != -100
+    logp = F.log_softmax(logits.float(), dim=-1)
     picked = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1) * valid
     s = picked.reshape(picked.shape[0], -1).sum(1)
     return s if kind == "logprob" else -s
@@ -208,6 +241,8 @@ def model_lambda_max(
             v = None
             if output == "projection":
                 v = projection_vectors(tuple(logits.shape[1:]), passes, seed, logits.device)[p]
+            if p == 0 and output != "projection" and loss_fn is None and labels is not None:
+                check_label_values(logits, labels, causal=causal)
             s = per_sample_output(output, logits, labels, causal=causal, loss_fn=loss_fn, batch=batch, v=v)
             cap.backward(s.sum())
         cap.check_complete()

@@ -15,9 +15,12 @@ layout              recognises
 ``moe_experts``     a child list/dict ``experts`` of sub-networks: one module per expert (all its linears)
 ``mha``             ``torch.nn.MultiheadAttention`` (fused ``in_proj_weight`` or separate q/k/v weights)
 ``separate_qkv``    three linears ``query/key/value``, ``q_proj/k_proj/v_proj``, ``q_lin/k_lin/v_lin`` (Hugging
-                    Face BERT, RoBERTa, ViT, DistilBERT, ...) and a head count attribute
-``fused_qkv``       one linear (or ``Conv1D``) ``qkv``/``qkv_proj``/``Wqkv``/``in_proj``/``c_attn`` of width
-                    3·heads·head_dim (GPT-2, timm, own models)
+                    Face BERT, RoBERTa, ViT, DistilBERT, Llama, Mistral, Qwen2, Gemma, ...), with grouped-query
+                    attention when the module or its config states ``num_key_value_heads``
+``fused_qkv``       one linear (or ``Conv1D``) ``qkv``/``qkv_proj``/``Wqkv``/``in_proj``/``c_attn``/
+                    ``query_key_value`` whose layout is known from the class (GPT-2 and its cross-attention,
+                    GPT-NeoX, Bloom, Falcon without multi-query, Phi-3, timm) or stated by the module's
+                    ``qkv_layout`` attribute: ``"qkv"`` ([Q; K; V]) or ``"per_head"`` ([q_h; k_h; v_h] per head)
 ``ffn``             a pair of linears: ``intermediate.dense``+``output.dense`` (BERT, RoBERTa), ``fc1``/``fc2``
                     (ViT), ``c_fc``/``c_proj`` (GPT-2), ``linear1``/``linear2`` (``nn.TransformerEncoderLayer``),
                     ``ffn_in``/``ffn_out``, ``w1``/``w2`` (+``w3``), ``up_proj``/``down_proj`` (+``gate_proj``),
@@ -25,9 +28,18 @@ layout              recognises
 ``conv2d``          every ``nn.Conv2d``: one module (weight + bias)
 ==================  =========================================================================================
 
-Attention layouts give one module per head: its Q, K and V rows and their bias entries. The head's columns of
-the output projection are, by ``out_proj=``: ``"separate"`` (default) their own module ``<attn>.head<h>.out``,
-``"merge"`` part of the head module, ``"none"`` not a module (always trained).
+Attention layouts give one module per head: its Q, K and V rows and their bias entries. Under grouped-query
+attention (``heads`` query heads sharing ``kv`` key/value heads, query head h reading key/value head
+``h // (heads / kv)`` as Hugging Face's ``repeat_kv`` does) the module is the *group* ``<attn>.group<g>`` (kind
+``head_group``): its K and V rows and the Q rows of the query heads that read them, since a K/V row cannot be
+frozen for one of its query heads and trained for another. The head's columns of the output projection are, by
+``out_proj=``: ``"separate"`` (default) their own module ``<attn>.head<h>.out`` (one per *query* head),
+``"merge"`` part of the head's (group's) module, ``"none"`` not a module (always trained).
+
+Head counts, key/value-head counts and fused layouts come from the module's attributes (``num_heads``-like,
+``num_key_value_heads``-like, ``head_dim``, ``qkv_layout``), its ``config`` or its class, never from shape
+divisibility alone: when they do not say, or the widths disagree with them, the weights are left unclaimed and
+:attr:`Discovery.unclaimed` says why.
 
 Parameters claimed by no layout are *reported*, never silently dropped: :attr:`Discovery.unclaimed` maps each to
 the reason (embeddings and norms are "always trained"; a linear no layout recognised is "unrecognised layout").
@@ -111,7 +123,9 @@ class Discovery:
 def _is_conv1d(mod: nn.Module) -> bool:
     # Hugging Face's transposed linear (GPT-2): weight [nx, nf], y = x @ W + b. Recognised by name and shape so
     # that transformers stays an optional dependency.
-    return type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and getattr(mod, "weight", None) is not None
+    # mat_kernels' own SparseUpdateConv1D (the sparse-update twin MAT swaps in) is one too.
+    return (type(mod).__name__ in ("Conv1D", "SparseUpdateConv1D") and hasattr(mod, "nf")
+            and getattr(mod, "weight", None) is not None)
 
 
 def linear_shape(owner: nn.Module, attr: str, param: torch.Tensor) -> tuple[int, int]:
@@ -182,6 +196,8 @@ def layouts() -> list[str]:
 
 
 _HEAD_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head", "heads")
+_KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head", "kv_heads")
+_HEAD_DIM_ATTRS = ("head_dim", "attention_head_size", "head_size")
 _OUT_PROJ = ("o_proj", "out_proj", "out_lin", "proj", "c_proj", "attn_out", "out", "dense")
 
 
@@ -195,10 +211,12 @@ def _num_heads(mod: nn.Module) -> int | None:
 
 def _head_specs(prefix: str, mod: nn.Module, heads: int, head_dim: int, qkv: list[tuple[str, int]],
                 out_child: str | None, out_owner_prefix: str, out_owner: nn.Module | None,
-                opts: dict) -> list[ModuleSpec]:
+                opts: dict, out_head_dim: int | None = None) -> list[ModuleSpec]:
     """One spec per head. ``qkv``: ``(child, row_offset)`` of each projection's rows (one child with offsets 0, E,
-    2E for a fused weight; three children with offset 0 for separate ones)."""
+    2E for a fused weight; three children with offset 0 for separate ones); a head owns ``head_dim`` rows of each
+    and ``out_head_dim`` (default ``head_dim``) columns of the output projection."""
     mode = opts.get("out_proj", "separate")
+    out_hd = out_head_dim or head_dim
     specs = []
     for h in range(heads):
         slices = []
@@ -207,7 +225,7 @@ def _head_specs(prefix: str, mod: nn.Module, heads: int, head_dim: int, qkv: lis
                                      _pname(prefix, mod, child, "bias")))
         out_slice = None
         if out_child is not None and mode != "none":
-            out_slice = ParamSlice(_pname(out_owner_prefix, out_owner, out_child), "cols", ((h * head_dim, head_dim),))
+            out_slice = ParamSlice(_pname(out_owner_prefix, out_owner, out_child), "cols", ((h * out_hd, out_hd),))
             out_bias = _pname(out_owner_prefix, out_owner, out_child, "bias")
             if out_bias is not None:
                 opts.setdefault("shared", {})[out_bias] = "always trained (output-projection bias, shared by all heads)"
@@ -305,6 +323,100 @@ def _mha(prefix, mod, model, opts):
     return specs
 
 
+def _refuse(opts: dict, prefix: str, mod: nn.Module, children, reason: str) -> None:
+    """Record why a layout left these children's parameters unclaimed (shown in :attr:`Discovery.unclaimed`)."""
+    for child in children:
+        for attr in ("weight", "bias"):
+            pn = _pname(prefix, mod, child, attr)
+            if pn is not None:
+                opts.setdefault("refused", {}).setdefault(pn, reason)
+
+
+def _pos_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _count(mod: nn.Module, attrs: tuple[str, ...], config_attrs: tuple[str, ...]) -> tuple[int | None, str | None]:
+    """An explicit count: the first positive int among the module's ``attrs``, else its ``config``'s
+    ``config_attrs`` (Hugging Face attention modules keep only ``config``). Returns ``(value, where)``."""
+    for a in attrs:
+        v = getattr(mod, a, None)
+        if _pos_int(v):
+            return v, a
+    cfg = getattr(mod, "config", None)
+    for a in config_attrs if cfg is not None else ():
+        v = getattr(cfg, a, None)
+        if _pos_int(v):
+            return v, f"config.{a}"
+    return None, None
+
+
+def _attention_geometry(mod: nn.Module, q_width: int) -> tuple[int, int, int] | str:
+    """``(heads, kv_heads, head_dim)`` of an attention module from its attributes or config, or the reason why not.
+
+    Nothing is inferred from shapes alone: the head count must be stated (``num_heads``-like attribute or
+    ``config.num_attention_heads``); the KV-head count is ``num_key_value_heads``-like (module or config) and
+    defaults to the head count (no grouping); ``head_dim`` is an attribute or ``q_width / heads``.
+    """
+    heads, _ = _count(mod, _HEAD_ATTRS, _HEAD_ATTRS)
+    if heads is None:
+        return (f"no head count: {type(mod).__name__} has none of the attributes {', '.join(_HEAD_ATTRS)} "
+                "(nor a config with one)")
+    kv, _ = _count(mod, _KV_HEAD_ATTRS, _KV_HEAD_ATTRS)
+    kv = kv or heads
+    hd, _ = _count(mod, _HEAD_DIM_ATTRS, ("head_dim",))
+    if hd is None:
+        if q_width % heads:
+            return f"the query width {q_width} is not a multiple of {heads} heads"
+        hd = q_width // heads
+    if heads * hd != q_width:
+        return f"{heads} heads x head_dim {hd} = {heads * hd} != the query width {q_width}"
+    if heads % kv:
+        return f"{heads} query heads do not split into {kv} key/value heads"
+    return heads, kv, hd
+
+
+def _gqa_specs(prefix: str, mod: nn.Module, model: nn.Module, heads: int, kv: int, hd: int,
+               q: tuple[str, int], k: tuple[str, int], v: tuple[str, int], opts: dict) -> list[ModuleSpec]:
+    """One module per key/value head (``<attn>.head<h>`` when every query head has its own, ``<attn>.group<g>``
+    under grouped-query attention: its K and V rows and the Q rows of the ``heads / kv`` query heads that use it,
+    query head h using key/value head ``h // (heads / kv)`` as in ``repeat_kv``), plus each query head's columns
+    of the output projection (``out_proj`` option). ``q``/``k``/``v``: ``(child, row offset)``."""
+    r = heads // kv
+    if r == 1:
+        owner_prefix, owner, child = _find_out_proj(prefix, mod, model, heads * hd)
+        return _head_specs(prefix, mod, heads, hd, [q, k, v], child, owner_prefix, owner, opts)
+    mode = opts.get("out_proj", "separate")
+    owner_prefix, owner, out_child = _find_out_proj(prefix, mod, model, heads * hd)
+    specs = []
+    for g in range(kv):
+        slices = [ParamSlice(_pname(prefix, mod, q[0]), "rows", ((q[1] + g * r * hd, r * hd),),
+                             _pname(prefix, mod, q[0], "bias"))]
+        for child, off in (k, v):
+            slices.append(ParamSlice(_pname(prefix, mod, child), "rows", ((off + g * hd, hd),),
+                                     _pname(prefix, mod, child, "bias")))
+        base = f"{prefix}.group{g}" if prefix else f"group{g}"
+        outs = []
+        if out_child is not None and mode != "none":
+            out_w = _pname(owner_prefix, owner, out_child)
+            if mode == "merge":
+                slices.append(ParamSlice(out_w, "cols", ((g * r * hd, r * hd),)))
+            else:
+                for h in range(g * r, (g + 1) * r):
+                    head = f"{prefix}.head{h}" if prefix else f"head{h}"
+                    outs.append(ModuleSpec(head + ".out", (ParamSlice(out_w, "cols", ((h * hd, hd),)),), "head_out"))
+        specs.append(ModuleSpec(base, tuple(slices), "head_group"))
+        specs += outs
+    if out_child is not None:
+        for attr in ("weight", "bias") if mode == "none" else ("bias",):
+            pn = _pname(owner_prefix, owner, out_child, attr)
+            if pn is not None:
+                opts.setdefault("shared", {})[pn] = (
+                    "always trained (attention output projection, out_proj='none')" if mode == "none"
+                    else "always trained (output-projection bias, shared by all heads)")
+    return specs
+
+
 @register_layout("separate_qkv")
 def _separate_qkv(prefix, mod, model, opts):
     for names in (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin")):
@@ -313,36 +425,114 @@ def _separate_qkv(prefix, mod, model, opts):
             break
     else:
         return None
-    heads = _num_heads(mod)
-    width = linear_shape(subs[0], "weight", subs[0].weight)[0]
-    if heads is None or width % heads:
+    widths = [linear_shape(sub, "weight", sub.weight)[0] for sub in subs]
+    geo = _attention_geometry(mod, widths[0])
+    if isinstance(geo, str):
+        _refuse(opts, prefix, mod, names, f"attention not recognised: {geo}; add explicit ModuleSpecs")
         return None
-    owner_prefix, owner, child = _find_out_proj(prefix, mod, model, width)
-    return _head_specs(prefix, mod, heads, width // heads, [(n, 0) for n in names], child, owner_prefix, owner, opts)
+    heads, kv, hd = geo
+    for name, w in zip(names[1:], widths[1:]):
+        if w != kv * hd:
+            _refuse(opts, prefix, mod, names,
+                    f"attention not recognised: {name} has {w} rows, not {kv} key/value heads x head_dim {hd}"
+                    + (" (grouped-query attention? state num_key_value_heads on the module or its config)"
+                       if kv == heads else "") + "; add explicit ModuleSpecs")
+            return None
+    return _gqa_specs(prefix, mod, model, heads, kv, hd, (names[0], 0), (names[1], 0), (names[2], 0), opts)
+
+
+_FUSED_NAMES = ("qkv", "qkv_proj", "Wqkv", "in_proj", "c_attn", "query_key_value")
+QKV_LAYOUTS = ("qkv", "per_head")
+
+
+def _fused_layout(mod: nn.Module, child: str) -> str:
+    """How a fused QKV weight is laid out, from the module's class or its explicit ``qkv_layout`` attribute:
+    ``"qkv"`` ([Q; K; V] blocks, then heads inside each; with key/value heads ``kv``: Q is heads·hd rows, K and V
+    kv·hd each), ``"per_head"`` ([q_h; k_h; v_h] per head), or a reason (str starting with "unknown") when
+    neither says. Never from the shape."""
+    explicit = getattr(mod, "qkv_layout", None)
+    if explicit is not None:
+        if explicit not in QKV_LAYOUTS:
+            raise ValueError(f"{type(mod).__name__}.qkv_layout must be one of {QKV_LAYOUTS}, got {explicit!r}")
+        return explicit
+    cls = type(mod).__name__
+    if cls in ("GPTNeoXAttention", "BloomAttention"):  # view(..., heads, 3 * head_dim)
+        return "per_head"
+    if cls == "FalconAttention":
+        if getattr(mod, "multi_query", True) or getattr(mod, "new_decoder_architecture", True):
+            return ("unknown: Falcon's multi-query / new-decoder fused layout is not supported; "
+                    "add explicit ModuleSpecs")
+        return "per_head"  # view(..., heads, 3, head_dim)
+    if cls in ("GPT2Attention", "DecisionTransformerGPT2Attention", "ImageGPTAttention") and child == "c_attn":
+        return "qkv"  # split(embed_dim) into Q, K, V
+    if cls == "Phi3Attention" and child == "qkv_proj":
+        return "qkv"  # Q (heads·hd), K and V (kv·hd each)
+    if type(mod).__module__.startswith("timm.") and child == "qkv":
+        return "qkv"  # reshape(B, N, 3, heads, hd)
+    return (f"unknown: the layout of the fused weight {child} of {cls} is not known from its class; set "
+            f"{cls}.qkv_layout = 'qkv' ([Q; K; V], as GPT-2) or 'per_head' ([q_h; k_h; v_h], as GPT-NeoX), or "
+            "add explicit ModuleSpecs")
 
 
 @register_layout("fused_qkv")
 def _fused_qkv(prefix, mod, model, opts):
-    for name in ("qkv", "qkv_proj", "Wqkv", "in_proj", "c_attn"):
+    for name in _FUSED_NAMES:
         sub = getattr(mod, name, None)
         if _is_linear_like(sub):
             break
     else:
         return None
-    heads = _num_heads(mod)
     d_out = linear_shape(sub, "weight", sub.weight)[0]
-    if heads is None or d_out % 3 or (d_out // 3) % heads:
+    if getattr(mod, "is_cross_attention", False) and name == "c_attn":
+        # GPT-2 cross-attention: Q from q_attn (encoder side: the decoder's states), K and V from c_attn = [K; V]
+        q_sub = getattr(mod, "q_attn", None)
+        if not _is_linear_like(q_sub):
+            _refuse(opts, prefix, mod, [name], "cross-attention without a q_attn projection; add explicit ModuleSpecs")
+            return None
+        geo = _attention_geometry(mod, linear_shape(q_sub, "weight", q_sub.weight)[0])
+        if isinstance(geo, str) or d_out != 2 * geo[1] * geo[2]:
+            _refuse(opts, prefix, mod, ["q_attn", name], "cross-attention not recognised: "
+                    + (geo if isinstance(geo, str) else f"c_attn has {d_out} rows, not [K; V]") + "; add ModuleSpecs")
+            return None
+        heads, kv, hd = geo
+        return _gqa_specs(prefix, mod, model, heads, kv, hd, ("q_attn", 0), (name, 0), (name, kv * hd), opts)
+    layout = _fused_layout(mod, name)
+    if layout.startswith("unknown"):
+        _refuse(opts, prefix, mod, [name], f"fused QKV layout {layout}")
         return None
-    E = d_out // 3
-    owner_prefix, owner, child = _find_out_proj(prefix, mod, model, E)
-    return _head_specs(prefix, mod, heads, E // heads, [(name, 0), (name, E), (name, 2 * E)], child,
-                       owner_prefix, owner, opts)
+    heads, _ = _count(mod, _HEAD_ATTRS, _HEAD_ATTRS)
+    kv, _ = _count(mod, _KV_HEAD_ATTRS, _KV_HEAD_ATTRS)
+    hd, _ = _count(mod, _HEAD_DIM_ATTRS, ("head_dim",))
+    kv = kv or heads
+    problem = None
+    if heads is None:
+        problem = f"no head count: {type(mod).__name__} has none of {', '.join(_HEAD_ATTRS)} (nor a config with one)"
+    elif heads % kv:
+        problem = f"{heads} query heads do not split into {kv} key/value heads"
+    elif layout == "per_head" and kv != heads:
+        problem = "key/value groups are not supported in a per-head layout"
+    else:
+        rows_per_hd = heads + 2 * kv
+        if hd is None and d_out % rows_per_hd == 0:
+            hd = d_out // rows_per_hd  # the layout and the counts are stated; only head_dim follows from them
+        if hd is None or d_out != rows_per_hd * hd:
+            problem = (f"{name} has {d_out} rows, not ({heads} + 2 x {kv}) heads x head_dim"
+                       + (f" {hd}" if hd else ""))
+    if problem is not None:
+        _refuse(opts, prefix, mod, [name], f"fused QKV ({layout}) not recognised: {problem}; add explicit ModuleSpecs")
+        return None
+    if layout == "per_head":  # head h: rows [3·hd·h, 3·hd·(h+1)) hold its q, k and v
+        owner_prefix, owner, child = _find_out_proj(prefix, mod, model, heads * hd)
+        return _head_specs(prefix, mod, heads, 3 * hd, [(name, 0)], child, owner_prefix, owner, opts,
+                           out_head_dim=hd)
+    return _gqa_specs(prefix, mod, model, heads, kv, hd, (name, 0), (name, heads * hd), (name, (heads + kv) * hd),
+                      opts)
 
 
 _FFN_PAIRS = (
     ("intermediate.dense", "output.dense"), ("fc1", "fc2"), ("c_fc", "c_proj"), ("linear1", "linear2"),
     ("ffn_in", "ffn_out"), ("w1", "w2", "w3"), ("up_proj", "down_proj", "gate_proj"), ("wi", "wo"), ("lin1", "lin2"),
-    ("dense_h_to_4h", "dense_4h_to_h"),
+    ("dense_h_to_4h", "dense_4h_to_h"), ("gate_up_proj", "down_proj"),
 )
 
 
@@ -432,8 +622,11 @@ def discover_modules(
         if pname in opts.get("shared", {}):
             unclaimed[pname] = opts["shared"][pname]
             continue
+        if pname in opts.get("refused", {}):
+            unclaimed[pname] = opts["refused"][pname]
+            continue
         owner = owners.get(pname.rsplit(".", 1)[0] if "." in pname else "", model)
-        if isinstance(owner, _ALWAYS_TRAINED):
+        if isinstance(owner, _ALWAYS_TRAINED) or type(owner).__name__.endswith(("RMSNorm", "LayerNorm")):
             unclaimed[pname] = f"always trained ({type(owner).__name__})"
         elif isinstance(owner, (nn.Linear, nn.Conv2d)) or _is_conv1d(owner):
             unclaimed[pname] = f"unrecognised layout ({type(owner).__name__}); add an explicit ModuleSpec"

@@ -5,7 +5,9 @@ entries), the output projection with only their columns, and the attention modul
 lowered. The forward, dX and dW of the pruned heads disappear, which is the point of the experiment (a masked head
 would still cost its full forward). Supported: the ``fused_qkv`` and ``separate_qkv`` layouts of
 :mod:`mat_kernels.modules` built from ``nn.Linear`` layers (own models; Hugging Face BERT, RoBERTa, ViT, whose
-attention reshapes with ``-1`` heads of a fixed head size). Anything else is refused with the reason.
+attention reshapes with ``-1`` heads of a fixed head size; Llama, Mistral, Qwen2, Gemma, whose grouped-query
+attention is pruned by whole key/value groups: the group's K/V rows and its query heads). Anything else is refused
+with the reason.
 
 Pruning changes the parameter tensors: build the optimizer (and a :class:`mat_kernels.MAT`) after pruning.
 """
@@ -17,28 +19,30 @@ from collections import defaultdict
 import torch
 import torch.nn as nn
 
-from .modules import _HEAD_ATTRS, discover_modules
+from .modules import _HEAD_ATTRS, _KV_HEAD_ATTRS, _count, discover_modules
 
 __all__ = ["prune_heads", "lowest_heads"]
 
+_HEAD_NAME = r"\.?(head|group)\d+$"  # a head module, or a key/value group (grouped-query attention)
+
 
 def lowest_heads(lambda_max: dict[str, float], fraction: float, *, keep_per_layer: int = 1) -> list[str]:
-    """Names of the ``fraction`` of heads (modules ``...head<h>``) with the lowest λmax, keeping at least
-    ``keep_per_layer`` heads in every attention module."""
+    """Names of the ``fraction`` of heads (modules ``...head<h>``, or ``...group<g>`` under grouped-query
+    attention) with the lowest λmax, keeping at least ``keep_per_layer`` of them in every attention module."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"fraction must be in [0, 1), got {fraction}")
-    heads = {k: v for k, v in lambda_max.items() if re.search(r"\.?head\d+$", k)}
+    heads = {k: v for k, v in lambda_max.items() if re.search(_HEAD_NAME, k)}
     if not heads:
-        raise ValueError("no head modules (names ending in 'head<h>') in lambda_max")
+        raise ValueError("no head modules (names ending in 'head<h>' or 'group<g>') in lambda_max")
     by_attn = defaultdict(list)
     for k in heads:
-        by_attn[re.sub(r"\.?head\d+$", "", k)].append(k)
+        by_attn[re.sub(_HEAD_NAME, "", k)].append(k)
     budget = int(round(fraction * len(heads)))
     chosen, left = [], {a: len(v) for a, v in by_attn.items()}
     for k in sorted(heads, key=lambda k: (heads[k], k)):
         if len(chosen) == budget:
             break
-        attn = re.sub(r"\.?head\d+$", "", k)
+        attn = re.sub(_HEAD_NAME, "", k)
         if left[attn] > keep_per_layer:
             chosen.append(k)
             left[attn] -= 1
@@ -67,6 +71,18 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _set_count(mod: nn.Module, attrs: tuple[str, ...], value: int) -> None:
+    """Lower every head-count attribute the module has; if it has none (the count lives in its config), state it
+    on the module as ``attrs[1]`` (``num_heads`` / ``num_kv_heads``), which discovery reads before the config."""
+    found = False
+    for a in attrs:
+        if isinstance(getattr(mod, a, None), int):
+            setattr(mod, a, value)
+            found = True
+    if not found:
+        setattr(mod, attrs[1], value)
+
+
 def prune_heads(model: nn.Module, heads: list[str]) -> dict[str, int]:
     """Remove the named heads (module names from :func:`mat_kernels.discover_modules`, e.g. ``"layers.2.head5"``).
 
@@ -76,13 +92,13 @@ def prune_heads(model: nn.Module, heads: list[str]) -> dict[str, int]:
     if isinstance(heads, str) or not all(isinstance(h, str) for h in heads):
         raise TypeError("heads must be a list of head module names")
     disc = discover_modules(model, out_proj="merge")
-    specs = {s.name: s for s in disc.specs if s.kind == "head"}
+    specs = {s.name: s for s in disc.specs if s.kind in ("head", "head_group")}
     unknown = [h for h in heads if h not in specs]
     if unknown:
         raise ValueError(f"not head modules of this model: {unknown[:5]} (known e.g. {list(specs)[:3]})")
     groups = defaultdict(list)
     for name, spec in specs.items():
-        groups[re.sub(r"\.?head\d+$", "", name)].append(spec)
+        groups[re.sub(_HEAD_NAME, "", name)].append(spec)
     result = {}
     for attn, all_heads in groups.items():
         drop = {s.name for s in all_heads if s.name in heads}
@@ -108,9 +124,17 @@ def prune_heads(model: nn.Module, heads: list[str]) -> dict[str, int]:
             order = torch.tensor(sorted(idx), device=lin.weight.device)
             new = _rebuild(lin, rows=order) if wname in rows_by_weight else _rebuild(lin, cols=order)
             _set(model, lin_name, new)
-        for a in _HEAD_ATTRS:
-            if isinstance(getattr(attn_mod, a, None), int):
-                setattr(attn_mod, a, len(keep))
+        if all_heads[0].kind == "head_group":  # a group = its key/value head and the r query heads reading it
+            kv_before, _ = _count(attn_mod, _KV_HEAD_ATTRS, _KV_HEAD_ATTRS)
+            q_before, _ = _count(attn_mod, _HEAD_ATTRS, _HEAD_ATTRS)
+            r = q_before // kv_before
+            # stated on the module itself, so that discovery after pruning reads these and not a stale config
+            _set_count(attn_mod, _HEAD_ATTRS, len(keep) * r)
+            _set_count(attn_mod, _KV_HEAD_ATTRS, len(keep))
+        else:
+            _set_count(attn_mod, _HEAD_ATTRS, len(keep))
+            if _count(attn_mod, _KV_HEAD_ATTRS, _KV_HEAD_ATTRS)[0] is not None:
+                _set_count(attn_mod, _KV_HEAD_ATTRS, len(keep))
         if isinstance(getattr(attn_mod, "all_head_size", None), int) and isinstance(
                 getattr(attn_mod, "attention_head_size", None), int):
             attn_mod.all_head_size = len(keep) * attn_mod.attention_head_size

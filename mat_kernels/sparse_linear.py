@@ -41,9 +41,10 @@ from torch import nn
 from .blocks import BlockSpec, resolve_blocks
 from .ops import sparse_update as _ops
 
-__all__ = ["SparseLayout", "sparse_update_linear", "SparseUpdateLinear"]
+__all__ = ["SparseLayout", "sparse_update_linear", "SparseUpdateLinear", "SparseUpdateConv1D"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_ORIG_LINEAR = F.linear
 
 if _ops.extension_available():  # OpOverloads, resolved once: the backward calls them on every step
     _WEIGHT_GRAD = torch.ops.mat_kernels.sparse_weight_grad.default
@@ -189,7 +190,7 @@ class _SparseUpdateLinearFunction(torch.autograd.Function):
         # Save only what the requested gradients need: X for dW, W for dX. The mask is copied (a few bytes on the
         # CPU) so that the backward uses the mask of its own forward even if set_active runs in between.
         ctx.save_for_backward(x if needs_w and mode[1] else None, weight if needs_x else None, active.clone())
-        return F.linear(x, weight, bias)
+        return _ORIG_LINEAR(x, weight, bias)  # not F.linear: it is rerouted while an nn.MultiheadAttention runs
 
     @staticmethod
     def backward(ctx, dy):
@@ -334,33 +335,9 @@ def _check_frozen_backward(value) -> str:
     return value
 
 
-class SparseUpdateLinear(nn.Linear):
-    """``nn.Linear`` whose backward updates only active blocks of its weight (and bias).
-
-    Same parameters (``weight [out_features, in_features]``, ``bias [out_features]``) and ``state_dict`` keys as
-    ``nn.Linear``; the activity mask is not part of the state (the MAT controller owns it). The mask lives on the
-    CPU whatever device the module is moved to. All modules start active, so a fresh layer trains exactly like
-    ``nn.Linear``.
-
-    Args:
-        in_features, out_features, bias, device, dtype: as ``nn.Linear``.
-        row_blocks / col_blocks: block spec (see :class:`SparseLayout`); neither: the whole weight is one module.
-        accumulate_grad: see :func:`sparse_update_linear` (eager-only).
-        frozen_backward: ``"dw"`` (default) or ``"detach"`` (no gradient through frozen blocks), see
-            :func:`sparse_update_linear`; changed with :meth:`set_frozen_backward`.
-        shared_bias: the bias belongs to no block (full gradient at every backward); always so for column blocks.
-
-    Example::
-
-        qkv = SparseUpdateLinear(768, 2304, row_blocks=mat_kernels.fused_qkv_heads(12, 64))
-        qkv.set_active(lam > threshold)   # bool [12]; in place, no recompilation under torch.compile
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 row_blocks: BlockSpec = None, col_blocks: BlockSpec = None, accumulate_grad: bool = False,
-                 frozen_backward: str = "dw", shared_bias: bool = False):
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init_sparse(row_blocks, col_blocks, accumulate_grad, frozen_backward, shared_bias)
+class _SparseUpdateMixin:
+    """What the sparse-update layers share: the layout, the CPU activity mask, the backward modes. The layer's
+    linear map is ``self._linear_weight()`` (``[out_features, in_features]``, a view of the stored weight)."""
 
     def _init_sparse(self, row_blocks, col_blocks, accumulate_grad, frozen_backward, shared_bias) -> None:
         _ops.require_extension()
@@ -373,32 +350,6 @@ class SparseUpdateLinear(nn.Linear):
         self._override: tuple[bool, bool] | None = None
         # A plain attribute, not a buffer: Module.to()/cuda() must not move it off the CPU.
         self._active = torch.ones(self.layout.num_modules, dtype=torch.bool)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, *, row_blocks: BlockSpec = None, col_blocks: BlockSpec = None,
-                    accumulate_grad: bool = False, frozen_backward: str = "dw",
-                    shared_bias: bool = False) -> "SparseUpdateLinear":
-        """Wrap an existing ``nn.Linear``, sharing its parameter objects (optimizers built on it stay valid)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.in_features, new.out_features = linear.in_features, linear.out_features
-        new.weight = linear.weight
-        new.register_parameter("bias", linear.bias)
-        new.train(linear.training)
-        new._init_sparse(row_blocks, col_blocks, accumulate_grad, frozen_backward, shared_bias)
-        return new
-
-    def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` sharing this layer's parameters (e.g. for export)."""
-        lin = nn.Linear.__new__(nn.Linear)
-        nn.Module.__init__(lin)
-        lin.in_features, lin.out_features = self.in_features, self.out_features
-        lin.weight = self.weight
-        lin.register_parameter("bias", self.bias)
-        lin.train(self.training)
-        return lin
 
     @property
     def num_modules(self) -> int:
@@ -431,13 +382,211 @@ class SparseUpdateLinear(nn.Linear):
         finally:
             self._override = prev
 
+    def _linear_weight(self) -> torch.Tensor:
+        return self.weight
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         detach, weight_grad = self._override or (self.frozen_backward == "detach", True)
-        return sparse_update_linear(input, self.weight, self.bias, active=self._active, layout=self.layout,
-                                    accumulate_grad=self.accumulate_grad,
+        return sparse_update_linear(input, self._linear_weight(), self.bias, active=self._active,
+                                    layout=self.layout, accumulate_grad=self.accumulate_grad,
                                     frozen_backward="detach" if detach else "dw", shared_bias=self.shared_bias,
                                     weight_grad=weight_grad)
+
+
+class SparseUpdateLinear(_SparseUpdateMixin, nn.Linear):
+    """``nn.Linear`` whose backward updates only active blocks of its weight (and bias).
+
+    Same parameters (``weight [out_features, in_features]``, ``bias [out_features]``) and ``state_dict`` keys as
+    ``nn.Linear``; the activity mask is not part of the state (the MAT controller owns it). The mask lives on the
+    CPU whatever device the module is moved to. All modules start active, so a fresh layer trains exactly like
+    ``nn.Linear``.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as ``nn.Linear``.
+        row_blocks / col_blocks: block spec (see :class:`SparseLayout`); neither: the whole weight is one module.
+        accumulate_grad: see :func:`sparse_update_linear` (eager-only).
+        frozen_backward: ``"dw"`` (default) or ``"detach"`` (no gradient through frozen blocks), see
+            :func:`sparse_update_linear`; changed with :meth:`set_frozen_backward`.
+        shared_bias: the bias belongs to no block (full gradient at every backward); always so for column blocks.
+
+    Example::
+
+        qkv = SparseUpdateLinear(768, 2304, row_blocks=mat_kernels.fused_qkv_heads(12, 64))
+        qkv.set_active(lam > threshold)   # bool [12]; in place, no recompilation under torch.compile
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 row_blocks: BlockSpec = None, col_blocks: BlockSpec = None, accumulate_grad: bool = False,
+                 frozen_backward: str = "dw", shared_bias: bool = False):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_sparse(row_blocks, col_blocks, accumulate_grad, frozen_backward, shared_bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, row_blocks: BlockSpec = None, col_blocks: BlockSpec = None,
+                    accumulate_grad: bool = False, frozen_backward: str = "dw",
+                    shared_bias: bool = False) -> "SparseUpdateLinear":
+        """Wrap an existing ``nn.Linear``, sharing its parameter objects (optimizers built on it stay valid)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight = linear.weight
+        new.register_parameter("bias", linear.bias)
+        new.train(linear.training)
+        new._init_sparse(row_blocks, col_blocks, accumulate_grad, frozen_backward, shared_bias)
+        return new
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` sharing this layer's parameters (e.g. for export)."""
+        lin = nn.Linear.__new__(nn.Linear)
+        nn.Module.__init__(lin)
+        lin.in_features, lin.out_features = self.in_features, self.out_features
+        lin.weight = self.weight
+        lin.register_parameter("bias", self.bias)
+        lin.train(self.training)
+        return lin
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, layout={self.layout.describe()}, "
                 f"active={int(self._active.sum())}/{self.layout.num_modules}, frozen_backward={self.frozen_backward!r}")
+
+
+class SparseUpdateConv1D(_SparseUpdateMixin, nn.Module):
+    """Hugging Face's ``Conv1D`` (GPT-2: ``y = x @ W + b`` with ``W`` stored ``[in_features, out_features]``) whose
+    backward updates only active blocks. Blocks are stated in the linear-map orientation ``[out_features,
+    in_features]`` like everywhere in mat_kernels: row blocks are *columns* of the stored weight. The kernels run on
+    the transposed view (no copy); parameters and ``state_dict`` keys are the ``Conv1D``'s.
+
+    Build it from a ``Conv1D`` with :meth:`from_conv1d` (which shares its parameters); :class:`mat_kernels.MAT`
+    does so for every ``Conv1D`` whose weight holds module slices.
+    """
+
+    @classmethod
+    def from_conv1d(cls, conv, *, row_blocks: BlockSpec = None, col_blocks: BlockSpec = None,
+                    frozen_backward: str = "dw", shared_bias: bool = False) -> "SparseUpdateConv1D":
+        """Wrap a Hugging Face ``Conv1D`` (weight ``[nx, nf]``, bias ``[nf]``), sharing its parameters."""
+        weight = getattr(conv, "weight", None)
+        if type(conv).__name__ != "Conv1D" or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise TypeError(f"conv must be a Hugging Face Conv1D, got {type(conv).__name__}")
+        new = cls()
+        new.nx, new.nf = weight.shape
+        new.in_features, new.out_features = new.nx, new.nf
+        new.weight = conv.weight
+        new.register_parameter("bias", conv.bias)
+        new.train(conv.training)
+        new._init_sparse(row_blocks, col_blocks, False, frozen_backward, shared_bias)
+        return new
+
+    def _linear_weight(self) -> torch.Tensor:
+        return self.weight.t()
+
+    def extra_repr(self) -> str:
+        return (f"nf={self.nf}, nx={self.nx}, layout={self.layout.describe()}, "
+                f"active={int(self._active.sum())}/{self.layout.num_modules}, frozen_backward={self.frozen_backward!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# nn.MultiheadAttention: no layer to swap
+# ----------------------------------------------------------------------------------------------------------------
+_MHA_WEIGHTS: dict[int, "SparseUpdateMHAWeight"] = {}  # id(parameter) -> its sparse-update state
+_MHA_PATCH_DEPTH = [0]
+
+
+def _mha_sparse_linear(input, weight, bias=None):
+    """``F.linear`` while a gated ``nn.MultiheadAttention`` runs its forward: calls on a gated weight (or on a row
+    view of it: cross-attention splits ``in_proj_weight`` into Q and K/V rows) take the sparse-update route."""
+    holder, r0 = _MHA_WEIGHTS.get(id(weight)), 0
+    if holder is None and isinstance(weight, torch.Tensor) and weight._base is not None:
+        holder = _MHA_WEIGHTS.get(id(weight._base))
+        if holder is not None:
+            p = holder.weight
+            if weight.dim() != 2 or weight.stride() != p.stride() or weight.shape[1] != p.shape[1]:
+                holder = None  # not a block of whole rows: leave it to autograd (exact)
+            else:
+                r0 = (weight.storage_offset() - p.storage_offset()) // p.stride(0)
+    if holder is None:
+        return _ORIG_LINEAR(input, weight, bias)
+    return holder._call(input, weight, bias, r0)
+
+
+class SparseUpdateMHAWeight(_SparseUpdateMixin):
+    """Sparse updates for a weight of ``nn.MultiheadAttention`` (``in_proj_weight``, ``q/k/v_proj_weight``,
+    ``out_proj.weight``), which ``F.multi_head_attention_forward`` passes straight to ``F.linear`` (whole, or as
+    row views for cross-attention): there is no layer to swap. While the attention module runs its forward,
+    ``torch.nn.functional.linear`` is routed through :func:`sparse_update_linear` for this weight (forward pre- and
+    post-hooks; restored even when the forward raises), with the layout restricted to the rows a view covers.
+
+    Same interface as :class:`SparseUpdateLinear` (``set_active``, ``exact_backward``, ``set_frozen_backward``);
+    not an ``nn.Module`` (the parameter stays where it is). :meth:`remove` undoes the hooks.
+    """
+
+    def __init__(self, attention: nn.MultiheadAttention, weight: torch.Tensor, *, row_blocks: BlockSpec = None,
+                 col_blocks: BlockSpec = None, frozen_backward: str = "dw", shared_bias: bool = False):
+        if not isinstance(attention, nn.MultiheadAttention):
+            raise TypeError(f"attention must be an nn.MultiheadAttention, got {type(attention).__name__}")
+        owned = [attention.in_proj_weight, attention.q_proj_weight, attention.k_proj_weight,
+                 attention.v_proj_weight, attention.out_proj.weight]
+        if not any(weight is p for p in owned if p is not None):
+            raise ValueError("weight must be one of the attention module's projection weights")
+        if id(weight) in _MHA_WEIGHTS:
+            raise ValueError("this weight already has a SparseUpdateMHAWeight; remove() it first")
+        self.attention, self.weight = attention, weight
+        self.out_features, self.in_features = weight.shape
+        self.bias = None
+        self.training = True
+        self._init_sparse(row_blocks, col_blocks, False, frozen_backward, shared_bias)
+        self._views: dict[tuple[int, int], tuple[SparseLayout, torch.Tensor]] = {}
+        _MHA_WEIGHTS[id(weight)] = self
+        self._handles = [attention.register_forward_pre_hook(_mha_enter),
+                         attention.register_forward_hook(_mha_exit, always_call=True)]
+
+    def remove(self) -> None:
+        """Remove the hooks; the weight trains through plain ``F.linear`` again."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        _MHA_WEIGHTS.pop(id(self.weight), None)
+
+    def _view(self, r0: int, rows: int) -> tuple[SparseLayout, torch.Tensor | None]:
+        """The layout of rows ``[r0, r0 + rows)`` and the indices of its modules in the full mask."""
+        if r0 == 0 and rows == self.out_features:
+            return self.layout, None
+        key = (r0, rows)
+        if key not in self._views:
+            if self.layout.axis != 0:
+                raise ValueError("a row view of a weight with column blocks")
+            per_module: dict[int, list[tuple[int, int]]] = {}
+            for s, n, m in zip(self.layout.starts, self.layout.sizes, self.layout.owners):
+                lo, hi = max(s, r0), min(s + n, r0 + rows)
+                if lo < hi:
+                    per_module.setdefault(m, []).append((lo - r0, hi - lo))
+            order = sorted(per_module)
+            sub = SparseLayout.build(rows, self.in_features, row_blocks=[per_module[m] for m in order])
+            self._views[key] = (sub, torch.tensor(order, dtype=torch.long))
+        return self._views[key]
+
+    def _call(self, x, weight, bias, r0: int):
+        layout, idx = self._view(r0, weight.shape[0])
+        active = self._active if idx is None else self._active[idx]
+        detach, weight_grad = self._override or (self.frozen_backward == "detach", True)
+        # in_proj_bias entries follow their rows unless the layout says the bias is shared (column blocks)
+        return sparse_update_linear(x, weight, bias, active=active, layout=layout,
+                                    frozen_backward="detach" if detach else "dw",
+                                    shared_bias=self.shared_bias, weight_grad=weight_grad)
+
+    def __repr__(self) -> str:
+        return (f"SparseUpdateMHAWeight({tuple(self.weight.shape)}, layout={self.layout.describe()}, "
+                f"active={int(self._active.sum())}/{self.layout.num_modules}, frozen_backward={self.frozen_backward!r})")
+
+
+def _mha_enter(module, args, kwargs=None):
+    if _MHA_PATCH_DEPTH[0] == 0:
+        F.linear = _mha_sparse_linear
+    _MHA_PATCH_DEPTH[0] += 1
+
+
+def _mha_exit(module, args, output):
+    _MHA_PATCH_DEPTH[0] -= 1
+    if _MHA_PATCH_DEPTH[0] == 0:
+        F.linear = _ORIG_LINEAR

@@ -86,6 +86,8 @@ def build(name: str, seed: int, *, tiny: bool = False) -> Task:
 class EncoderLayer(nn.Module):
     """Post-LN BERT layer: fused QKV projection (rows [Q; K; V]), output projection, GELU FFN."""
 
+    qkv_layout = "qkv"  # tells mat_kernels' discovery how the fused weight is laid out: [Q; K; V]
+
     def __init__(self, d: int, heads: int, ffn: int):
         super().__init__()
         self.heads = heads

@@ -46,3 +46,17 @@ def aten_counts(fn):
 GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addmm_", "aten::baddbmm_", "aten::matmul")
 COPY_OPS = ("aten::clone", "aten::contiguous", "aten::index_select", "aten::index", "aten::gather", "aten::copy_",
             "aten::cat", "aten::stack")
+
+
+def assert_moved_iff_active(specs, params: dict, before: dict, active) -> bool:
+    """After an optimizer step: every slice of an active module changed, every slice of a frozen one is bit-for-bit
+    unchanged (``before``: the parameters before the step). Returns whether some module was frozen."""
+    for m, spec in enumerate(specs):
+        for sl in spec.slices:
+            w, old = params[sl.weight].detach(), before[sl.weight]
+            parts = [(w, old)] if sl.axis == "all" else [
+                (w[a:a + n], old[a:a + n]) if sl.axis == "rows" else (w[:, a:a + n], old[:, a:a + n])
+                for a, n in sl.ranges]
+            for new, prev in parts:
+                assert torch.equal(new, prev) != bool(active[m]), (spec.name, bool(active[m]))
+    return not bool(torch.as_tensor(active).all())

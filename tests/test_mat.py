@@ -7,9 +7,11 @@ import warnings
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import mat_kernels as mk
+from helpers import assert_moved_iff_active
 from test_model_lambda_max import TinyLM
 
 transformers = pytest.importorskip("transformers")
@@ -47,15 +49,7 @@ def test_masks_reach_layers_and_frozen_slices_stay_frozen():
         mat.backward(_loss(model, ids))
         mat.step()
         mat.zero_grad()
-        for m, spec in enumerate(mat.specs):
-            for sl in spec.slices:
-                w, old = params[sl.weight].detach(), before[sl.weight]
-                parts = [(w, old)] if sl.axis == "all" else [
-                    (w[a:a + n], old[a:a + n]) if sl.axis == "rows" else (w[:, a:a + n], old[:, a:a + n])
-                    for a, n in sl.ranges]
-                for new, prev in parts:
-                    assert torch.equal(new, prev) != bool(active[m]), (spec.name, bool(active[m]))
-            froze_something |= not bool(active[m])
+        froze_something |= assert_moved_iff_active(mat.specs, params, before, active)
         for name in mat.always_trained:
             if name != "emb.weight":  # rows of unused tokens keep a zero gradient: only weight decay moves them
                 assert not torch.equal(params[name], before[name]), name
@@ -155,30 +149,111 @@ def test_bad_configurations():
         mk.MAT(model, opt, policy="median")
 
 
-def test_layers_that_are_not_plain_linears_are_masked_and_said_so():
-    """GPT-2's Conv1D weights compute their full dW; the frozen part is discarded, visibly, and stays frozen."""
+def test_gpt2_conv1d_layers_get_sparse_updates():
+    """GPT-2's Conv1D weights ([d_in, d_out] storage) are swapped for SparseUpdateConv1D: frozen slices compute no
+    weight gradient and stay frozen; active ones get exactly dense autograd's gradient."""
     torch.manual_seed(7)
     cfg = transformers.GPT2Config(vocab_size=30, n_embd=16, n_layer=1, n_head=2, n_positions=8, resid_pdrop=0.0,
                                   embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")
     model = transformers.GPT2LMHeadModel(cfg)
+    dense = copy.deepcopy(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ids = torch.randint(0, 30, (4, 8))
-    with pytest.warns(UserWarning, match="compute their full weight gradient"):
-        mat = mk.MAT(model, opt, warmup_steps=0, interval=1, probe=({"input_ids": ids}, ids),
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is merely masked any more
+        mat = mk.MAT(model, opt, warmup_steps=0, interval=1, patience=1, probe=({"input_ids": ids}, ids),
                      lambda_kwargs={"backend": "torch", "causal": True})
-    assert "transformer.h.0.attn.c_attn.weight" in mat.report()["masked_weights"]
+    assert mat.report()["masked_weights"] == []
+    assert isinstance(model.transformer.h[0].attn.c_attn, mk.SparseUpdateConv1D)
+    assert isinstance(model.transformer.h[0].mlp.c_fc, mk.SparseUpdateConv1D)
     w = model.transformer.h[0].attn.c_attn.weight
+    froze = False
     for _ in range(4):
         before, active = w.detach().clone(), mat.active.clone()
-        out = model(input_ids=ids, labels=ids)
-        mat.backward(out.loss)
+        mat.backward(model(input_ids=ids, labels=ids).loss)
+        dense.zero_grad()
+        dense(input_ids=ids, labels=ids).loss.backward()
+        ref = dense.transformer.h[0].attn.c_attn.weight.grad
+        for m, spec in enumerate(mat.specs):
+            for sl in spec.slices:
+                if sl.weight.endswith("c_attn.weight"):
+                    for a, n in sl.ranges:  # linear rows = stored columns
+                        if active[m]:
+                            torch.testing.assert_close(w.grad[:, a:a + n], ref[:, a:a + n], rtol=1e-5, atol=1e-7)
+                        else:
+                            assert w.grad is None or not w.grad[:, a:a + n].any()
         mat.step()
         mat.zero_grad()
         for m, spec in enumerate(mat.specs):
             for sl in spec.slices:
                 if sl.weight.endswith("c_attn.weight") and not active[m]:
-                    for a, n in sl.ranges:  # linear rows = stored columns
+                    froze = True
+                    for a, n in sl.ranges:
                         assert torch.equal(w[:, a:a + n], before[:, a:a + n])
+        dense.load_state_dict(model.state_dict())
+    assert froze
+
+
+class _Seq2Seq(nn.Module):
+    """nn.TransformerDecoderLayer (self-attention: one packed in_proj call; cross-attention: Q and K/V row views of
+    in_proj_weight) and an nn.MultiheadAttention with kdim/vdim (separate q/k/v weights)."""
+
+    def __init__(self, d=8, heads=2):
+        super().__init__()
+        self.dec = nn.TransformerDecoderLayer(d, heads, 12, dropout=0.0, batch_first=True)
+        self.kv = nn.MultiheadAttention(d, heads, kdim=6, vdim=5, batch_first=True)
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x, mem, k, v):
+        h = self.dec(x, mem)
+        return self.head(h + self.kv(h, k, v, need_weights=False)[0]).mean(1)
+
+
+def test_multihead_attention_projections_get_sparse_updates():
+    torch.manual_seed(8)
+    model = _Seq2Seq()
+    dense = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(3)
+    x, mem, k, v = (torch.randn(4, T, d, generator=g) for T, d in ((5, 8), (3, 8), (3, 6), (3, 5)))
+    y = torch.tensor([0, 1, 4, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is merely masked
+        mat = mk.MAT(model, opt, warmup_steps=10**6, probe=((x, mem, k, v), y),
+                     lambda_kwargs={"backend": "torch"})
+    assert mat.report()["masked_weights"] == []
+    names = dict(model.named_parameters())
+    ids = {id(p): n for n, p in names.items()}
+    gated = {ids[id(layer.weight)] for layer, _, _ in mat.sparse_layers}
+    assert {"dec.self_attn.in_proj_weight", "dec.multihead_attn.in_proj_weight", "dec.self_attn.out_proj.weight",
+            "kv.q_proj_weight", "kv.k_proj_weight", "kv.v_proj_weight", "kv.out_proj.weight"} <= gated
+    for step in range(3):
+        active = torch.rand(len(mat.specs), generator=g) < 0.5
+        mat.active = active.clone()
+        mat._apply_masks()
+        before = {n: p.detach().clone() for n, p in names.items()}
+        mat.backward(F.cross_entropy(model(x, mem, k, v), y))
+        dense.zero_grad()
+        F.cross_entropy(dense(x, mem, k, v), y).backward()
+        ref = dict(dense.named_parameters())
+        for m, spec in enumerate(mat.specs):
+            for sl in spec.slices:
+                grad = names[sl.weight].grad
+                for a, n in sl.ranges or ((0, None),):
+                    pick = (lambda t: t) if sl.axis == "all" else (
+                        (lambda t, a=a, n=n: t[a:a + n]) if sl.axis == "rows" else (lambda t, a=a, n=n: t[:, a:a + n]))
+                    if active[m]:
+                        torch.testing.assert_close(pick(grad), pick(ref[sl.weight].grad), rtol=1e-5, atol=1e-7)
+                    else:
+                        assert grad is None or not pick(grad).any(), (spec.name, sl.weight)
+        mat.step()
+        mat.zero_grad()
+        for m, spec in enumerate(mat.specs):
+            for sl in spec.slices:
+                if not active[m] and sl.axis == "rows":
+                    for a, n in sl.ranges:
+                        assert torch.equal(names[sl.weight][a:a + n], before[sl.weight][a:a + n])
+        dense.load_state_dict(model.state_dict())
 
 
 def _ddp_worker(rank, world, path, port):

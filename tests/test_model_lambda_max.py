@@ -30,6 +30,8 @@ transformers.logging.set_verbosity_error()
 class FusedBlock(nn.Module):
     """Own BERT-style layer: fused QKV linear (rows [Q; K; V]), output projection, FFN."""
 
+    qkv_layout = "qkv"
+
     def __init__(self, d, heads, ffn):
         super().__init__()
         self.heads = heads
@@ -237,6 +239,19 @@ def test_cnn_conv_layers_with_eval_batchnorm_stride_groups():
     res = run_and_check(model, torch.randn(5, 2, 7, 7, generator=_gen(9)), torch.randint(0, 4, (5,)))
     assert list(res.lambda_max) == ["0", "3"]
     assert "unrecognised layout" in res.unclaimed["6.weight"]
+
+
+@pytest.mark.parametrize("padding,mode", [("same", "zeros"), ("valid", "zeros"), (1, "reflect"), ("same", "circular")])
+def test_cnn_string_padding_and_padding_modes(padding, mode):
+    """VGG-style convs with string padding (even kernel: 'same' pads one more on the right) and non-zero modes."""
+    torch.manual_seed(15)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=padding, padding_mode=mode), nn.ReLU(),
+        nn.Conv2d(4, 4, (2, 3), padding=padding, padding_mode=mode, dilation=(1, 2) if padding != "same" else 1),
+        nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3),
+    ).eval()
+    res = run_and_check(model, torch.randn(4, 2, 7, 8, generator=_gen(10)), torch.tensor([0, 2, 1, 1]))
+    assert list(res.lambda_max) == ["0", "2"]
 
 
 def test_own_fused_qkv_model_and_shared_weights():
@@ -461,6 +476,25 @@ def test_bad_arguments():
         mk.discover_modules(TinyLM(), out_proj="both")
     with pytest.raises(ValueError, match="no MAT module found"):
         mk.model_lambda_max(nn.Sequential(nn.Embedding(5, 3)), ids, labels=ids)
+
+
+@pytest.mark.parametrize("labels,causal,exc,match", [
+    (torch.full((2, 3), -100), False, ValueError, "labels select no position"),
+    (torch.tensor([[-100, 4, 5], [-100, -100, -100]]), True, None, None),  # one labelled position is enough
+    (torch.tensor([[3, -100, -100], [1, -100, -100]]), True, ValueError, "after the causal shift"),
+    (torch.tensor([[0, -1, 2], [1, 1, 1]]), False, ValueError, r"labels must be in \[0, 23\) or -100 \(ignored\); found \[-1\]"),
+    (torch.tensor([[0, 23, 2], [1, 1, 1]]), False, ValueError, r"found \[23\]"),
+    (torch.zeros(2, 3), False, TypeError, "labels must be an integer tensor"),
+    (torch.zeros(2, 1, dtype=torch.long), True, ValueError, "causal=True needs at least 2 positions"),
+    (torch.zeros(2, 4, dtype=torch.long), False, ValueError, "do not match logits"),
+])
+def test_bad_labels_are_named(labels, causal, exc, match):
+    ids = torch.zeros(2, labels.shape[1] if labels.shape[1] != 4 else 3, dtype=torch.long)
+    if exc is None:
+        mk.model_lambda_max(TinyLM(), ids, labels=labels, causal=causal, backend="torch")
+        return
+    with pytest.raises(exc, match=match):
+        mk.model_lambda_max(TinyLM(), ids, labels=labels, causal=causal, backend="torch")
 
 
 def test_layer_never_called_is_an_error():

@@ -428,6 +428,22 @@ def test_set_active_in_place_and_mask_stays_on_cpu():
     assert c._active.data_ptr() != ptr and c.active.tolist() == s.active.tolist()
 
 
+def test_set_active_between_forward_and_backward_applies_from_the_next_forward():
+    torch.manual_seed(14)
+    s = mk.SparseUpdateLinear(19, 15, row_blocks=5)
+    x, dy = torch.randn(4, 19), torch.randn(4, 15)
+    s.set_active([True, False, True, False, False])
+    y = s(x)
+    s.set_active([False] * 5)  # no in-place error: the backward uses its own forward's mask
+    y.backward(dy)
+    _, rdw, _ = _oracle(x, s.weight, s.bias, dy)
+    rows = torch.tensor([True, False, True, False, False]).repeat_interleave(3)
+    assert rel_err(s.weight.grad[rows], rdw[rows]) <= FP32_RTOL and not s.weight.grad[~rows].any()
+    s.zero_grad(set_to_none=True)
+    s(x).backward(dy)  # the next forward: everything frozen
+    assert s.weight.grad is None
+
+
 def test_meta_device_for_deferred_init():
     """Meta tensors (deferred initialisation, shape inference) go through the fake kernels."""
     s = mk.SparseUpdateLinear(19, 45, row_blocks=mk.fused_qkv_heads(5, 3), device="meta")
