@@ -12,7 +12,8 @@ Public API:
 * :func:`capture_lambda_max`: the same from a training step's own backward (NTK output = per-sample loss).
 * :class:`MAT`: the training controller: scheduled λmax, dynamic threshold, temporal rule, masks pushed into
   sparse-update layers, an optimizer step that keeps frozen slices frozen.
-* :func:`discover_modules`, :class:`ModuleSpec`, :class:`ParamSlice`, :func:`register_layout`: MAT modules of a
+* :func:`discover_modules`, :class:`ModuleSpec`, :class:`ParamSlice`, :func:`register_layout`,
+  :func:`group_by_weight` (the one grouping of module slices by weight, :class:`WeightBlocks`): MAT modules of a
   model (attention heads in separate or fused projections, FFN blocks, conv layers, experts) and custom ones.
 * :func:`sparse_update_linear`, :class:`SparseUpdateLinear` (and :class:`SparseUpdateConv1D` for
   GPT-2's ``Conv1D``), :class:`SparseLayout`: a linear layer whose backward
@@ -31,7 +32,7 @@ from .estimate import (
     route_costs,
 )
 from .solvers import lambda_max
-from .modules import Discovery, ModuleSpec, ParamSlice, discover_modules, register_layout
+from .modules import Discovery, ModuleSpec, ParamSlice, WeightBlocks, discover_modules, group_by_weight, register_layout
 from .capture import capture_lambda_max
 from .model import ModelLambdaMax, model_lambda_max
 from .mat import MAT
@@ -53,6 +54,8 @@ __all__ = [
     "ModelLambdaMax",
     "capture_lambda_max",
     "discover_modules",
+    "group_by_weight",
+    "WeightBlocks",
     "register_layout",
     "ModuleSpec",
     "ParamSlice",

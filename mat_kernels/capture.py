@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .estimate import DEFAULT_SKETCH_SIZE, layer_grams, route_costs
-from .modules import ModuleSpec, _is_conv1d, linear_shape, validate_specs
+from .modules import ModuleSpec, _is_conv1d, group_by_weight, linear_shape
 
 __all__ = ["LambdaCapture", "capture_lambda_max"]
 
@@ -107,7 +107,7 @@ class LambdaCapture:
 
     def __init__(self, model: nn.Module, specs: list[ModuleSpec], *, n: int | None = None, loss_scale: float = 1.0,
                  tap: bool = False, sample_dim: int = 0, **gram_kwargs):
-        validate_specs(model, specs)
+        self._by_weight = group_by_weight(model, specs)  # validates the specs
         if sample_dim not in (0, 1):
             raise ValueError(f"sample_dim must be 0 (inputs [n, ...]) or 1 (sequence-first [T, n, ...]), got {sample_dim!r}")
         self.sample_dim = sample_dim
@@ -137,25 +137,13 @@ class LambdaCapture:
     def _build_sites(self) -> None:
         params = dict(self.model.named_parameters())
         owners = dict(self.model.named_modules())
-        for m, spec in enumerate(self.specs):
-            for sl in spec.slices:
-                site = self.sites.get(sl.weight)
-                if site is None:
-                    site = self.sites[sl.weight] = self._make_site(sl.weight, params, owners)
-                    site.sample_dim = self._sample_dim_of(sl.weight, owners)
-                    self._by_id[id(site.param)] = site
-                axis = "rows" if sl.axis == "all" else sl.axis
-                ranges = sl.ranges or ((0, site.d_out),)
-                key = (axis, sl.bias is not None)
-                group = next((g for g in site.groups if (g[0], g[1]) == key), None)
-                if group is None:
-                    group = (axis, key[1], [])
-                    site.groups.append(group)
-                entry = next((e for e in group[2] if e[0] == m), None)
-                if entry is None:
-                    group[2].append((m, list(ranges)))
-                else:
-                    entry[1].extend(ranges)
+        for wname, groups in self._by_weight.items():
+            site = self.sites[wname] = self._make_site(wname, params, owners)
+            site.sample_dim = self._sample_dim_of(wname, owners)
+            self._by_id[id(site.param)] = site
+            for g in groups:  # a whole weight is all its rows
+                site.groups.append(("rows" if g.axis == "all" else g.axis, g.bias is not None,
+                                    [(m, list(g.ranges(m))) for m in g.module_indices()]))
 
     def _sample_dim_of(self, name: str, owners) -> int:
         # nn.TransformerEncoderLayer / DecoderLayer say whether their tensors are sequence-first

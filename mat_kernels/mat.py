@@ -74,7 +74,7 @@ import torch.nn as nn
 from .capture import capture_lambda_max
 from .flops import FlopsLedger
 from .model import _check_samples_independent, model_lambda_max
-from .modules import ModuleSpec, _is_conv1d, discover_modules, linear_shape, validate_specs
+from .modules import ModuleSpec, _is_conv1d, discover_modules, group_by_weight, validate_specs
 from .optim import Block, FrozenSliceOptimizer
 from .policy import CRITERIA, POLICIES, TemporalRule, module_scores, threshold_mask
 from .sparse_linear import FROZEN_BACKWARD
@@ -231,19 +231,17 @@ class MAT:
         layers by requires_grad; return (layers, gated, masked weight names)."""
         from .ops import sparse_update as ops
 
-        by_weight: dict[str, list[tuple[int, object]]] = {}
-        for m, spec in enumerate(self.specs):
-            for sl in spec.slices:
-                by_weight.setdefault(sl.weight, []).append((m, sl))
+        by_weight = group_by_weight(self.module, self.specs, validate=False)  # validated in __init__
         params = dict(self.module.named_parameters())
         layers, gated, masked = [], [], []
         reason = None
         if wanted and not ops.extension_available():
             reason = f"the C++ extension is not built ({ops.extension_error()})"
         mha_of = {id(mod.out_proj): mod for mod in self.module.modules() if isinstance(mod, nn.MultiheadAttention)}
-        for wname, items in by_weight.items():
+        for wname, groups in by_weight.items():
             owner_name, owner, attr = self._owner(wname)
-            axes = {sl.axis for _, sl in items}
+            axes = {g.axis for g in groups}
+            biases = sorted({g.bias for g in groups if g.bias is not None})
             conv1d = type(owner).__name__ == "Conv1D" and _is_conv1d(owner)
             # nn.MultiheadAttention's projections: no layer to swap, F.linear is routed while the attention runs
             mha = owner if isinstance(owner, nn.MultiheadAttention) and attr.endswith("proj_weight") else (
@@ -253,10 +251,10 @@ class MAT:
             if wanted and axes == {"all"} and not (plain and reason is None):
                 # a whole weight of a layer without a sparse-update twin (Conv2d, Conv1D, ...): requires_grad gate.
                 # Tensors the user froze (requires_grad=False) are left alone.
-                tensors = [params[wname]] + [params[sl.bias] for _, sl in items if sl.bias is not None]
+                tensors = [params[wname]] + [params[b] for b in biases]
                 tensors = [t for t in tensors if t.requires_grad]
                 if tensors:
-                    gated.append(_Gate(owner, tensors, sorted({m for m, _ in items})))
+                    gated.append(_Gate(owner, tensors, sorted({m for g in groups for m in g.module_indices()})))
                 continue
             if not wanted or reason is not None or not plain or len(axes) != 1:
                 masked.append(wname)
@@ -265,10 +263,11 @@ class MAT:
 
             axis = axes.pop()
             per_module: dict[int, list] = {}  # a head's Q, K and V ranges are one module of the layer
-            for m, sl in items:
-                per_module.setdefault(m, []).extend(sl.ranges)
+            for g in groups:
+                for m, ranges in g.modules:
+                    per_module.setdefault(m, []).extend(ranges)
             order = list(per_module)
-            owns_bias = any(sl.bias is not None for _, sl in items)
+            owns_bias = bool(biases)
             # Conv1D: the same kernels on the transposed view of its [d_in, d_out] storage
             if mha is not None:
                 def wrap(_, *, _mha=mha, _w=params[wname], **kw):
@@ -280,7 +279,7 @@ class MAT:
                 extra = 0
             else:
                 blocks = list(per_module.values())
-                d_out, d_in = linear_shape(owner, attr, params[wname])
+                d_out, d_in = groups[0].shape
                 rest = _complement([r for rs in blocks for r in rs], d_out if axis == "rows" else d_in)
                 extra = int(bool(rest))
                 if rest:  # entries no module owns: one more block, always active (they train like the rest)
@@ -312,22 +311,24 @@ class MAT:
         params = dict(self.module.named_parameters())
         blocks: dict[torch.Tensor, list[Block]] = {}
         transposed = set()
-        for m, spec in enumerate(self.specs):
-            for sl in spec.slices:
-                _, owner, attr = self._owner(sl.weight)
-                w = params[sl.weight]
-                if _is_conv1d(owner):
-                    transposed.add(w)
-                if sl.axis == "all":
-                    blocks.setdefault(w, []).append(Block(m))
-                    if sl.bias is not None:
-                        blocks.setdefault(params[sl.bias], []).append(Block(m))
-                    continue
-                axis = 0 if sl.axis == "rows" else 1
-                for start, size in sl.ranges:
-                    blocks.setdefault(w, []).append(Block(m, axis, start, size))
-                    if sl.bias is not None:
-                        blocks.setdefault(params[sl.bias], []).append(Block(m, 0, start, size))
+        for wname, groups in group_by_weight(self.module, self.specs, validate=False).items():
+            _, owner, _ = self._owner(wname)
+            w = params[wname]
+            if _is_conv1d(owner):
+                transposed.add(w)
+            for g in groups:
+                bias = params[g.bias] if g.bias is not None else None
+                for m, ranges in g.modules:
+                    if g.axis == "all":
+                        blocks.setdefault(w, []).append(Block(m))
+                        if bias is not None:
+                            blocks.setdefault(bias, []).append(Block(m))
+                        continue
+                    axis = 0 if g.axis == "rows" else 1
+                    for start, size in ranges:
+                        blocks.setdefault(w, []).append(Block(m, axis, start, size))
+                        if bias is not None:
+                            blocks.setdefault(bias, []).append(Block(m, 0, start, size))
         return FrozenSliceOptimizer(optimizer, blocks, transposed=transposed, num_modules=len(self.specs))
 
     # ------------------------------------------------------------------------------------------------ loop

@@ -19,7 +19,8 @@ from collections import defaultdict
 import torch
 import torch.nn as nn
 
-from .modules import _HEAD_ATTRS, _KV_HEAD_ATTRS, _count, discover_modules
+from .layouts.attention import _HEAD_ATTRS, _KV_HEAD_ATTRS, _count
+from .modules import discover_modules
 
 __all__ = ["prune_heads", "lowest_heads"]
 

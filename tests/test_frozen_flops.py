@@ -14,7 +14,7 @@ from mat_kernels.modules import linear_shape
 
 transformers = pytest.importorskip("transformers")
 
-from test_attention_layouts import _hf  # noqa: E402
+from test_layout_attention import _hf  # noqa: E402
 from test_model_lambda_max import MHAModel, hf_bert  # noqa: E402
 
 SKIPPED_SHARE = 0.9  # the issue's target: >= 90% of the modules' dW FLOPs disappear when every module is frozen

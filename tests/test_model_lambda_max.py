@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from helpers import HAS_CUDA
 
 import mat_kernels as mk
-from mat_kernels.model import per_sample_output, projection_vectors
+from oracle import MODEL_RTOL, _gen, assert_matches, oracle, run_and_check  # noqa: F401  (re-exported)
+
+from mat_kernels.model import projection_vectors
 from mat_kernels.reference import model_per_sample_grads, reference_model_grams
 
-MODEL_RTOL = 1e-5
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
@@ -93,60 +94,9 @@ def hf_bert(layers=2):
     return transformers.BertForMaskedLM(cfg).eval()
 
 
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # oracle
 # --------------------------------------------------------------------------------------------------------------
-def _logits(out):
-    return out.logits if hasattr(out, "logits") else out
-
-
-def oracle(model, inputs, labels, specs, *, output="logprob", causal=False, v=None, loss_fn=None, method="vmap"):
-    """float64 λmax per spec from whole-model torch.func per-sample gradients of the same s_i."""
-    names = sorted({p for s in specs for p in s.param_names()})
-    if labels is None:
-        batch = inputs
-    else:
-        batch = {**inputs, "labels": labels} if isinstance(inputs, dict) else (inputs, labels)
-
-    def s_fn(f, b):
-        if labels is None:
-            out, lab = f(b), None
-        elif isinstance(b, dict):
-            lab = b["labels"]
-            out = f({k: t for k, t in b.items() if k != "labels"})
-        else:
-            out, lab = f(b[0]), b[1]
-        vv = None if v is None else v.double()
-        return per_sample_output(output, _logits(out), lab, causal=causal, v=vv, loss_fn=loss_fn, batch=None)[0]
-
-    grads = model_per_sample_grads(model, batch, s_fn, names, method=method)
-    return torch.linalg.eigvalsh(reference_model_grams(model, grads, specs))[..., -1]
-
-
-def assert_matches(res, lam_ref, rtol=MODEL_RTOL):
-    got = torch.tensor(list(res.lambda_max.values()), dtype=torch.float64)
-    assert got.shape == lam_ref.shape
-    err = ((got - lam_ref).abs() / lam_ref.abs()).max().item()
-    assert err <= rtol, (err, dict(zip(res.lambda_max, ((got - lam_ref).abs() / lam_ref).tolist())))
-
-
-def run_and_check(model, inputs, labels, *, output="logprob", backend="torch", **kw):
-    res = mk.model_lambda_max(model, inputs, labels=labels, output=output, backend=backend, **kw)
-    v = None
-    if output == "projection":
-        with torch.no_grad():
-            shape = _logits(model(inputs))[0].shape
-        v = projection_vectors(tuple(shape), 1, kw.get("seed", 0), "cpu")[0]
-    lam_ref = oracle(model, inputs, labels, res.specs, output=output, causal=kw.get("causal", False), v=v,
-                     loss_fn=kw.get("loss_fn"))
-    assert_matches(res, lam_ref)
-    return res
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Hugging Face models built from configs (no download)
 # --------------------------------------------------------------------------------------------------------------
@@ -223,37 +173,6 @@ def test_hf_vit_classification_with_conv_patch_embedding():
 # --------------------------------------------------------------------------------------------------------------
 # torch.nn.MultiheadAttention, CNNs, own layouts, custom specs, experts
 # --------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("batch_first", [True, False])
-def test_multihead_attention_model(batch_first):
-    torch.manual_seed(4)
-    model = MHAModel(batch_first).eval()
-    x = torch.randn(3, 6, 8, generator=_gen(7))
-    res = run_and_check(model, x, torch.randint(0, 5, (3, 6), generator=_gen(8)))
-    assert list(res.lambda_max)[:2] == ["enc.layers.0.ffn", "enc.layers.0.self_attn.head0"]
-    assert res.unclaimed["enc.layers.0.self_attn.out_proj.bias"].startswith("always trained")
-
-
-def test_cnn_conv_layers_with_eval_batchnorm_stride_groups():
-    torch.manual_seed(5)
-    model = small_cnn()
-    res = run_and_check(model, torch.randn(5, 2, 7, 7, generator=_gen(9)), torch.randint(0, 4, (5,)))
-    assert list(res.lambda_max) == ["0", "3"]
-    assert "unrecognised layout" in res.unclaimed["6.weight"]
-
-
-@pytest.mark.parametrize("padding,mode", [("same", "zeros"), ("valid", "zeros"), (1, "reflect"), ("same", "circular")])
-def test_cnn_string_padding_and_padding_modes(padding, mode):
-    """VGG-style convs with string padding (even kernel: 'same' pads one more on the right) and non-zero modes."""
-    torch.manual_seed(15)
-    model = nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=padding, padding_mode=mode), nn.ReLU(),
-        nn.Conv2d(4, 4, (2, 3), padding=padding, padding_mode=mode, dilation=(1, 2) if padding != "same" else 1),
-        nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3),
-    ).eval()
-    res = run_and_check(model, torch.randn(4, 2, 7, 8, generator=_gen(10)), torch.tensor([0, 2, 1, 1]))
-    assert list(res.lambda_max) == ["0", "2"]
-
-
 def test_own_fused_qkv_model_and_shared_weights():
     torch.manual_seed(6)
     model = TinyLM().eval()
@@ -275,47 +194,6 @@ def test_custom_module_spec_rows_and_columns():
         mk.ModuleSpec.whole("conv0", "0.weight", "0.bias"),
     ]
     run_and_check(model, torch.randn(4, 2, 7, 7, generator=_gen(11)), torch.randint(0, 4, (4,)), specs=specs)
-
-
-class SoftMoE(nn.Module):
-    """Every expert sees every token (dense dispatch), outputs mixed by a softmax gate."""
-
-    def __init__(self, d=6, experts=3):
-        super().__init__()
-        self.gate = nn.Linear(d, experts)
-        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(d, 8), nn.Tanh(), nn.Linear(8, d))
-                                     for _ in range(experts))
-        self.head = nn.Linear(d, 4)
-
-    def forward(self, x):
-        w = torch.softmax(self.gate(x), -1)
-        return self.head(sum(w[..., e:e + 1] * ex(x) for e, ex in enumerate(self.experts)))
-
-
-def test_moe_experts_dense_dispatch():
-    torch.manual_seed(8)
-    model = SoftMoE().eval()
-    res = run_and_check(model, torch.randn(4, 5, 6, generator=_gen(12)), torch.randint(0, 4, (4, 5)))
-    assert list(res.lambda_max) == ["experts.0", "experts.1", "experts.2"]
-    assert all(s.kind == "expert" for s in res.specs)
-
-
-class RoutedMoE(SoftMoE):
-    def forward(self, x):  # top-1 routing with tokens gathered across samples: the sample axis is lost
-        flat = x.reshape(-1, x.shape[-1])
-        choice = self.gate(flat).argmax(-1)
-        out = torch.zeros_like(flat)
-        for e, ex in enumerate(self.experts):
-            idx = (choice == e).nonzero().squeeze(1)
-            if idx.numel():
-                out = out.index_add(0, idx, ex(flat[idx]))
-        return self.head(out.view_as(x))
-
-
-def test_token_routed_moe_is_refused_with_reason():
-    model = RoutedMoE().eval()
-    with pytest.raises(ValueError, match="sample axis is lost"):
-        mk.model_lambda_max(model, torch.randn(4, 5, 6), labels=torch.randint(0, 4, (4, 5)), backend="torch")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -495,6 +373,23 @@ def test_bad_labels_are_named(labels, causal, exc, match):
         return
     with pytest.raises(exc, match=match):
         mk.model_lambda_max(TinyLM(), ids, labels=labels, causal=causal, backend="torch")
+
+
+def test_group_by_weight_is_the_one_grouping():
+    """Discovery's specs grouped by weight: a head's Q, K, V rows of a fused weight are one module entry; the
+    output projection's columns and a whole FFN weight form their own groups; bad specs are refused once here."""
+    model = TinyLM(d=12, heads=3)
+    specs = mk.discover_modules(model).specs
+    groups = mk.group_by_weight(model, specs)
+    (qkv,) = groups["blocks.0.qkv.weight"]
+    assert qkv.axis == "rows" and qkv.bias == "blocks.0.qkv.bias" and qkv.shape == (36, 12)
+    assert qkv.modules[1][1] == ((4, 4), (16, 4), (28, 4))  # head 1: its Q, K and V rows
+    (out,) = groups["blocks.0.attn_out.weight"]
+    assert out.axis == "cols" and out.bias is None and [r for _, r in out.modules] == [((0, 4),), ((4, 4),), ((8, 4),)]
+    (ffn,) = groups["blocks.0.ffn_in.weight"]
+    assert ffn.axis == "all" and ffn.ranges(ffn.module_indices()[0]) == ((0, 10),)
+    with pytest.raises(ValueError, match="out of bounds"):
+        mk.group_by_weight(model, [mk.ModuleSpec("x", (mk.ParamSlice("blocks.0.qkv.weight", "rows", ((30, 8),)),))])
 
 
 def test_layer_never_called_is_an_error():

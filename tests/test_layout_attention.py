@@ -1,15 +1,15 @@
-"""Attention layouts of the common model families: discovered from class, config or explicit attributes (never
-from shape divisibility), measured against the float64 per-sample-gradient oracle, gated by MAT."""
+"""Layouts ``separate_qkv`` and ``fused_qkv`` (mat_kernels/layouts/attention.py): attention of the common model
+families, discovered from class, config or explicit attributes (never from shape divisibility), measured with the
+shared oracle runner (tests/oracle.py), gated by MAT."""
 import math
 
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import mat_kernels as mk
 from helpers import assert_moved_iff_active
-from test_model_lambda_max import _gen, assert_matches, oracle, run_and_check
+from oracle import _gen, assert_matches, oracle, run_and_check
 
 transformers = pytest.importorskip("transformers")
 
@@ -249,24 +249,3 @@ def test_hf_encoders_match_the_oracle(family):
     ids = torch.randint(3, 40, (3, 6), generator=_gen(13))
     res = run_and_check(model, ids, ids)
     assert sum(1 for s in res.specs if s.kind == "head") == 2 and any(s.kind == "ffn" for s in res.specs)
-
-
-class DecoderModel(nn.Module):
-    """nn.TransformerDecoder: self-attention (one packed in_proj call) and cross-attention (Q and K/V row views)."""
-
-    def __init__(self, d=8, heads=2, classes=5):
-        super().__init__()
-        self.dec = nn.TransformerDecoder(nn.TransformerDecoderLayer(d, heads, 12, dropout=0.0, batch_first=True), 1)
-        self.head = nn.Linear(d, classes)
-
-    def forward(self, x, mem):
-        return self.head(self.dec(x, mem)).mean(1)
-
-
-def test_transformer_decoder_matches_the_oracle():
-    torch.manual_seed(13)
-    model = DecoderModel().eval()
-    g = _gen(14)
-    x, mem = torch.randn(4, 5, 8, generator=g), torch.randn(4, 3, 8, generator=g)
-    res = run_and_check(model, {"x": x, "mem": mem}, torch.tensor([0, 4, 1, 2]))
-    assert "dec.layers.0.multihead_attn.head1" in res.lambda_max and "dec.layers.0.self_attn.head0" in res.lambda_max
