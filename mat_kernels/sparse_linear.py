@@ -32,6 +32,7 @@ returns no input gradient at all (eager), which stops the backward of the branch
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -489,7 +490,10 @@ class SparseUpdateConv1D(_SparseUpdateMixin, nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # nn.MultiheadAttention: no layer to swap
 # ----------------------------------------------------------------------------------------------------------------
-_MHA_WEIGHTS: dict[int, "SparseUpdateMHAWeight"] = {}  # id(parameter) -> its sparse-update state
+# id(parameter) -> its sparse-update state. Weak values: when the controller (MAT) that holds a state is gone, the
+# entry goes too and the attention trains through plain F.linear again; while a state lives it holds its
+# parameter, so the id cannot be reused by another tensor.
+_MHA_WEIGHTS: "weakref.WeakValueDictionary[int, SparseUpdateMHAWeight]" = weakref.WeakValueDictionary()
 _MHA_PATCH_DEPTH = [0]
 
 

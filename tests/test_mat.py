@@ -256,6 +256,27 @@ def test_multihead_attention_projections_get_sparse_updates():
         dense.load_state_dict(model.state_dict())
 
 
+def test_multihead_attention_routing_ends_with_its_controller():
+    import gc
+
+    from mat_kernels.sparse_linear import _MHA_WEIGHTS
+
+    torch.manual_seed(9)
+    model = _Seq2Seq()
+    g = torch.Generator().manual_seed(4)
+    x, mem, k, v = (torch.randn(2, T, d, generator=g) for T, d in ((5, 8), (3, 8), (3, 6), (3, 5)))
+    gc.collect()
+    before = len(_MHA_WEIGHTS)
+    mat = mk.MAT(model, torch.optim.SGD(model.parameters(), lr=0.1), warmup_steps=10**6,
+                 probe=((x, mem, k, v), torch.tensor([0, 1])), lambda_kwargs={"backend": "torch"})
+    assert len(_MHA_WEIGHTS) == before + 8  # two attentions of the decoder layer (in and out) + kv's four
+    del mat
+    gc.collect()
+    assert len(_MHA_WEIGHTS) == before  # the attention trains through plain F.linear again
+    model(x, mem, k, v).sum().backward()
+    assert model.kv.q_proj_weight.grad is not None and F.linear is torch.nn.functional.linear
+
+
 def _ddp_worker(rank, world, path, port):
     import torch.distributed as dist
 
