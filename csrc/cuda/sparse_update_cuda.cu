@@ -58,8 +58,9 @@ std::string cuda_build_info() {
   std::string info = "CUDA " + std::to_string(CUDART_VERSION / 1000) + "." +
                      std::to_string((CUDART_VERSION % 1000) / 10);
 #ifdef __CUDA_ARCH_LIST__
-#define MK_STR2(x) #x
-#define MK_STR(x) MK_STR2(x)
+// Variadic: with several architectures __CUDA_ARCH_LIST__ expands to a comma-separated list ("800,900").
+#define MK_STR2(...) #__VA_ARGS__
+#define MK_STR(...) MK_STR2(__VA_ARGS__)
   info += ", archs " MK_STR(__CUDA_ARCH_LIST__);
 #endif
   return info;
