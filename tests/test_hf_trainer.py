@@ -305,3 +305,36 @@ def test_ledger_counts_steps_and_measurements(tmp_path):
     assert len(set(ledger.train[:first_change])) == 1
     assert ledger.train[-1] < ledger.train[0]  # frozen modules' dW skipped
     assert 0 < ledger.measurement_share() < 1 and 0 < ledger.measurement_time_share() < 1
+
+
+def test_trainer_with_mat_on_a_grouped_query_attention_model(tmp_path):
+    """Qwen2 (grouped-query attention, q/k/v biases) in a Trainer with the one extra line: key/value groups are
+    gated by sparse updates (nothing merely masked) and frozen groups stay frozen through AdamW."""
+    cfg = transformers.Qwen2Config(vocab_size=V, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                   attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(cfg)
+    data = [{"input_ids": d["input_ids"], "labels": d["input_ids"].clone()} for d in _dataset(32)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=4,
+                                          learning_rate=LR, report_to=[], save_strategy="no", use_cpu=True,
+                                          logging_strategy="no", disable_tqdm=True, seed=0)
+    trainer = mkhf.with_mat(transformers.Trainer(model=model, args=args, train_dataset=data), **MAT_KW)
+    mat = trainer.mat
+    assert mat.report()["masked_weights"] == [] and "model.layers.0.self_attn.group1" in mat.names
+    q = model.model.layers[0].self_attn.q_proj.weight
+    snapshots = []
+
+    class Watch(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            snapshots.append((q.detach().clone(), mat.active.clone()))
+
+        def on_step_end(self, args, state, control, **kw):
+            before, active = snapshots[-1]
+            for g in range(2):  # group g owns Q rows [8g, 8g + 8)
+                m = mat.names.index(f"model.layers.0.self_attn.group{g}")
+                assert torch.equal(q[8 * g:8 * g + 8], before[8 * g:8 * g + 8]) != bool(active[m])
+
+    trainer.add_callback(Watch())
+    trainer.train()
+    assert len(mat.log) >= 2 and any(not a for _, act in snapshots for a in act.tolist())
