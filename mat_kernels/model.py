@@ -159,7 +159,7 @@ def per_sample_output(kind: str, logits: torch.Tensor, labels: torch.Tensor | No
         logits, labels = logits[:, :-1], labels[:, 1:]
     valid = labels != -100
     logp = F.log_softmax(logits.float(), dim=-1)
-    picked = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1) * valid
+    picked = logp.gather(-1, labels.clamp_min(0).long().unsqueeze(-1)).squeeze(-1) * valid  # any int dtype
     s = picked.reshape(picked.shape[0], -1).sum(1)
     return s if kind == "logprob" else -s
 

@@ -84,11 +84,31 @@ def _set_count(mod: nn.Module, attrs: tuple[str, ...], value: int) -> None:
         setattr(mod, attrs[1], value)
 
 
+# Attention classes whose forward reads the head count from the shared config or sizes per-head state from it
+# (Phi-3's reshape, Bloom's ALiBi slopes): a physically smaller projection would break them.
+_CONFIG_SHAPED = ("Phi3Attention", "BloomAttention")
+
+
+def _cannot_prune(attn_mod: nn.Module, all_heads) -> str | None:
+    """Why this attention module cannot lose heads physically, or None."""
+    if type(attn_mod).__name__ in _CONFIG_SHAPED:
+        return "its forward takes the head count from the model config"
+    q_rows = sum(n for sl in all_heads[0].slices[:1] for _, n in sl.ranges) * len(all_heads)
+    for child in ("q_norm", "k_norm"):
+        norm = getattr(attn_mod, child, None)
+        w = getattr(norm, "weight", None)
+        if isinstance(w, torch.Tensor) and w.numel() > 1 and w.numel() == q_rows:
+            return f"{child} normalises all heads together (width {w.numel()})"
+    return None
+
+
 def prune_heads(model: nn.Module, heads: list[str]) -> dict[str, int]:
     """Remove the named heads (module names from :func:`mat_kernels.discover_modules`, e.g. ``"layers.2.head5"``).
 
     Returns ``{attention module name: heads left}``. Raises ``ValueError`` for unknown names, pruning every head of
-    an attention module, or a layout that cannot be rebuilt (not ``nn.Linear`` projections).
+    an attention module, or a layout that cannot be rebuilt (not ``nn.Linear`` projections; attention classes that
+    take the head count from the config, such as Phi-3 and Bloom; Q/K norms over all heads together, as OLMo-2).
+    Everything is checked before anything changes: on an error the model is left as it was.
     """
     if isinstance(heads, str) or not all(isinstance(h, str) for h in heads):
         raise TypeError("heads must be a list of head module names")
@@ -100,7 +120,7 @@ def prune_heads(model: nn.Module, heads: list[str]) -> dict[str, int]:
     groups = defaultdict(list)
     for name, spec in specs.items():
         groups[re.sub(_HEAD_NAME, "", name)].append(spec)
-    result = {}
+    plan = []  # (attention name, module, kept specs, [(layer name, new layer)]): nothing changes until all is checked
     for attn, all_heads in groups.items():
         drop = {s.name for s in all_heads if s.name in heads}
         if not drop:
@@ -109,6 +129,9 @@ def prune_heads(model: nn.Module, heads: list[str]) -> dict[str, int]:
             raise ValueError(f"{attn}: pruning all {len(all_heads)} heads would remove the attention module")
         keep = [s for s in all_heads if s.name not in drop]
         attn_mod = model.get_submodule(attn) if attn else model
+        why = _cannot_prune(attn_mod, all_heads)
+        if why:
+            raise ValueError(f"{attn}: {type(attn_mod).__name__} cannot be pruned: {why}")
         rows_by_weight: dict[str, list[int]] = defaultdict(list)
         cols_by_weight: dict[str, list[int]] = defaultdict(list)
         for s in keep:
@@ -116,6 +139,7 @@ def prune_heads(model: nn.Module, heads: list[str]) -> dict[str, int]:
                 target = rows_by_weight if sl.axis == "rows" else cols_by_weight
                 for a, n in sl.ranges:
                     target[sl.weight].extend(range(a, a + n))
+        rebuilt = []
         for wname, idx in list(rows_by_weight.items()) + list(cols_by_weight.items()):
             lin_name = wname.rsplit(".", 1)[0]
             lin = model.get_submodule(lin_name)
@@ -123,7 +147,12 @@ def prune_heads(model: nn.Module, heads: list[str]) -> dict[str, int]:
                 raise ValueError(f"{attn}: {lin_name} is a {type(lin).__name__}; only nn.Linear projections can be "
                                  "rebuilt")
             order = torch.tensor(sorted(idx), device=lin.weight.device)
-            new = _rebuild(lin, rows=order) if wname in rows_by_weight else _rebuild(lin, cols=order)
+            rebuilt.append((lin_name, _rebuild(lin, rows=order) if wname in rows_by_weight else
+                            _rebuild(lin, cols=order)))
+        plan.append((attn, attn_mod, all_heads, keep, rebuilt))
+    result = {}
+    for attn, attn_mod, all_heads, keep, rebuilt in plan:
+        for lin_name, new in rebuilt:
             _set(model, lin_name, new)
         if all_heads[0].kind == "head_group":  # a group = its key/value head and the r query heads reading it
             kv_before, _ = _count(attn_mod, _KV_HEAD_ATTRS, _KV_HEAD_ATTRS)

@@ -534,13 +534,15 @@ class SparseUpdateMHAWeight(_SparseUpdateMixin):
         if not any(weight is p for p in owned if p is not None):
             raise ValueError("weight must be one of the attention module's projection weights")
         if id(weight) in _MHA_WEIGHTS:
-            raise ValueError("this weight already has a SparseUpdateMHAWeight; remove() it first")
+            raise ValueError("this weight already has a SparseUpdateMHAWeight (another MAT on this model?); "
+                             "remove() it first")
         self.attention, self.weight = attention, weight
         self.out_features, self.in_features = weight.shape
         self.bias = None
         self.training = True
         self._init_sparse(row_blocks, col_blocks, False, frozen_backward, shared_bias)
         self._views: dict[tuple[int, int], tuple[SparseLayout, torch.Tensor]] = {}
+        self._routed = 0  # calls taken through the sparse route (a forward with none was bypassed)
         _MHA_WEIGHTS[id(weight)] = self
         self._handles = [attention.register_forward_pre_hook(_mha_enter),
                          attention.register_forward_hook(_mha_exit, always_call=True)]
@@ -571,6 +573,7 @@ class SparseUpdateMHAWeight(_SparseUpdateMixin):
         return self._views[key]
 
     def _call(self, x, weight, bias, r0: int):
+        self._routed += 1
         layout, idx = self._view(r0, weight.shape[0])
         active = self._active if idx is None else self._active[idx]
         detach, weight_grad = self._override or (self.frozen_backward == "detach", True)
@@ -584,13 +587,35 @@ class SparseUpdateMHAWeight(_SparseUpdateMixin):
                 f"active={int(self._active.sum())}/{self.layout.num_modules}, frozen_backward={self.frozen_backward!r})")
 
 
+def _holders_of(module) -> list["SparseUpdateMHAWeight"]:
+    return [h for h in list(_MHA_WEIGHTS.values()) if h.attention is module]
+
+
 def _mha_enter(module, args, kwargs=None):
     if _MHA_PATCH_DEPTH[0] == 0:
         F.linear = _mha_sparse_linear
     _MHA_PATCH_DEPTH[0] += 1
+    module._mk_routed = sum(h._routed for h in _holders_of(module))
 
 
 def _mha_exit(module, args, output):
+    if _MHA_PATCH_DEPTH[0] == 0:
+        return  # an earlier pre-hook raised before ours ran: nothing to undo
     _MHA_PATCH_DEPTH[0] -= 1
     if _MHA_PATCH_DEPTH[0] == 0:
         F.linear = _ORIG_LINEAR
+    holders = _holders_of(module)
+    before = getattr(module, "_mk_routed", None)
+    if before is None or not holders or not torch.is_grad_enabled():
+        return
+    from . import capture  # a measurement's recording F.linear (registered later) takes precedence on purpose
+
+    if capture._PATCH_DEPTH[0] == 0 and any(h.weight.requires_grad for h in holders) and \
+            sum(h._routed for h in holders) == before:
+        # The attention ran with gradients but never through the routed F.linear: torch.compile traced it with
+        # the original F.linear (or something else replaced it). Training would silently differ from eager.
+        raise RuntimeError(
+            "mat_kernels: the sparse updates of this nn.MultiheadAttention's weights (SparseUpdateMHAWeight, "
+            "installed by MAT) were bypassed: its forward never called the routed F.linear (torch.compile does "
+            "this). Run the attention eagerly, or build MAT(..., sparse_backward=False) (frozen heads then compute "
+            "their full weight gradient, discarded by the optimizer)")

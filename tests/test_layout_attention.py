@@ -249,3 +249,40 @@ def test_hf_encoders_match_the_oracle(family):
     ids = torch.randint(3, 40, (3, 6), generator=_gen(13))
     res = run_and_check(model, ids, ids)
     assert sum(1 for s in res.specs if s.kind == "head") == 2 and any(s.kind == "ffn" for s in res.specs)
+
+
+def test_timm_attention_recognised_by_exact_class_only():
+    """timm's ViT Attention is [Q; K; V]; other timm attentions with a `qkv` child (TinyViT, EfficientFormer) store
+    Q/K/V per head and would be mis-sliced by the same shape: they are left unclaimed unless they state it."""
+    vit = type("Attention", (OwnPerHead,), {"__module__": "timm.models.vision_transformer"})
+    tiny = type("Attention", (OwnPerHead,), {"__module__": "timm.models.tiny_vit"})
+    assert [s.name for s in mk.discover_modules(Classifier(vit(layout=None))).specs][:1] == ["attn.head0"]
+    disc = mk.discover_modules(Classifier(tiny(layout=None)))
+    assert "qkv_layout" in disc.unclaimed["attn.qkv.weight"]
+
+
+def test_differential_attention_is_unclaimed_with_the_reason():
+    model = transformers.DiffLlamaForCausalLM(transformers.DiffLlamaConfig(**dict(_COMMON, num_key_value_heads=2)))
+    disc = mk.discover_modules(model)
+    assert "differential attention" in disc.unclaimed["model.layers.0.self_attn.v_proj.weight"]
+    assert not [s for s in disc.specs if ".self_attn." in s.name]
+
+
+@pytest.mark.parametrize("family", ["phi3", "bloom"])
+def test_prune_refuses_attention_shaped_by_the_config_and_changes_nothing(family):
+    model = _hf(family)
+    before = {k: v.shape for k, v in model.state_dict().items()}
+    head = next(s.name for s in mk.discover_modules(model, out_proj="merge").specs if s.kind in ("head", "head_group"))
+    with pytest.raises(ValueError, match="cannot be pruned"):
+        mk.prune_heads(model, [head])
+    assert {k: v.shape for k, v in model.state_dict().items()} == before
+
+
+def test_prune_refuses_q_k_norms_over_all_heads():
+    """OLMo-2 normalises the whole query/key projection (width heads·head_dim); Qwen3's per-head norms are fine."""
+    olmo = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**dict(_COMMON, num_key_value_heads=2)))
+    with pytest.raises(ValueError, match="q_norm normalises all heads together"):
+        mk.prune_heads(olmo, ["model.layers.0.self_attn.group0"])
+    qwen3 = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**dict(_COMMON, num_key_value_heads=2)))
+    assert mk.prune_heads(qwen3, ["model.layers.0.self_attn.group1"]) == {"model.layers.0.self_attn": 1}
+    qwen3(input_ids=torch.randint(0, 40, (2, 5)))

@@ -256,6 +256,22 @@ def test_multihead_attention_projections_get_sparse_updates():
         dense.load_state_dict(model.state_dict())
 
 
+def test_multihead_attention_routing_bypassed_by_torch_compile_is_an_error():
+    """torch.compile traces nn.MultiheadAttention with the original F.linear: the sparse routing would be silently
+    off (frozen heads with a full weight gradient), so the forward says so instead."""
+    torch.manual_seed(10)
+    model = _Seq2Seq()
+    g = torch.Generator().manual_seed(5)
+    x, mem, k, v = (torch.randn(2, T, d, generator=g) for T, d in ((5, 8), (3, 8), (3, 6), (3, 5)))
+    mat = mk.MAT(model, torch.optim.SGD(model.parameters(), lr=0.1), warmup_steps=10**6,
+                 probe=((x, mem, k, v), torch.tensor([0, 1])), lambda_kwargs={"backend": "torch"})
+    model(x, mem, k, v)  # eager: routed
+    with pytest.raises(RuntimeError, match="were bypassed"):
+        torch.compile(model.kv, backend="aot_eager")(x, k, v, need_weights=False)
+    assert F.linear is torch._C._nn.linear and mat.report()["masked_weights"] == []
+    torch._dynamo.reset()
+
+
 def test_multihead_attention_routing_ends_with_its_controller():
     import gc
 

@@ -359,6 +359,7 @@ def test_bad_arguments():
 @pytest.mark.parametrize("labels,causal,exc,match", [
     (torch.full((2, 3), -100), False, ValueError, "labels select no position"),
     (torch.tensor([[-100, 4, 5], [-100, -100, -100]]), True, None, None),  # one labelled position is enough
+    (torch.tensor([[1, 4, 5], [2, 0, 22]], dtype=torch.int8), False, None, None),  # any integer dtype
     (torch.tensor([[3, -100, -100], [1, -100, -100]]), True, ValueError, "after the causal shift"),
     (torch.tensor([[0, -1, 2], [1, 1, 1]]), False, ValueError, r"labels must be in \[0, 23\) or -100 \(ignored\); found \[-1\]"),
     (torch.tensor([[0, 23, 2], [1, 1, 1]]), False, ValueError, r"found \[23\]"),

@@ -169,6 +169,12 @@ def _separate_qkv(prefix, mod, model, opts):
             break
     else:
         return None
+    if type(mod).__name__.startswith("DiffLlama"):
+        # differential attention tiles the value heads (.repeat), so every query head reads every value head:
+        # neither a head nor a key/value group is a unit whose rows can be frozen on their own
+        _refuse(opts, prefix, mod, names, "attention not recognised: differential attention mixes every value head "
+                "into every query head; add explicit ModuleSpecs")
+        return None
     widths = [linear_shape(sub, "weight", sub.weight)[0] for sub in subs]
     geo = _attention_geometry(mod, widths[0])
     if isinstance(geo, str):
@@ -185,6 +191,7 @@ def _separate_qkv(prefix, mod, model, opts):
     return _gqa_specs(prefix, mod, model, heads, kv, hd, (names[0], 0), (names[1], 0), (names[2], 0), opts)
 
 
+_GPT2_CLASSES = ("GPT2Attention", "DecisionTransformerGPT2Attention", "ImageGPTAttention")
 _FUSED_NAMES = ("qkv", "qkv_proj", "Wqkv", "in_proj", "c_attn", "query_key_value")
 QKV_LAYOUTS = ("qkv", "per_head")
 
@@ -207,12 +214,13 @@ def _fused_layout(mod: nn.Module, child: str) -> str:
             return ("unknown: Falcon's multi-query / new-decoder fused layout is not supported; "
                     "add explicit ModuleSpecs")
         return "per_head"  # view(..., heads, 3, head_dim)
-    if cls in ("GPT2Attention", "DecisionTransformerGPT2Attention", "ImageGPTAttention") and child == "c_attn":
+    if cls in _GPT2_CLASSES and child == "c_attn":
         return "qkv"  # split(embed_dim) into Q, K, V
     if cls == "Phi3Attention" and child == "qkv_proj":
         return "qkv"  # Q (heads·hd), K and V (kv·hd each)
-    if type(mod).__module__.startswith("timm.") and child == "qkv":
-        return "qkv"  # reshape(B, N, 3, heads, hd)
+    if type(mod).__module__ == "timm.models.vision_transformer" and cls == "Attention" and child == "qkv":
+        return "qkv"  # reshape(B, N, 3, heads, hd). Other timm attentions (TinyViT, EfficientFormer, MaxViT
+        # head-first) store Q/K/V per head: they must state qkv_layout
     return (f"unknown: the layout of the fused weight {child} of {cls} is not known from its class; set "
             f"{cls}.qkv_layout = 'qkv' ([Q; K; V], as GPT-2) or 'per_head' ([q_h; k_h; v_h], as GPT-NeoX), or "
             "add explicit ModuleSpecs")
@@ -227,7 +235,7 @@ def _fused_qkv(prefix, mod, model, opts):
     else:
         return None
     d_out = linear_shape(sub, "weight", sub.weight)[0]
-    if getattr(mod, "is_cross_attention", False) and name == "c_attn":
+    if type(mod).__name__ in _GPT2_CLASSES and getattr(mod, "is_cross_attention", False) and name == "c_attn":
         # GPT-2 cross-attention: Q from q_attn (encoder side: the decoder's states), K and V from c_attn = [K; V]
         q_sub = getattr(mod, "q_attn", None)
         if not _is_linear_like(q_sub):
