@@ -205,6 +205,8 @@ class MAT:
         self.last_measure_extra_flops = 0  # FLOPs of the last measurement that FlopCounterMode cannot see
         self.measure_counted: list[int] = []  # per measurement: the FLOPs FlopCounterMode saw (probe passes)
         self.optimizer = self._frozen_optimizer(optimizer)  # validates before any layer is swapped
+        self._swapped: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, child, original layer), for close()
+        self.closed = False
         self.sparse_layers, self.gated, self.masked_weights = self._install_sparse(sparse_backward)
         self._apply_masks()
 
@@ -290,6 +292,7 @@ class MAT:
             if mha is None:
                 parent_name, child = owner_name.rsplit(".", 1) if "." in owner_name else ("", owner_name)
                 parent = self.module.get_submodule(parent_name) if parent_name else self.module
+                self._swapped.append((parent, child, owner))
                 setattr(parent, child, layer)
             layers.append((layer, order, extra))
         if masked and wanted:
@@ -387,6 +390,7 @@ class MAT:
     def backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()``. When this step measures from the training backward (``probe=None``), it must run
         inside :meth:`measure_step`, which also saw the forward."""
+        self._check_open()
         if self.probe is None and self.measuring_now() and not self._in_measure:
             raise ValueError("this step measures λ from the training backward (probe=None): run the forward and "
                              "backward inside `with mat.measure_step(loss_scale=...)`")
@@ -394,6 +398,7 @@ class MAT:
 
     def step(self, closure=None):
         """Optimizer step keeping frozen slices frozen, then (if due) measurement and new masks."""
+        self._check_open()
         loss = self.optimizer.step(self.active, closure)
         if self.probe is not None and self.measuring_now():
             self._pending = self.measure()
@@ -497,6 +502,28 @@ class MAT:
         if self.stop_when_converged and bool(self.converged.all()):
             self.should_stop = True
 
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this MAT controller was closed (close()): train with mat.optimizer.optimizer, or "
+                               "build a new MAT")
+
+    def close(self) -> None:
+        """Undo what the controller installed: the original layers are put back (they share the parameters, so the
+        model trains densely with its current weights), ``nn.MultiheadAttention`` routing and ``requires_grad``
+        gates are removed (every gated weight requires grad again). The wrapped optimizer stays usable as a plain
+        one through ``mat.optimizer.optimizer``. Idempotent; the controller cannot be used afterwards."""
+        if self.closed:
+            return
+        for layer, _, _ in self.sparse_layers:
+            if hasattr(layer, "remove"):  # SparseUpdateMHAWeight
+                layer.remove()
+        for parent, child, original in reversed(self._swapped):
+            setattr(parent, child, original)
+        for gate in self.gated:
+            gate.remove()
+        self.sparse_layers, self.gated, self._swapped = [], [], []
+        self.closed = True
+
     # ------------------------------------------------------------------------------------------------ info
     def active_fraction(self) -> float:
         return float(self.active.float().mean())
@@ -582,8 +609,16 @@ class _Gate:
         ids = {id(t) for t in self.tensors}
         self.names = [n for n, p in mat.module.named_parameters() if id(p) in ids]
         self._detach = mat.frozen_backward == "detach"
-        if self._detach:
-            self.owner.register_forward_pre_hook(self._pre_hook)
+        self._handle = self.owner.register_forward_pre_hook(self._pre_hook) if self._detach else None
+
+    def remove(self) -> None:
+        """Every tensor requires grad again; the detach hook is removed."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self.frozen = False
+        for t in self.tensors:
+            t.requires_grad_(True)
 
     def _pre_hook(self, module, args):
         if self.frozen and not self._open and args and isinstance(args[0], torch.Tensor):

@@ -328,3 +328,51 @@ def test_ddp_two_processes_make_the_same_decisions(tmp_path):
     assert any(not all(e["active"]) for e in r0["log"])  # something was frozen
     for k in r0["state"]:
         assert torch.equal(r0["state"][k], r1["state"][k]), k
+
+
+@pytest.mark.parametrize("frozen_backward", ["dw", "detach"])
+def test_close_restores_the_model(frozen_backward):
+    """close(): the original layers are back, nothing is routed or gated, the model trains densely again."""
+    from mat_kernels.sparse_linear import _MHA_WEIGHTS
+
+    torch.manual_seed(11)
+    model = _Seq2Seq()
+    types = {n: type(m) for n, m in model.named_modules()}
+    g = torch.Generator().manual_seed(6)
+    batch = tuple(torch.randn(2, T, d, generator=g) for T, d in ((5, 8), (3, 8), (3, 6), (3, 5)))
+    y = torch.tensor([0, 1])
+    mat = mk.MAT(model, torch.optim.SGD(model.parameters(), lr=0.1), warmup_steps=10**6, probe=(batch, y),
+                 frozen_backward=frozen_backward, lambda_kwargs={"backend": "torch"})
+    mat.active = torch.zeros(len(mat.specs), dtype=torch.bool)
+    mat._apply_masks()
+    n_routed = len(_MHA_WEIGHTS)
+    assert isinstance(model.dec.linear1, mk.SparseUpdateLinear)
+    mat.close()
+    mat.close()  # idempotent
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert len(_MHA_WEIGHTS) == n_routed - 8 and all(p.requires_grad for p in model.parameters())
+    dense = copy.deepcopy(model)
+    F.cross_entropy(model(*batch), y).backward()
+    F.cross_entropy(dense(*batch), y).backward()
+    for (name, p), q in zip(model.named_parameters(), dense.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-8)
+    with pytest.raises(RuntimeError, match="was closed"):
+        mat.step()
+
+
+def test_close_removes_requires_grad_gates():
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding="same"), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    x, y = torch.randn(4, 1, 6, 6), torch.tensor([0, 1, 2, 0])
+    mat = mk.MAT(model, torch.optim.SGD(model.parameters(), lr=0.1), warmup_steps=10**6, probe=(x, y),
+                 frozen_backward="detach", lambda_kwargs={"backend": "torch"})
+    assert mat.report()["gated_weights"] == ["0.weight", "0.bias"]
+    mat.active = torch.zeros(len(mat.specs), dtype=torch.bool)
+    mat._apply_masks()
+    assert not model[0].weight.requires_grad
+    mat.close()
+    assert model[0].weight.requires_grad and model[0].bias.requires_grad and not model[0]._forward_pre_hooks
+    F.cross_entropy(model(x), y).backward()
+    assert model[0].weight.grad is not None
