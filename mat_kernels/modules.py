@@ -20,8 +20,9 @@ layout              recognises
                     attention when the module or its config states ``num_key_value_heads``
 ``fused_qkv``       one linear (or ``Conv1D``) ``qkv``/``qkv_proj``/``Wqkv``/``in_proj``/``c_attn``/
                     ``query_key_value`` whose layout is known from the class (GPT-2 and its cross-attention,
-                    GPT-NeoX, Bloom, Falcon without multi-query, Phi-3, timm) or stated by the module's
-                    ``qkv_layout`` attribute: ``"qkv"`` ([Q; K; V]) or ``"per_head"`` ([q_h; k_h; v_h] per head)
+                    GPT-NeoX, Bloom, Falcon (all three layouts), Phi-3, timm's ViT) or stated by the module's
+                    ``qkv_layout`` attribute: ``"qkv"`` ([Q; K; V]) or ``"per_head"`` ([q_h; k_h; v_h] per head;
+                    with key/value groups [q_g1..q_gr; k_g; v_g] per group, as Falcon's new decoder)
 ``ffn``             a pair of linears: ``intermediate.dense``+``output.dense`` (BERT, RoBERTa), ``fc1``/``fc2``
                     (ViT), ``c_fc``/``c_proj`` (GPT-2), ``linear1``/``linear2`` (``nn.TransformerEncoderLayer``),
                     ``ffn_in``/``ffn_out``, ``w1``/``w2`` (+``w3``), ``up_proj``/``down_proj`` (+``gate_proj``),

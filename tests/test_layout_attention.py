@@ -183,11 +183,21 @@ def test_own_fused_qkv_without_a_stated_layout_is_unclaimed():
         mk.discover_modules(Classifier(OwnPerHead(layout="interleaved")))
 
 
-def test_falcon_multi_query_is_unclaimed_with_the_reason():
+@pytest.mark.parametrize("arch,groups", [("multi_query", 1), ("new_decoder", 2)])
+def test_falcon_multi_query_and_new_decoder_layouts(arch, groups):
+    """Falcon's other fused layouts: multi-query [Q (all heads); k; v] (one key/value head) and the new decoder's
+    per-group [q_g1 .. q_gr; k_g; v_g]; both checked against the oracle."""
+    torch.manual_seed(16)
+    kw = dict(multi_query=True, new_decoder_architecture=False) if arch == "multi_query" else \
+        dict(multi_query=False, new_decoder_architecture=True, num_kv_heads=2)
     model = transformers.FalconForCausalLM(transformers.FalconConfig(
-        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=4))  # multi_query by default
+        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=4, attn_implementation="eager",
+        **kw)).eval()
     disc = mk.discover_modules(model)
-    assert "multi-query" in disc.unclaimed["transformer.h.0.self_attention.query_key_value.weight"]
+    names = [s.name for s in disc.specs if s.kind == "head_group"]
+    assert names == [f"transformer.h.0.self_attention.group{g}" for g in range(groups)]
+    ids = torch.randint(0, 40, (3, 6), generator=_gen(17))
+    run_and_check(model, ids, ids, causal=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -121,24 +121,29 @@ def _attention_geometry(mod: nn.Module, q_width: int) -> tuple[int, int, int] | 
 
 
 def _gqa_specs(prefix: str, mod: nn.Module, model: nn.Module, heads: int, kv: int, hd: int,
-               q: tuple[str, int], k: tuple[str, int], v: tuple[str, int], opts: dict) -> list[ModuleSpec]:
+               q: tuple[str, int], k: tuple[str, int], v: tuple[str, int], opts: dict,
+               group_rows=None) -> list[ModuleSpec]:
     """One module per key/value head (``<attn>.head<h>`` when every query head has its own, ``<attn>.group<g>``
     under grouped-query attention: its K and V rows and the Q rows of the ``heads / kv`` query heads that use it,
     query head h using key/value head ``h // (heads / kv)`` as in ``repeat_kv``), plus each query head's columns
-    of the output projection (``out_proj`` option). ``q``/``k``/``v``: ``(child, row offset)``."""
+    of the output projection (``out_proj`` option). ``q``/``k``/``v``: ``(child, row offset)`` of [Q; K; V]-style
+    blocks; ``group_rows(g)``, when given, returns group g's row slices instead (interleaved layouts)."""
     r = heads // kv
-    if r == 1:
+    if r == 1 and group_rows is None:
         owner_prefix, owner, child = _find_out_proj(prefix, mod, model, heads * hd)
         return _head_specs(prefix, mod, heads, hd, [q, k, v], child, owner_prefix, owner, opts)
     mode = opts.get("out_proj", "separate")
     owner_prefix, owner, out_child = _find_out_proj(prefix, mod, model, heads * hd)
     specs = []
     for g in range(kv):
-        slices = [ParamSlice(_pname(prefix, mod, q[0]), "rows", ((q[1] + g * r * hd, r * hd),),
-                             _pname(prefix, mod, q[0], "bias"))]
-        for child, off in (k, v):
-            slices.append(ParamSlice(_pname(prefix, mod, child), "rows", ((off + g * hd, hd),),
-                                     _pname(prefix, mod, child, "bias")))
+        if group_rows is not None:
+            slices = list(group_rows(g))
+        else:
+            slices = [ParamSlice(_pname(prefix, mod, q[0]), "rows", ((q[1] + g * r * hd, r * hd),),
+                                 _pname(prefix, mod, q[0], "bias"))]
+            for child, off in (k, v):
+                slices.append(ParamSlice(_pname(prefix, mod, child), "rows", ((off + g * hd, hd),),
+                                         _pname(prefix, mod, child, "bias")))
         base = f"{prefix}.group{g}" if prefix else f"group{g}"
         outs = []
         if out_child is not None and mode != "none":
@@ -199,7 +204,8 @@ QKV_LAYOUTS = ("qkv", "per_head")
 def _fused_layout(mod: nn.Module, child: str) -> str:
     """How a fused QKV weight is laid out, from the module's class or its explicit ``qkv_layout`` attribute:
     ``"qkv"`` ([Q; K; V] blocks, then heads inside each; with key/value heads ``kv``: Q is heads·hd rows, K and V
-    kv·hd each), ``"per_head"`` ([q_h; k_h; v_h] per head), or a reason (str starting with "unknown") when
+    kv·hd each), ``"per_head"`` ([q_h; k_h; v_h] per head; with ``kv`` key/value heads [q_g1 .. q_gr; k_g; v_g] per
+    group), or a reason (str starting with "unknown") when
     neither says. Never from the shape."""
     explicit = getattr(mod, "qkv_layout", None)
     if explicit is not None:
@@ -210,9 +216,10 @@ def _fused_layout(mod: nn.Module, child: str) -> str:
     if cls in ("GPTNeoXAttention", "BloomAttention"):  # view(..., heads, 3 * head_dim)
         return "per_head"
     if cls == "FalconAttention":
-        if getattr(mod, "multi_query", True) or getattr(mod, "new_decoder_architecture", True):
-            return ("unknown: Falcon's multi-query / new-decoder fused layout is not supported; "
-                    "add explicit ModuleSpecs")
+        if getattr(mod, "new_decoder_architecture", False):
+            return "per_head"  # view(..., kv, heads/kv + 2, head_dim): per group, its queries, then k and v
+        if getattr(mod, "multi_query", False):
+            return "qkv"  # view(..., heads + 2, head_dim): all queries, then the one k and v (num_kv_heads = 1)
         return "per_head"  # view(..., heads, 3, head_dim)
     if cls in _GPT2_CLASSES and child == "c_attn":
         return "qkv"  # split(embed_dim) into Q, K, V
@@ -261,8 +268,6 @@ def _fused_qkv(prefix, mod, model, opts):
         problem = f"no head count: {type(mod).__name__} has none of {', '.join(_HEAD_ATTRS)} (nor a config with one)"
     elif heads % kv:
         problem = f"{heads} query heads do not split into {kv} key/value heads"
-    elif layout == "per_head" and kv != heads:
-        problem = "key/value groups are not supported in a per-head layout"
     else:
         rows_per_hd = heads + 2 * kv
         if hd is None and d_out % rows_per_hd == 0:
@@ -273,9 +278,13 @@ def _fused_qkv(prefix, mod, model, opts):
     if problem is not None:
         _refuse(opts, prefix, mod, [name], f"fused QKV ({layout}) not recognised: {problem}; add explicit ModuleSpecs")
         return None
-    if layout == "per_head":  # head h: rows [3·hd·h, 3·hd·(h+1)) hold its q, k and v
+    if layout == "per_head" and kv == heads:  # head h: rows [3·hd·h, 3·hd·(h+1)) hold its q, k and v
         owner_prefix, owner, child = _find_out_proj(prefix, mod, model, heads * hd)
         return _head_specs(prefix, mod, heads, 3 * hd, [(name, 0)], child, owner_prefix, owner, opts,
                            out_head_dim=hd)
+    if layout == "per_head":  # group g: rows [(r+2)·hd·g, (r+2)·hd·(g+1)) hold its r queries, its k and its v
+        width, w, b = (heads // kv + 2) * hd, _pname(prefix, mod, name), _pname(prefix, mod, name, "bias")
+        return _gqa_specs(prefix, mod, model, heads, kv, hd, None, None, None, opts,
+                          group_rows=lambda g: (ParamSlice(w, "rows", ((g * width, width),), b),))
     return _gqa_specs(prefix, mod, model, heads, kv, hd, (name, 0), (name, heads * hd), (name, (heads + kv) * hd),
                       opts)
