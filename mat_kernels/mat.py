@@ -27,8 +27,8 @@ What it does (defaults and their provenance in PAPER.md and python/README.md):
   controller sets, every Hugging Face ``Conv1D`` (GPT-2) for a :class:`mat_kernels.SparseUpdateConv1D` (the same
   kernels on its transposed storage), and the projection weights of ``nn.MultiheadAttention`` get a
   :class:`mat_kernels.SparseUpdateMHAWeight` (its ``F.linear`` calls are routed to the same kernels while the
-  attention runs). A module that owns whole weights of other layers (``nn.Conv2d``, and ``nn.Linear`` subclasses
-  such as Falcon's) is gated by ``requires_grad``: while it is frozen its weights do not require grad, so autograd
+  attention runs). A module that owns whole weights of other layers (``nn.Conv2d``, ``nn.Linear`` subclasses
+  other than Falcon's) is gated by ``requires_grad``: while it is frozen its weights do not require grad, so autograd
   computes no weight gradient for them. Row or column slices of weights that are none of these (e.g. a
   ``nn.Linear`` subclass) still compute their weight gradient, of which the frozen part is discarded;
   :meth:`report` lists them (``masked_weights``) and a warning says so once.
@@ -248,8 +248,9 @@ class MAT:
             # nn.MultiheadAttention's projections: no layer to swap, F.linear is routed while the attention runs
             mha = owner if isinstance(owner, nn.MultiheadAttention) and attr.endswith("proj_weight") else (
                 mha_of.get(id(owner)) if attr == "weight" else None)
-            plain = ((type(owner) is nn.Linear or conv1d) and attr == "weight" and id(owner) not in mha_of) or (
-                mha is not None)
+            linear = type(owner) is nn.Linear or (isinstance(owner, nn.Linear) and type(owner).__name__ in
+                                                  _LINEAR_EQUIVALENT)
+            plain = ((linear or conv1d) and attr == "weight" and id(owner) not in mha_of) or mha is not None
             if wanted and axes == {"all"} and not (plain and reason is None):
                 # a whole weight of a layer without a sparse-update twin (Conv2d, Conv1D, ...): requires_grad gate.
                 # Tensors the user froze (requires_grad=False) are left alone.
@@ -591,6 +592,11 @@ def _complement(ranges, dim: int) -> list[tuple[int, int]]:
     if pos < dim:
         out.append((pos, dim - pos))
     return out
+
+
+# nn.Linear subclasses whose forward is exactly F.linear(x, weight, bias), so a SparseUpdateLinear may replace them
+# (other subclasses may override forward: their slices are masked, and said so).
+_LINEAR_EQUIVALENT = ("FalconLinear",)
 
 
 class _Gate:

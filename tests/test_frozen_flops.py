@@ -54,6 +54,9 @@ CASES = {
     "mistral": (lambda: _hf("mistral"), {"input_ids": _ids()}, _lm_loss),
     "qwen2": (lambda: _hf("qwen2"), {"input_ids": _ids()}, _lm_loss),
     "gpt_neox": (lambda: _hf("gpt_neox"), {"input_ids": _ids()}, _lm_loss),
+    "falcon_new_decoder": (lambda: transformers.FalconForCausalLM(transformers.FalconConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=4, multi_query=False,
+        new_decoder_architecture=True, num_kv_heads=2, attn_implementation="eager")), {"input_ids": _ids()}, _lm_loss),
     "gpt2_cross": (_gpt2_cross, {"input_ids": _ids(), "encoder_hidden_states": torch.randn(4, 5, 48)}, _lm_loss),
     "bert": (lambda: hf_bert(), {"input_ids": _ids()}, _lm_loss),
     "vit": (_vit, torch.randn(4, 1, 8, 8), lambda m, x: m(pixel_values=x, labels=torch.tensor([0, 1, 2, 0])).loss),
