@@ -15,6 +15,7 @@ from mat_kernels.modules import linear_shape
 transformers = pytest.importorskip("transformers")
 
 from test_layout_attention import _hf  # noqa: E402
+from test_layout_mha import DecoderModel  # noqa: E402
 from test_model_lambda_max import MHAModel, hf_bert  # noqa: E402
 
 SKIPPED_SHARE = 0.9  # the issue's target: >= 90% of the modules' dW FLOPs disappear when every module is frozen
@@ -59,6 +60,16 @@ CASES = {
         new_decoder_architecture=True, num_kv_heads=2, attn_implementation="eager")), {"input_ids": _ids()}, _lm_loss),
     "gpt2_cross": (_gpt2_cross, {"input_ids": _ids(), "encoder_hidden_states": torch.randn(4, 5, 48)}, _lm_loss),
     "bert": (lambda: hf_bert(), {"input_ids": _ids()}, _lm_loss),
+    "roberta": (lambda: transformers.RobertaForMaskedLM(transformers.RobertaConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+        max_position_embeddings=20, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        attn_implementation="eager", pad_token_id=1, bos_token_id=0, eos_token_id=2)),
+        {"input_ids": _ids(vocab=40) % 37 + 3}, _lm_loss),
+    "distilbert": (lambda: transformers.DistilBertForMaskedLM(transformers.DistilBertConfig(
+        vocab_size=40, dim=16, n_layers=1, n_heads=2, hidden_dim=24, max_position_embeddings=20, dropout=0.0,
+        attention_dropout=0.0, attn_implementation="eager", pad_token_id=0)), {"input_ids": _ids()}, _lm_loss),
+    "transformer_decoder": (lambda: DecoderModel(), {"x": torch.randn(4, 5, 8), "mem": torch.randn(4, 3, 8)},
+                            lambda m, b: F.cross_entropy(m(**b), torch.tensor([0, 1, 2, 3]))),
     "vit": (_vit, torch.randn(4, 1, 8, 8), lambda m, x: m(pixel_values=x, labels=torch.tensor([0, 1, 2, 0])).loss),
     "transformer_encoder": (lambda: MHAModel(batch_first=True), torch.randn(4, 5, 8),
                             lambda m, x: F.cross_entropy(m(x).mean(1), torch.tensor([0, 1, 2, 3]))),
