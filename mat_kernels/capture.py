@@ -324,11 +324,15 @@ class LambdaCapture:
         G = conv.groups
         cg, og = x.shape[1] // G, dy.shape[1] // G
         parts = []
-        pads = conv_padding(conv)
-        if any(pads):  # the convolution's own padding, made explicit: unfold pads symmetrically and only with zeros
-            x = F.pad(x, pads, mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
+        left, right, top, bottom = conv_padding(conv)
+        if conv.padding_mode == "zeros" and left == right and top == bottom:
+            unfold_pad = (top, left)  # unfold pads symmetrically with zeros itself: no copy of x
+        else:  # asymmetric ("same" with an even kernel) or reflect/replicate/circular: pad explicitly, as the conv does
+            x = F.pad(x, (left, right, top, bottom),
+                      mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
+            unfold_pad = 0
         for g in range(G):
-            pt = F.unfold(x[:, g * cg:(g + 1) * cg], conv.kernel_size, conv.dilation, 0, conv.stride)
+            pt = F.unfold(x[:, g * cg:(g + 1) * cg], conv.kernel_size, conv.dilation, unfold_pad, conv.stride)
             d = dy[:, g * og:(g + 1) * og].reshape(n, og, -1)
             parts.append((pt.transpose(1, 2), d.transpose(1, 2), g * og))
         return parts

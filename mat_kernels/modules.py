@@ -359,7 +359,8 @@ class WeightBlocks:
         return [m for m, _ in self.modules]
 
 
-def group_by_weight(model: nn.Module, specs: list[ModuleSpec], *, validate: bool = True) -> dict[str, list[WeightBlocks]]:
+def group_by_weight(model: nn.Module, specs: list[ModuleSpec], *,
+                    validate: bool = True) -> dict[str, list[WeightBlocks]]:
     """``{weight name: [WeightBlocks, ...]}``: every spec slice, grouped by weight and then by (axis, bias), in
     first-appearance order; one module's several slices of a weight along one axis are merged (a head's Q, K and V
     rows of a fused weight). Validates the specs first (:func:`validate_specs`) unless ``validate=False``.

@@ -386,6 +386,10 @@ class _SparseUpdateMixin:
     def _linear_weight(self) -> torch.Tensor:
         return self.weight
 
+    def _state_repr(self) -> str:
+        return (f"layout={self.layout.describe()}, active={int(self._active.sum())}/{self.layout.num_modules}, "
+                f"frozen_backward={self.frozen_backward!r}")
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         detach, weight_grad = self._override or (self.frozen_backward == "detach", True)
         return sparse_update_linear(input, self._linear_weight(), self.bias, active=self._active,
@@ -449,8 +453,7 @@ class SparseUpdateLinear(_SparseUpdateMixin, nn.Linear):
         return lin
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, layout={self.layout.describe()}, "
-                f"active={int(self._active.sum())}/{self.layout.num_modules}, frozen_backward={self.frozen_backward!r}")
+        return f"{super().extra_repr()}, {self._state_repr()}"
 
 
 class SparseUpdateConv1D(_SparseUpdateMixin, nn.Module):
@@ -483,8 +486,7 @@ class SparseUpdateConv1D(_SparseUpdateMixin, nn.Module):
         return self.weight.t()
 
     def extra_repr(self) -> str:
-        return (f"nf={self.nf}, nx={self.nx}, layout={self.layout.describe()}, "
-                f"active={int(self._active.sum())}/{self.layout.num_modules}, frozen_backward={self.frozen_backward!r}")
+        return f"nf={self.nf}, nx={self.nx}, {self._state_repr()}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -494,6 +496,7 @@ class SparseUpdateConv1D(_SparseUpdateMixin, nn.Module):
 # entry goes too and the attention trains through plain F.linear again; while a state lives it holds its
 # parameter, so the id cannot be reused by another tensor.
 _MHA_WEIGHTS: "weakref.WeakValueDictionary[int, SparseUpdateMHAWeight]" = weakref.WeakValueDictionary()
+_MHA_BY_MODULE: dict[int, list] = {}  # id(attention module) -> weak references to its weights' states
 _MHA_PATCH_DEPTH = [0]
 
 
@@ -538,12 +541,13 @@ class SparseUpdateMHAWeight(_SparseUpdateMixin):
                              "remove() it first")
         self.attention, self.weight = attention, weight
         self.out_features, self.in_features = weight.shape
-        self.bias = None
-        self.training = True
         self._init_sparse(row_blocks, col_blocks, False, frozen_backward, shared_bias)
         self._views: dict[tuple[int, int], tuple[SparseLayout, torch.Tensor]] = {}
         self._routed = 0  # calls taken through the sparse route (a forward with none was bypassed)
         _MHA_WEIGHTS[id(weight)] = self
+        refs = _MHA_BY_MODULE.setdefault(id(attention), [])
+        refs[:] = [r for r in refs if r() is not None]  # states whose MAT is gone
+        refs.append(weakref.ref(self))
         self._handles = [attention.register_forward_pre_hook(_mha_enter),
                          attention.register_forward_hook(_mha_exit, always_call=True)]
 
@@ -553,6 +557,11 @@ class SparseUpdateMHAWeight(_SparseUpdateMixin):
             h.remove()
         self._handles = []
         _MHA_WEIGHTS.pop(id(self.weight), None)
+        refs = [r for r in _MHA_BY_MODULE.get(id(self.attention), ()) if r() is not None and r() is not self]
+        if refs:
+            _MHA_BY_MODULE[id(self.attention)] = refs
+        else:
+            _MHA_BY_MODULE.pop(id(self.attention), None)
 
     def _view(self, r0: int, rows: int) -> tuple[SparseLayout, torch.Tensor | None]:
         """The layout of rows ``[r0, r0 + rows)`` and the indices of its modules in the full mask."""
@@ -583,12 +592,13 @@ class SparseUpdateMHAWeight(_SparseUpdateMixin):
                                     shared_bias=self.shared_bias, weight_grad=weight_grad)
 
     def __repr__(self) -> str:
-        return (f"SparseUpdateMHAWeight({tuple(self.weight.shape)}, layout={self.layout.describe()}, "
-                f"active={int(self._active.sum())}/{self.layout.num_modules}, frozen_backward={self.frozen_backward!r})")
+        return f"SparseUpdateMHAWeight({tuple(self.weight.shape)}, {self._state_repr()})"
 
 
 def _holders_of(module) -> list["SparseUpdateMHAWeight"]:
-    return [h for h in list(_MHA_WEIGHTS.values()) if h.attention is module]
+    """The live states of this attention module's weights (a short list: no scan of every registered weight)."""
+    refs = _MHA_BY_MODULE.get(id(module), ())
+    return [h for h in (r() for r in refs) if h is not None and h.attention is module and h._handles]
 
 
 def _mha_enter(module, args, kwargs=None):
