@@ -168,11 +168,11 @@ def bench_shape(name, shape, dtype, device, fractions, patterns, providers, time
     for pattern in patterns:
         for f in fractions:
             active = active_mask(layout.num_modules, f, pattern)
-            axis_len = d_out if layout.axis == 0 else d_in
+            axis_len = d_out if layout.dim == 0 else d_in
             vec = block_mask(active, layout.starts, layout.sizes, layout.owners, axis_len, device=device,
                              dtype=dtype)
-            mask_w = vec[:, None] if layout.axis == 0 else vec[None, :]
-            mask_b = vec if layout.axis == 0 else vec.new_ones(d_out)  # column blocks share the bias: always trained
+            mask_w = vec[:, None] if layout.dim == 0 else vec[None, :]
+            mask_b = vec if layout.dim == 0 else vec.new_ones(d_out)  # column blocks share the bias: always trained
             idx = vec.nonzero().flatten()
             y_sparse = mk.sparse_update_linear(x, w, b, active=active, layout=layout)
 
@@ -180,7 +180,7 @@ def bench_shape(name, shape, dtype, device, fractions, patterns, providers, time
                 return torch.autograd.grad(y_sparse, (x, w, b), dy, retain_graph=True, allow_unused=True)
 
             def gather():
-                return _gather_backward(x.detach(), w.detach(), dy, layout.axis, idx)
+                return _gather_backward(x.detach(), w.detach(), dy, layout.dim, idx)
 
             fns = {"dense_autograd": dense, "dx_only": dx_only, "gather": gather, "mat_kernels": sparse}
             active_frac = vec.float().mean().item()
@@ -201,7 +201,7 @@ def bench_shape(name, shape, dtype, device, fractions, patterns, providers, time
                 flops = flops_dx * (1 + dw_flops)
                 rows.append({
                     "dtype": str(dtype).replace("torch.", ""), "shape": name, "tokens": tokens, "d_in": d_in,
-                    "d_out": d_out, "blocks": "rows" if layout.axis == 0 else "cols", "pattern": pattern,
+                    "d_out": d_out, "blocks": "rows" if layout.dim == 0 else "cols", "pattern": pattern,
                     "fraction": f, "active_modules": int(active.sum()), "provider": prov, "ms": ms,
                     "ms_p20": p20, "ms_p80": p80, "ratio_vs_ideal": ms / ideal if ideal > 0 else float("nan"),
                     "ratio_vs_dense": ms / t_dense[0], "tflops": flops / (ms * 1e-3) / 1e12, "peak_mem_mib": mem,

@@ -12,17 +12,19 @@ Public API:
 * :func:`capture_lambda_max`: the same from a training step's own backward (NTK output = per-sample loss).
 * :class:`MAT`: the training controller: scheduled λmax, dynamic threshold, temporal rule, masks pushed into
   sparse-update layers, an optimizer step that keeps frozen slices frozen.
+* :class:`WeightBlocks` (also named ``LayerBlocks`` and ``SparseLayout``): the one representation of which ranges of
+  a weight belong to which module, used by the layer entry points, the capture, the sparse layers and the optimizer.
 * :func:`discover_modules`, :class:`ModuleSpec`, :class:`ParamSlice`, :func:`register_layout`,
-  :func:`group_by_weight` (the one grouping of module slices by weight, :class:`WeightBlocks`): MAT modules of a
+  :func:`group_by_weight` (module slices grouped by weight into :class:`WeightBlocks`): MAT modules of a
   model (attention heads in separate or fused projections, FFN blocks, conv layers, experts) and custom ones.
 * :func:`sparse_update_linear`, :class:`SparseUpdateLinear` (and :class:`SparseUpdateConv1D` for
-  GPT-2's ``Conv1D``), :class:`SparseLayout`: a linear layer whose backward
+  GPT-2's ``Conv1D``): a linear layer whose backward
   computes dX in full and dW/db only for active blocks (C++/CUDA extension ``mat_kernels._C``).
 * :mod:`mat_kernels.reference`: float64 oracles (per-sample gradients by autograd, explicit Grams).
 
 ``python -m mat_kernels`` prints what is usable on this machine.
 """
-from .blocks import LayerBlocks, fused_qkv_heads, resolve_blocks
+from .blocks import LayerBlocks, WeightBlocks, fused_qkv_heads, resolve_blocks
 from .estimate import (
     DEFAULT_SKETCH_SIZE,
     GramResult,
@@ -32,7 +34,7 @@ from .estimate import (
     route_costs,
 )
 from .solvers import lambda_max
-from .modules import Discovery, ModuleSpec, ParamSlice, WeightBlocks, discover_modules, group_by_weight, register_layout
+from .modules import Discovery, ModuleSpec, ParamSlice, discover_modules, group_by_weight, register_layout
 from .capture import capture_lambda_max
 from .model import ModelLambdaMax, model_lambda_max
 from .mat import MAT

@@ -142,8 +142,8 @@ class LambdaCapture:
             site.sample_dim = self._sample_dim_of(wname, owners)
             self._by_id[id(site.param)] = site
             for g in groups:  # a whole weight is all its rows
-                site.groups.append(("rows" if g.axis == "all" else g.axis, g.bias is not None,
-                                    [(m, list(g.ranges(m))) for m in g.module_indices()]))
+                site.groups.append(("rows" if g.axis == "all" else g.axis, g.bias,
+                                    [(m, list(r)) for m, r in g.entries()]))
 
     def _sample_dim_of(self, name: str, owners) -> int:
         # nn.TransformerEncoderLayer / DecoderLayer say whether their tensors are sequence-first

@@ -71,11 +71,12 @@ import warnings
 import torch
 import torch.nn as nn
 
+from .blocks import WeightBlocks
 from .capture import capture_lambda_max
 from .flops import FlopsLedger
 from .model import _check_samples_independent, model_lambda_max
 from .modules import ModuleSpec, _is_conv1d, discover_modules, group_by_weight, validate_specs
-from .optim import Block, FrozenSliceOptimizer
+from .optim import FrozenSliceOptimizer
 from .policy import CRITERIA, POLICIES, TemporalRule, module_scores, threshold_mask
 from .sparse_linear import FROZEN_BACKWARD
 
@@ -243,7 +244,7 @@ class MAT:
         for wname, groups in by_weight.items():
             owner_name, owner, attr = self._owner(wname)
             axes = {g.axis for g in groups}
-            biases = sorted({g.bias for g in groups if g.bias is not None})
+            biases = sorted({g.bias_name for g in groups if g.bias_name is not None})
             conv1d = type(owner).__name__ == "Conv1D" and _is_conv1d(owner)
             # nn.MultiheadAttention's projections: no layer to swap, F.linear is routed while the attention runs
             mha = owner if isinstance(owner, nn.MultiheadAttention) and attr.endswith("proj_weight") else (
@@ -257,7 +258,7 @@ class MAT:
                 tensors = [params[wname]] + [params[b] for b in biases]
                 tensors = [t for t in tensors if t.requires_grad]
                 if tensors:
-                    gated.append(_Gate(owner, tensors, sorted({m for g in groups for m in g.module_indices()})))
+                    gated.append(_Gate(owner, tensors, sorted({m for g in groups for m in g.index})))
                 continue
             if not wanted or reason is not None or not plain or len(axes) != 1:
                 masked.append(wname)
@@ -267,7 +268,7 @@ class MAT:
             axis = axes.pop()
             per_module: dict[int, list] = {}  # a head's Q, K and V ranges are one module of the layer
             for g in groups:
-                for m, ranges in g.modules:
+                for m, ranges in zip(g.index, g.modules):
                     per_module.setdefault(m, []).extend(ranges)
             order = list(per_module)
             owns_bias = bool(biases)
@@ -313,26 +314,16 @@ class MAT:
 
     def _frozen_optimizer(self, optimizer) -> FrozenSliceOptimizer:
         params = dict(self.module.named_parameters())
-        blocks: dict[torch.Tensor, list[Block]] = {}
+        blocks: dict[torch.Tensor, list[WeightBlocks]] = {}
         transposed = set()
         for wname, groups in group_by_weight(self.module, self.specs, validate=False).items():
             _, owner, _ = self._owner(wname)
-            w = params[wname]
             if _is_conv1d(owner):
-                transposed.add(w)
+                transposed.add(params[wname])
             for g in groups:
-                bias = params[g.bias] if g.bias is not None else None
-                for m, ranges in g.modules:
-                    if g.axis == "all":
-                        blocks.setdefault(w, []).append(Block(m))
-                        if bias is not None:
-                            blocks.setdefault(bias, []).append(Block(m))
-                        continue
-                    axis = 0 if g.axis == "rows" else 1
-                    for start, size in ranges:
-                        blocks.setdefault(w, []).append(Block(m, axis, start, size))
-                        if bias is not None:
-                            blocks.setdefault(bias, []).append(Block(m, 0, start, size))
+                blocks.setdefault(params[wname], []).append(g)
+                if g.bias_name is not None:
+                    blocks.setdefault(params[g.bias_name], []).append(g.for_bias())
         return FrozenSliceOptimizer(optimizer, blocks, transposed=transposed, num_modules=len(self.specs))
 
     # ------------------------------------------------------------------------------------------------ loop

@@ -55,6 +55,8 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
+from .blocks import WeightBlocks
+
 __all__ = [
     "ParamSlice",
     "ModuleSpec",
@@ -301,17 +303,12 @@ def validate_specs(model: nn.Module, specs: list[ModuleSpec]) -> None:
                 raise ValueError(f"module {s.name!r}: no parameter named {sl.weight!r} in the model")
             owner_name, attr = sl.weight.rsplit(".", 1) if "." in sl.weight else ("", sl.weight)
             d_out, d_in = linear_shape(owners[owner_name], attr, params[sl.weight])
-            if sl.axis not in ("rows", "cols", "all"):
-                raise ValueError(f"module {s.name!r}: axis must be 'rows', 'cols' or 'all', got {sl.axis!r}")
-            if sl.axis == "all" and sl.ranges:
-                raise ValueError(f"module {s.name!r}: axis 'all' takes no ranges")
-            if sl.axis != "all" and not sl.ranges:
-                raise ValueError(f"module {s.name!r}: axis {sl.axis!r} needs at least one (start, size) range")
-            dim = d_out if sl.axis == "rows" else d_in
-            for start, size in sl.ranges:
-                if size <= 0 or start < 0 or start + size > dim:
-                    raise ValueError(f"module {s.name!r}: range [{start}, {start + size}) of {sl.weight} is out of "
-                                     f"bounds for {sl.axis} of length {dim}")
+            if not isinstance(sl.ranges, (tuple, list)) or not all(
+                    isinstance(r, (tuple, list)) and len(r) == 2 for r in sl.ranges):
+                raise TypeError(f"module {s.name!r}: ranges of {sl.weight} must be a sequence of (start, size) "
+                                f"pairs, got {sl.ranges!r}")
+            # ranges, sizes, bounds and overlaps inside the slice: checked by the one representation
+            WeightBlocks(sl.axis, (sl.ranges,), (d_out, d_in), name=f"module {s.name!r} ({sl.weight})")
             if sl.bias is not None:
                 if sl.axis == "cols":
                     raise ValueError(f"module {s.name!r}: a column slice cannot own bias entries")
@@ -331,39 +328,15 @@ def validate_specs(model: nn.Module, specs: list[ModuleSpec]) -> None:
                     raise ValueError(f"module {s.name!r}: slices of {w} overlap (entries would be counted twice)")
 
 
-@dataclass(frozen=True)
-class WeightBlocks:
-    """The module entries of one weight, along one axis: the single grouping of :class:`ModuleSpec` slices by
-    weight that the capture (Grams per layer), :class:`mat_kernels.MAT` (sparse-update layouts, ``requires_grad``
-    gates) and :class:`mat_kernels.optim.FrozenSliceOptimizer` (frozen blocks) are all built from.
-
-    Attributes:
-        weight: the weight's parameter name.
-        axis: ``"rows"``, ``"cols"`` or ``"all"`` (linear-map orientation ``[d_out, d_in]``).
-        bias: the bias parameter whose entries follow the rows (``"rows"``/``"all"`` slices that own them), or None.
-        modules: ``(module index, ranges)`` per module, in the order of the specs; ranges are empty for ``"all"``.
-        shape: ``(d_out, d_in)`` of the weight's linear map.
-    """
-
-    weight: str
-    axis: str
-    bias: str | None
-    modules: tuple[tuple[int, tuple[Range, ...]], ...]
-    shape: tuple[int, int]
-
-    def ranges(self, index: int) -> tuple[Range, ...]:
-        """Module ``index``'s ranges along the axis (``"all"``: every row)."""
-        return dict(self.modules)[index] or ((0, self.shape[0]),)
-
-    def module_indices(self) -> list[int]:
-        return [m for m, _ in self.modules]
-
-
 def group_by_weight(model: nn.Module, specs: list[ModuleSpec], *,
                     validate: bool = True) -> dict[str, list[WeightBlocks]]:
     """``{weight name: [WeightBlocks, ...]}``: every spec slice, grouped by weight and then by (axis, bias), in
     first-appearance order; one module's several slices of a weight along one axis are merged (a head's Q, K and V
-    rows of a fused weight). Validates the specs first (:func:`validate_specs`) unless ``validate=False``.
+    rows of a fused weight). Each :class:`~mat_kernels.WeightBlocks` carries the weight and bias names, the linear
+    shape and, in ``index``, the modules' positions in ``specs``. The capture (Grams per layer),
+    :class:`mat_kernels.MAT` (sparse-update layouts, ``requires_grad`` gates) and
+    :class:`mat_kernels.optim.FrozenSliceOptimizer` (frozen blocks) are all built from it.
+    Validates the specs first (:func:`validate_specs`) unless ``validate=False``.
     A weight with more than one group mixes axes (or owned and unowned bias entries)."""
     if validate:
         validate_specs(model, specs)
@@ -379,7 +352,8 @@ def group_by_weight(model: nn.Module, specs: list[ModuleSpec], *,
     for wname, groups in grouped.items():
         owner_name, attr = wname.rsplit(".", 1) if "." in wname else ("", wname)
         shape = linear_shape(owners[owner_name], attr, params[wname])
-        out[wname] = [WeightBlocks(wname, axis, bias, tuple((m, tuple(r)) for m, r in mods.items()), shape)
+        out[wname] = [WeightBlocks(axis, tuple(tuple(r) for r in mods.values()), shape, index=tuple(mods),
+                                   weight=wname, bias_name=bias, name=wname)
                       for (axis, bias), mods in groups.items()]
     return out
 

@@ -16,16 +16,22 @@ step:
   the saved parameter with that block's count: ``p = p₀·(1 − lr·wd)`` (AdamW) ``− lr/(1−β₁ᵗ) · m / (√(v)/√(1−β₂ᵗ)
   + ε)``, t = the block's count (``max_exp_avg_sq`` in place of ``v`` with amsgrad).
 
-Blocks are given in the linear-map orientation of each weight (see :mod:`mat_kernels.modules`); Hugging Face
-``Conv1D`` weights (stored transposed) and convolution weights (``[O, C, kh, kw]`` = ``[O, C·kh·kw]``) are viewed
+Which entries belong to which module is given per parameter as :class:`mat_kernels.WeightBlocks` (the one
+representation, :func:`mat_kernels.group_by_weight` builds them; a bias vector is seen as ``[d_out, 1]``,
+:meth:`~mat_kernels.WeightBlocks.for_bias`), in the linear-map orientation of each weight; Hugging Face ``Conv1D``
+weights (stored transposed) and convolution weights (``[O, C, kh, kw]`` = ``[O, C·kh·kw]``) are viewed
 accordingly.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
+from typing import Sequence, Union
 
 import torch
+
+from .blocks import WeightBlocks
 
 __all__ = ["Block", "FrozenSliceOptimizer", "SUPPORTED_OPTIMIZERS"]
 
@@ -36,12 +42,43 @@ _STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 @dataclass(frozen=True)
 class Block:
     """Entries ``[start, start + size)`` along ``axis`` (0 rows, 1 columns; ``size = None``: the whole tensor) of a
-    parameter's linear view, owned by module ``module``."""
+    parameter's linear view, owned by module ``module``: the optimizer's internal unit, one per range of a
+    :class:`mat_kernels.WeightBlocks`.
+
+    .. deprecated:: passing lists of ``Block`` to :class:`FrozenSliceOptimizer` is deprecated; give
+       :class:`mat_kernels.WeightBlocks` (validated against the parameter's shape) instead."""
 
     module: int
     axis: int = 0
     start: int = 0
     size: int | None = None
+
+
+BlocksArg = Union[WeightBlocks, Sequence[WeightBlocks], Sequence[Block]]
+
+
+def _parts(p: torch.Tensor, given: BlocksArg, transposed: bool) -> list[Block]:
+    """The internal blocks of parameter ``p`` from its WeightBlocks (checked against its linear view)."""
+    items = [given] if isinstance(given, WeightBlocks) else list(given)
+    if items and all(isinstance(b, Block) for b in items):
+        warnings.warn("FrozenSliceOptimizer: lists of optim.Block are deprecated; give mat_kernels.WeightBlocks "
+                      "(see mat_kernels.group_by_weight)", DeprecationWarning, stacklevel=4)
+        return items
+    if not items or not all(isinstance(b, WeightBlocks) for b in items):
+        raise TypeError(f"blocks of each parameter must be WeightBlocks or a list of them, got {given!r}")
+    shape = tuple(_view(p, transposed).shape)
+    out = []
+    for wb in items:
+        if wb.shape is not None and any(s is not None and s != t for s, t in zip(wb.shape, shape)):
+            raise ValueError(f"blocks {wb.name}: built for shape {wb.shape}, but the parameter's linear view is "
+                             f"{shape}")
+        if wb.shape is None or None in wb.shape:
+            wb = WeightBlocks(wb.axis, wb.modules, shape, index=wb.index, name=wb.name)  # bounds checked here
+        for m, ranges in zip(wb.index, wb.modules):
+            if wb.axis == "all":
+                out.append(Block(m))
+            out += [Block(m, wb.dim, start, size) for start, size in ranges]
+    return out
 
 
 def _view(t: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -64,13 +101,14 @@ class FrozenSliceOptimizer:
     Args:
         optimizer: a ``torch.optim.SGD``, ``Adam`` or ``AdamW`` (others are refused: their state cannot be kept
             frozen without knowing it).
-        blocks: ``{parameter: [Block, ...]}`` for every parameter that holds module entries; parameters not listed
-            are always trained.
+        blocks: ``{parameter: WeightBlocks or [WeightBlocks, ...]}`` for every parameter that holds module entries
+            (``index`` of each: the modules' entries of the activity mask); parameters not listed are always
+            trained.
         transposed: parameters stored ``[d_in, d_out]`` (Hugging Face ``Conv1D``).
         num_modules: length of the activity masks given to :meth:`step`.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, blocks: dict[torch.Tensor, list[Block]], *,
+    def __init__(self, optimizer: torch.optim.Optimizer, blocks: dict[torch.Tensor, BlocksArg], *,
                  transposed: set | None = None, num_modules: int):
         if not isinstance(optimizer, SUPPORTED_OPTIMIZERS):
             raise TypeError(
@@ -85,9 +123,12 @@ class FrozenSliceOptimizer:
             if p not in known:
                 raise ValueError("a module parameter is not in the optimizer's param_groups")
         self.optimizer = optimizer
-        self.blocks = blocks
         self.transposed = {id(p) for p in (transposed or ())}
+        self.blocks = {p: _parts(p, b, id(p) in self.transposed) for p, b in blocks.items()}
         self.num_modules = num_modules
+        for p, parts in self.blocks.items():
+            if any(not 0 <= b.module < num_modules for b in parts):
+                raise ValueError(f"a block's module index is outside [0, {num_modules}) (num_modules)")
         self.block_steps = torch.zeros(num_modules, dtype=torch.long)
         self._group = {p: g for g in optimizer.param_groups for p in g["params"]}
 

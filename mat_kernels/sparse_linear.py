@@ -33,13 +33,12 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import BlockSpec, resolve_blocks
+from .blocks import BlockSpec, WeightBlocks
 from .ops import sparse_update as _ops
 
 __all__ = ["SparseLayout", "sparse_update_linear", "SparseUpdateLinear", "SparseUpdateConv1D"]
@@ -55,54 +54,13 @@ if _ops.extension_available():  # OpOverloads, resolved once: the backward calls
     _INPUT_GRAD = torch.ops.mat_kernels.sparse_input_grad.default
 
 
-@dataclass(frozen=True)
-class SparseLayout:
-    """Static block layout of one linear weight ``[d_out, d_in]`` for sparse updates.
+SparseLayout = WeightBlocks
+"""The layout of a sparse-update layer: the :class:`mat_kernels.WeightBlocks` of its weight, built with
+``SparseLayout.build(d_out, d_in, row_blocks=..., col_blocks=...)`` (ranges of different modules disjoint)."""
 
-    Attributes:
-        axis: 0 for row blocks (output features; bias entries follow their rows), 1 for column blocks.
-        starts, sizes, owners: block range ``s`` is ``[starts[s], starts[s] + sizes[s])`` along ``axis``, owned by
-            module ``owners[s]``. Indices in no range are never updated.
-        num_modules: length of the activity mask.
-        shape: ``(d_out, d_in)`` of the weight the layout was built for.
-    """
 
-    axis: int
-    starts: tuple[int, ...]
-    sizes: tuple[int, ...]
-    owners: tuple[int, ...]
-    num_modules: int
-    shape: tuple[int, int]
-
-    @classmethod
-    def build(cls, out_features: int, in_features: int, *, row_blocks: BlockSpec = None,
-              col_blocks: BlockSpec = None) -> "SparseLayout":
-        """Layout from block specs: ``row_blocks`` or ``col_blocks`` (not both), or neither for the whole weight.
-
-        Specs as in :func:`mat_kernels.resolve_blocks`: ``int h`` (h equal blocks), ``[(start, size), ...]`` (one
-        module per range) or ``[[(start, size), ...], ...]`` (modules of several ranges, e.g.
-        ``fused_qkv_heads(12, 64)``). Raises ``ValueError``/``TypeError`` naming the argument.
-        """
-        for name, v in (("out_features", out_features), ("in_features", in_features)):
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if row_blocks is not None and col_blocks is not None:
-            raise ValueError("give row_blocks or col_blocks, not both: a layout blocks one axis of the weight")
-        if row_blocks is None and col_blocks is None:
-            return cls(0, (0,), (out_features,), (0,), 1, (out_features, in_features))
-        axis = 0 if row_blocks is not None else 1
-        name = "row_blocks" if axis == 0 else "col_blocks"
-        dim = out_features if axis == 0 else in_features
-        blocks = resolve_blocks(row_blocks if axis == 0 else col_blocks, dim, axis="rows" if axis == 0 else "cols",
-                                name=name)
-        starts, sizes, owners = blocks.segments()
-        _ops.validate_layout(starts, sizes, owners, dim, blocks.num_modules, name=name)
-        return cls(axis, starts, sizes, owners, blocks.num_modules, (out_features, in_features))
-
-    def describe(self) -> str:
-        kind = "whole weight" if self.num_modules == 1 and self.sizes == (self.shape[0],) and self.axis == 0 \
-            else ("row blocks" if self.axis == 0 else "column blocks")
-        return f"{kind}, {self.num_modules} module(s), {len(self.starts)} range(s)"
+def _layout(d_out: int, d_in: int, row_blocks: BlockSpec, col_blocks: BlockSpec) -> WeightBlocks:
+    return WeightBlocks.build(d_out, d_in, row_blocks=row_blocks, col_blocks=col_blocks).check_disjoint()
 
 
 def _as_mask(active, num_modules: int, *, name: str = "active") -> torch.Tensor:
@@ -303,9 +261,13 @@ def sparse_update_linear(
     if layout is None:
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise ValueError("weight must be a 2-D tensor [d_out, d_in]")
-        layout = SparseLayout.build(weight.shape[0], weight.shape[1], row_blocks=row_blocks, col_blocks=col_blocks)
+        layout = _layout(weight.shape[0], weight.shape[1], row_blocks, col_blocks)
     elif row_blocks is not None or col_blocks is not None:
         raise ValueError("give either layout or row_blocks/col_blocks, not both")
+    elif not isinstance(layout, WeightBlocks):
+        raise TypeError(f"layout must be a WeightBlocks (SparseLayout), got {type(layout).__name__}")
+    else:
+        layout.check_disjoint()
     if isinstance(x, torch.Tensor) and _autocast_enabled(x.device.type):
         if accumulate_grad:
             raise ValueError("accumulate_grad=True is not supported under torch.autocast (the gradient would be "
@@ -322,9 +284,9 @@ def sparse_update_linear(
         raise TypeError(f"x and weight must have the same dtype, got {x.dtype} and {weight.dtype}")
     _ops.require_extension(x.device)
     detach = _check_frozen_backward(frozen_backward) == "detach"
-    mode = (detach, bool(weight_grad), bool(shared_bias) or layout.axis == 1)
+    mode = (detach, bool(weight_grad), bool(shared_bias) or layout.dim == 1)
     return _SparseUpdateLinearFunction.apply(x, weight, bias, active, layout.starts, layout.sizes, layout.owners,
-                                             layout.axis, accumulate_grad, mode)
+                                             layout.dim, accumulate_grad, mode)
 
 
 FROZEN_BACKWARD = ("dw", "detach")
@@ -342,11 +304,10 @@ class _SparseUpdateMixin:
 
     def _init_sparse(self, row_blocks, col_blocks, accumulate_grad, frozen_backward, shared_bias) -> None:
         _ops.require_extension()
-        self.layout = SparseLayout.build(self.out_features, self.in_features, row_blocks=row_blocks,
-                                         col_blocks=col_blocks)
+        self.layout = _layout(self.out_features, self.in_features, row_blocks, col_blocks)
         self.accumulate_grad = bool(accumulate_grad)
         self.frozen_backward = _check_frozen_backward(frozen_backward)
-        self.shared_bias = bool(shared_bias) or self.layout.axis == 1
+        self.shared_bias = bool(shared_bias) or self.layout.dim == 1
         # Exact backward with or without weight gradients, whatever frozen_backward says (set by a measurement).
         self._override: tuple[bool, bool] | None = None
         # A plain attribute, not a buffer: Module.to()/cuda() must not move it off the CPU.
@@ -569,7 +530,7 @@ class SparseUpdateMHAWeight(_SparseUpdateMixin):
             return self.layout, None
         key = (r0, rows)
         if key not in self._views:
-            if self.layout.axis != 0:
+            if self.layout.dim != 0:
                 raise ValueError("a row view of a weight with column blocks")
             per_module: dict[int, list[tuple[int, int]]] = {}
             for s, n, m in zip(self.layout.starts, self.layout.sizes, self.layout.owners):
@@ -577,7 +538,7 @@ class SparseUpdateMHAWeight(_SparseUpdateMixin):
                 if lo < hi:
                     per_module.setdefault(m, []).append((lo - r0, hi - lo))
             order = sorted(per_module)
-            sub = SparseLayout.build(rows, self.in_features, row_blocks=[per_module[m] for m in order])
+            sub = _layout(rows, self.in_features, [per_module[m] for m in order], None)
             self._views[key] = (sub, torch.tensor(order, dtype=torch.long))
         return self._views[key]
 

@@ -383,12 +383,14 @@ def test_group_by_weight_is_the_one_grouping():
     specs = mk.discover_modules(model).specs
     groups = mk.group_by_weight(model, specs)
     (qkv,) = groups["blocks.0.qkv.weight"]
-    assert qkv.axis == "rows" and qkv.bias == "blocks.0.qkv.bias" and qkv.shape == (36, 12)
-    assert qkv.modules[1][1] == ((4, 4), (16, 4), (28, 4))  # head 1: its Q, K and V rows
+    assert qkv.axis == "rows" and qkv.bias_name == "blocks.0.qkv.bias" and qkv.bias and qkv.shape == (36, 12)
+    assert qkv.modules[1] == ((4, 4), (16, 4), (28, 4))  # head 1: its Q, K and V rows
+    assert [specs[i].name for i in qkv.index] == [f"blocks.0.head{h}" for h in range(3)]
     (out,) = groups["blocks.0.attn_out.weight"]
-    assert out.axis == "cols" and out.bias is None and [r for _, r in out.modules] == [((0, 4),), ((4, 4),), ((8, 4),)]
+    assert out.axis == "cols" and out.bias_name is None and out.modules == (((0, 4),), ((4, 4),), ((8, 4),))
     (ffn,) = groups["blocks.0.ffn_in.weight"]
-    assert ffn.axis == "all" and ffn.ranges(ffn.module_indices()[0]) == ((0, 10),)
+    assert ffn.axis == "all" and ffn.entries() == [(ffn.index[0], ((0, 10),))]
+    assert ffn.for_bias().shape == (10, 1) and ffn.for_bias().weight == "blocks.0.ffn_in.bias"
     with pytest.raises(ValueError, match="out of bounds"):
         mk.group_by_weight(model, [mk.ModuleSpec("x", (mk.ParamSlice("blocks.0.qkv.weight", "rows", ((30, 8),)),))])
 

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from mat_kernels import WeightBlocks
 from mat_kernels.optim import Block, FrozenSliceOptimizer
 from mat_kernels.policy import TemporalRule, threshold_mask
 
@@ -94,11 +95,12 @@ def test_frozen_slices_unchanged_bit_for_bit(name, make):
         opt = make([w, wt, b, whole, other])
     except (RuntimeError, TypeError) as e:  # fused not available for this build
         pytest.skip(str(e))
+    heads = WeightBlocks("rows", [[(3 * h, 3)] for h in range(3)], (9, 5), bias_name="b")
     blocks = {
-        w: [Block(h, 0, 3 * h, 3) for h in range(3)],
-        b: [Block(h, 0, 3 * h, 3) for h in range(3)],
-        wt: [Block(h, 1, 2 * h, 2) for h in range(2)],
-        whole: [Block(3)],
+        w: heads,
+        b: heads.for_bias(),
+        wt: WeightBlocks("cols", [[(2 * h, 2)] for h in range(2)], (6, 4)),
+        whole: WeightBlocks("all", [()], index=[3]),
     }
     fso = FrozenSliceOptimizer(opt, blocks, transposed={wt}, num_modules=4)
     masks = [[True] * 4, [True, False, True, False], [False, False, True, False], [True, False, False, False]]
@@ -149,7 +151,7 @@ def test_adam_bias_correction_counts_steps_per_block(cls):
     g = torch.Generator().manual_seed(1)
     w = torch.nn.Parameter(torch.randn(4, 3, generator=g, dtype=torch.float64))
     opt = cls([w], lr=0.05, weight_decay=0.1, foreach=False)
-    fso = FrozenSliceOptimizer(opt, {w: [Block(0, 0, 0, 2), Block(1, 0, 2, 2)]}, num_modules=2)
+    fso = FrozenSliceOptimizer(opt, {w: WeightBlocks("rows", [[(0, 2)], [(2, 2)]])}, num_modules=2)
     p0 = w.detach().clone()
     masks = [[True, True], [True, False], [True, False], [True, True], [True, True]]
     grads_block1 = []
@@ -166,11 +168,23 @@ def test_adam_bias_correction_counts_steps_per_block(cls):
 def test_unsupported_optimizer_is_refused():
     p = torch.nn.Parameter(torch.zeros(2))
     with pytest.raises(TypeError, match="unsupported optimizer RMSprop"):
-        FrozenSliceOptimizer(torch.optim.RMSprop([p]), {p: [Block(0)]}, num_modules=1)
+        FrozenSliceOptimizer(torch.optim.RMSprop([p]), {p: WeightBlocks("all", [()])}, num_modules=1)
     with pytest.raises(ValueError, match="not in the optimizer"):
-        FrozenSliceOptimizer(torch.optim.SGD([p], lr=0.1), {torch.nn.Parameter(torch.zeros(1)): [Block(0)]},
+        FrozenSliceOptimizer(torch.optim.SGD([p], lr=0.1),
+                             {torch.nn.Parameter(torch.zeros(1)): WeightBlocks("all", [()])}, num_modules=1)
+    with pytest.raises(ValueError, match=r"built for shape \(3, 1\)"):  # blocks of another tensor
+        FrozenSliceOptimizer(torch.optim.SGD([p], lr=0.1), {p: WeightBlocks("rows", [[(0, 1)]], (3, 1))},
                              num_modules=1)
-    fso = FrozenSliceOptimizer(torch.optim.SGD([p], lr=0.1), {p: [Block(0)]}, num_modules=1)
+    with pytest.raises(ValueError, match="out of bounds for rows of length 2"):  # checked against the parameter
+        FrozenSliceOptimizer(torch.optim.SGD([p], lr=0.1), {p: WeightBlocks("rows", [[(1, 2)]])}, num_modules=1)
+    with pytest.raises(ValueError, match="module index is outside"):
+        FrozenSliceOptimizer(torch.optim.SGD([p], lr=0.1), {p: WeightBlocks("all", [()], index=[1])},
+                             num_modules=1)
+    with pytest.raises(TypeError, match="must be WeightBlocks"):
+        FrozenSliceOptimizer(torch.optim.SGD([p], lr=0.1), {p: [(0, 1)]}, num_modules=1)
+    with pytest.deprecated_call(match="optim.Block are deprecated"):  # the old unit still works, one release
+        FrozenSliceOptimizer(torch.optim.SGD([p], lr=0.1), {p: [Block(0)]}, num_modules=1)
+    fso = FrozenSliceOptimizer(torch.optim.SGD([p], lr=0.1), {p: WeightBlocks("all", [()])}, num_modules=1)
     with pytest.raises(ValueError, match="active must have shape"):
         fso.step(torch.tensor([True, False]))
 
@@ -181,7 +195,7 @@ def test_adam_block_fix_uses_the_live_param_groups_after_load_state_dict():
     g = torch.Generator().manual_seed(2)
     w = torch.nn.Parameter(torch.randn(4, 3, generator=g))
     opt = torch.optim.Adam([w], lr=0.1)
-    fso = FrozenSliceOptimizer(opt, {w: [Block(0, 0, 0, 2), Block(1, 0, 2, 2)]}, num_modules=2)
+    fso = FrozenSliceOptimizer(opt, {w: WeightBlocks("rows", [[(0, 2)], [(2, 2)]])}, num_modules=2)
     for mask in ([True, True], [True, False]):
         w.grad = torch.randn(4, 3, generator=g)
         fso.step(torch.tensor(mask))
