@@ -6,6 +6,7 @@ reason.
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -19,6 +20,13 @@ def warn_once(key: str, message: str) -> None:
     if key not in _WARNED:
         _WARNED.add(key)
         warnings.warn(message, UserWarning, stacklevel=3)
+
+
+@functools.lru_cache(maxsize=512)
+def device_ints(values: tuple, device: torch.device) -> torch.Tensor:
+    """An int32 tensor of ``values`` on ``device``, made once per (values, device): a layer's index tensors are
+    static, so repeated calls copy nothing from the host (no blocking host-to-device copy per call)."""
+    return torch.tensor(values, dtype=torch.int32, device=device)
 
 
 def interpreter_enabled() -> bool:

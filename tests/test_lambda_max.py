@@ -89,6 +89,41 @@ def test_row_blocks_with_bias(device, backend, route, shape):
     assert res.backend.startswith(backend)
 
 
+TRITON_BACKENDS = [b for b in BACKENDS if b[1] == "triton"]
+
+
+@pytest.mark.parametrize("device,backend", TRITON_BACKENDS)
+@pytest.mark.parametrize("n,T,d_in,d_out,blocks", [
+    (33, 3, 7, 10, {"row_blocks": [[(0, 3), (6, 2)], [(3, 3)]], "bias": True}),  # above FUSED_MAX_N
+    (40, 2, 5, 9, {"col_blocks": [(0, 2), (2, 3)]}),
+])
+def test_two_kernel_psg_route_above_the_fused_n(device, backend, n, T, d_in, d_out, blocks):
+    """n > FUSED_MAX_N runs the two-kernel psg route (per-sample gradients in a scratch, then the Gram kernel)."""
+    from mat_kernels.triton.gram import FUSED_MAX_N
+
+    assert n > FUSED_MAX_N
+    x, dy = _inputs(n, T, d_in, d_out, seed=n, device=device)
+    _check(x, dy, route="psg", device=device, backend=backend, **blocks)
+
+
+@pytest.mark.parametrize("device,backend", TRITON_BACKENDS)
+@pytest.mark.parametrize("n,bias", [(5, True), (19, False), (32, True)])
+def test_fused_two_kernel_and_ghost_agree(device, backend, n, bias):
+    """The fused kernel, the two-kernel route and the ghost kernel, each adding segments into their modules
+    (a module of two segments included), agree; the whole path against the float64 oracle through _check."""
+    from mat_kernels.triton import gram as tg
+
+    x, dy = _inputs(n, 3, 11, 14, seed=n, device=device)
+    starts, sizes, owners = (0, 4, 9), (4, 5, 5), (0, 1, 0)
+    fused = tg.fused_segment_grams(x, dy, starts, sizes, owners, add_one=bias, allow_tf32=False)
+    seg = tg.psg_segment_grams(x, dy, starts, sizes, add_one=bias, allow_tf32=False)
+    two = tg.psg_segment_grams(x, dy, starts, sizes, add_one=bias, allow_tf32=False, seg_owners=owners)
+    ghost = tg.ghost_segment_grams(x, dy, starts, sizes, add_one=bias, allow_tf32=False, seg_owners=owners)
+    for got in (two, ghost, torch.stack([seg[0] + seg[2], seg[1]])):
+        assert rel_err(fused, got.double()) <= FP32_RTOL
+    _check(x, dy, route="psg", device=device, backend=backend, row_blocks=[[(0, 4), (9, 5)], [(4, 5)]], bias=bias)
+
+
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("route", EXACT_ROUTES)
 def test_n17_t33(device, backend, route):

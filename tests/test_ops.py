@@ -16,7 +16,7 @@ def test_opcheck_segment_grams(device, backend, route):
     g = torch.Generator().manual_seed(0)
     a = torch.randn(3, 4, 7, generator=g).to(device)
     b = torch.randn(3, 4, 9, generator=g).to(device)
-    torch.library.opcheck(segment_grams, (a, b, [0, 4], [4, 5], True, route, False, backend, 1 << 20))
+    torch.library.opcheck(segment_grams, (a, b, [0, 4], [4, 5], [0, 1], True, route, False, backend, 1 << 20))
 
 
 def test_segment_grams_under_torch_compile():
@@ -24,7 +24,7 @@ def test_segment_grams_under_torch_compile():
     a, b = torch.randn(3, 4, 7), torch.randn(3, 4, 9)
 
     def f(a, b):
-        return segment_grams(a, b, [0, 4], [4, 5], False, "psg", False, "torch", 1 << 20) * 2
+        return segment_grams(a, b, [0, 4], [4, 5], [0, 0], False, "psg", False, "torch", 1 << 20) * 2
 
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(a, b)
     torch.testing.assert_close(got, f(a, b))

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import interpreter_enabled
+from .._backend import device_ints as _device_ints, interpreter_enabled
 
 _MAX_TILE = 64
 
@@ -43,20 +43,16 @@ def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _lower_pairs_cpu(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ii, jj = torch.tril_indices(n, n)
-    return ii.to(torch.int32), jj.to(torch.int32)
-
-
 def _lower_pairs(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    ii, jj = _lower_pairs_cpu(n)
-    return ii.to(device), jj.to(device)
+    ii, jj = torch.tril_indices(n, n).tolist()
+    return _device_ints(tuple(ii), device), _device_ints(tuple(jj), device)
 
 
-def _mirror_lower(out: torch.Tensor) -> torch.Tensor:
-    """Fill the upper triangle of each ``[n, n]`` slice from its lower triangle."""
-    low = torch.tril(out)
-    return low + torch.tril(out, diagonal=-1).transpose(-1, -2)
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # an H100 SXM (ahead-of-time analysis on a machine without a GPU)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -64,13 +60,16 @@ def _mirror_lower(out: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _ghost_gram_fwd_kernel(
-    a_ptr, b_ptr, pair_i_ptr, pair_j_ptr, seg_start_ptr, seg_size_ptr, out_ptr,
-    T, DA, S,
+    a_ptr, b_ptr, pair_i_ptr, pair_j_ptr, seg_start_ptr, seg_size_ptr, seg_own_ptr, out_ptr,
+    T, DA, S, SEG_GROUPS,
     sa_n, sa_t, sa_d, sb_n, sb_t, sb_d, so_s, so_i, so_j,
     ADD_ONE: tl.constexpr, PRECISION: tl.constexpr,
     BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
+    # grid dim 0 = (sample pair, segment group): at small n the segments are spread over programs (each recomputes
+    # the pair's token-pair tile) so that the grid still fills the GPU
+    pid_p = tl.program_id(0) // SEG_GROUPS
+    pid_g = tl.program_id(0) % SEG_GROUPS
     pid_t = tl.program_id(1)
     pid_s = tl.program_id(2)
     i = tl.load(pair_i_ptr + pid_p).to(tl.int64)
@@ -94,7 +93,8 @@ def _ghost_gram_fwd_kernel(
         # bias: the shared side carries a constant 1. Out-of-range t/s are harmless: D is zero there.
         p += 1.0
 
-    for seg in range(0, S):
+    per_group = tl.cdiv(S, SEG_GROUPS)
+    for seg in range(pid_g * per_group, tl.minimum(S, (pid_g + 1) * per_group)):
         r_start = tl.load(seg_start_ptr + seg)
         r_size = tl.load(seg_size_ptr + seg)
         d = tl.zeros((BT, BS), dtype=tl.float32)
@@ -108,29 +108,37 @@ def _ghost_gram_fwd_kernel(
                          mask=mr[:, None] & ms[None, :], other=0.0)
             d += tl.dot(bi, bj, input_precision=PRECISION)
         val = tl.sum(tl.sum(p * d, axis=1), axis=0)
-        tl.atomic_add(out_ptr + seg * so_s + i * so_i + j * so_j, val)
+        own = tl.load(seg_own_ptr + seg).to(tl.int64)  # the module this segment's Gram adds into
+        tl.atomic_add(out_ptr + own * so_s + i * so_i + j * so_j, val)
+        if i != j:  # the Gram is symmetric: write the mirrored entry here (no mirroring pass afterwards)
+            tl.atomic_add(out_ptr + own * so_s + j * so_i + i * so_j, val)
 
 
-def ghost_segment_grams(a, b, seg_starts, seg_sizes, *, add_one: bool, allow_tf32: bool) -> torch.Tensor:
-    """Grams ``[S, n, n]`` (fp32) of every segment by the ghost route. See the module docstring."""
+def ghost_segment_grams(a, b, seg_starts, seg_sizes, *, add_one: bool, allow_tf32: bool,
+                        seg_owners=None) -> torch.Tensor:
+    """Grams ``[M, n, n]`` (fp32) by the ghost route: segment s adds into ``seg_owners[s]`` (default: its own,
+    M = S). See the module docstring."""
     n, T, DA = a.shape
     S = len(seg_starts)
-    starts = torch.tensor(seg_starts, dtype=torch.int32, device=a.device)
-    sizes = torch.tensor(seg_sizes, dtype=torch.int32, device=a.device)
+    owners = tuple(range(S)) if seg_owners is None else tuple(seg_owners)
+    starts = _device_ints(tuple(seg_starts), a.device)
+    sizes = _device_ints(tuple(seg_sizes), a.device)
     pi, pj = _lower_pairs(n, a.device)
-    out = torch.zeros(S, n, n, dtype=torch.float32, device=a.device)
+    out = torch.zeros(1 + max(owners), n, n, dtype=torch.float32, device=a.device)
     BT = BS = _tile(T)
     BK = _tile(DA)
     BR = _tile(max(seg_sizes))
-    grid = (pi.numel(), triton.cdiv(T, BT), triton.cdiv(T, BS))
+    tiles = pi.numel() * triton.cdiv(T, BT) * triton.cdiv(T, BS)
+    groups = 1 if interpreter_enabled() else max(1, min(S, triton.cdiv(2 * _sm_count(a.device), tiles)))
+    grid = (pi.numel() * groups, triton.cdiv(T, BT), triton.cdiv(T, BS))
     _ghost_gram_fwd_kernel[grid](
-        a, b, pi, pj, starts, sizes, out,
-        T, DA, S,
+        a, b, pi, pj, starts, sizes, _device_ints(owners, a.device), out,
+        T, DA, S, groups,
         *a.stride(), *b.stride(), *out.stride(),
         ADD_ONE=add_one, PRECISION=_precision(a.dtype, allow_tf32),
         BT=BT, BS=BS, BK=BK, BR=BR,
     )
-    return _mirror_lower(out)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -157,7 +165,9 @@ def _psg_fwd_kernel(
     mcl = offs_cl < CW
     offs_c = c0 + offs_cl  # column of the shared side (DA means the bias' constant 1)
     mc = mcl & (offs_c < DA)
+    bias_tile = ADD_ONE and c0 + (pid_c + 1) * BC > DA  # this tile holds the bias column
     acc = tl.zeros((BR, BC), dtype=tl.float32)
+    rs = tl.zeros((BR,), dtype=tl.float32)
     for t0 in range(0, T, BT):
         offs_t = t0 + tl.arange(0, BT)
         mt = offs_t < T
@@ -165,17 +175,18 @@ def _psg_fwd_kernel(
                      mask=mr[:, None] & mt[None, :], other=0.0)
         at = tl.load(a_ptr + i * sa_n + offs_t[:, None] * sa_t + offs_c[None, :] * sa_d,
                      mask=mt[:, None] & mc[None, :], other=0.0)
-        if ADD_ONE:
-            one = (offs_c[None, :] == DA) & mt[:, None]
-            at = tl.where(one, 1.0, at.to(tl.float32)).to(at.dtype)
-        acc += tl.dot(bt, at, input_precision=PRECISION)
+        acc = tl.dot(bt, at, acc, input_precision=PRECISION)
+        if bias_tile:  # the bias column is the row sum of b, added beside the dot, not through its operand
+            rs += tl.sum(bt.to(tl.float32), axis=1)
+    if bias_tile:
+        acc = tl.where((offs_c == DA)[None, :], rs[:, None], acc)
     tl.store(g_ptr + i * sg_n + (dst + offs_r)[:, None] * sg_r + offs_cl[None, :] * sg_c, acc,
              mask=mr[:, None] & mcl[None, :])
 
 
 @triton.jit
 def _segment_gram_fwd_kernel(
-    g_ptr, seg_off_ptr, seg_size_ptr, out_ptr,
+    g_ptr, seg_off_ptr, seg_size_ptr, seg_own_ptr, out_ptr,
     n, CW, KS, sg_n, so_s, so_i, so_j,
     PRECISION: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
@@ -204,8 +215,12 @@ def _segment_gram_fwd_kernel(
             gj = tl.load(g_ptr + offs_j[None, :].to(tl.int64) * sg_n + off + offs_k[:, None],
                          mask=mk[:, None] & mj[None, :], other=0.0)
             acc += tl.dot(gi, gj, input_precision=PRECISION)
-        tl.atomic_add(out_ptr + seg * so_s + offs_i[:, None] * so_i + offs_j[None, :] * so_j, acc,
+        own = tl.load(seg_own_ptr + seg).to(tl.int64)  # the module this segment's Gram adds into
+        tl.atomic_add(out_ptr + own * so_s + offs_i[:, None] * so_i + offs_j[None, :] * so_j, acc,
                       mask=mi[:, None] & mj[None, :])
+        if jb < ib:  # off-diagonal block: its mirror too (a diagonal block computes both triangles itself)
+            tl.atomic_add(out_ptr + own * so_s + offs_j[None, :] * so_i + offs_i[:, None] * so_j, acc,
+                          mask=mi[:, None] & mj[None, :])
 
 
 @functools.lru_cache(maxsize=256)
@@ -237,35 +252,35 @@ def _segment_groups(seg_sizes: tuple, n: int, budget_bytes: int, min_cw: int) ->
 
 
 def psg_segment_grams(
-    a, b, seg_starts, seg_sizes, *, add_one: bool, allow_tf32: bool, scratch_bytes: int = 48 << 20
+    a, b, seg_starts, seg_sizes, *, add_one: bool, allow_tf32: bool, scratch_bytes: int = 48 << 20,
+    seg_owners=None,
 ) -> torch.Tensor:
-    """Grams ``[S, n, n]`` (fp32) of every segment by the per-sample-gradient route, scratch ≤ ``scratch_bytes``."""
+    """Grams ``[M, n, n]`` (fp32) by the two-kernel per-sample-gradient route, scratch ≤ ``scratch_bytes``;
+    segment s adds into ``seg_owners[s]`` (default: its own, M = S)."""
+    owners = tuple(range(len(seg_starts))) if seg_owners is None else tuple(seg_owners)
     n, T, DA = a.shape
     dev = a.device
-    S = len(seg_starts)
     DA1 = DA + int(add_one)
     BR = _tile(max(seg_sizes))
     BT = _tile(T)
     BC = _tile(DA1)
     BN = _tile(n)
     prec_in = _precision(a.dtype, allow_tf32)
-    prec_g = _precision(torch.float32, allow_tf32)
-    out = torch.zeros(S, n, n, dtype=torch.float32, device=dev)
+    # the scratch is fp32: its Gram dots run TF32 tensor cores whenever the inputs' dots do (bf16/fp16 or allow_tf32)
+    prec_g = _precision(torch.float32, prec_in == "tf32")
+    out = torch.zeros(1 + max(owners), n, n, dtype=torch.float32, device=dev)
     interp = interpreter_enabled()
     for group in _segment_groups(tuple(seg_sizes), n, scratch_bytes, BC):
         g_starts = tuple(seg_starts[s] for s in group)
         g_sizes = tuple(seg_sizes[s] for s in group)
         src, cnt, dst, offs, packed = _row_tiles(g_starts, g_sizes, BR)
-        t_src = torch.tensor(src, dtype=torch.int32, device=dev)
-        t_cnt = torch.tensor(cnt, dtype=torch.int32, device=dev)
-        t_dst = torch.tensor(dst, dtype=torch.int32, device=dev)
-        t_off = torch.tensor(offs, dtype=torch.int32, device=dev)
-        t_size = torch.tensor(g_sizes, dtype=torch.int32, device=dev)
+        t_src, t_cnt, t_dst = _device_ints(src, dev), _device_ints(cnt, dev), _device_ints(dst, dev)
+        t_off, t_size = _device_ints(offs, dev), _device_ints(g_sizes, dev)
         # chunk width: as many shared-side columns as the budget allows, a multiple of BC
         cw_max = max(BC, (scratch_bytes // (4 * n * packed)) // BC * BC)
         cw_max = min(cw_max, triton.cdiv(DA1, BC) * BC)
         scratch = torch.empty(n * packed * cw_max, dtype=torch.float32, device=dev)
-        g_out = torch.zeros(len(group), n, n, dtype=torch.float32, device=dev)
+        t_own = _device_ints(tuple(owners[s] for s in group), dev)
         nb = triton.cdiv(n, BN)
         for c0 in range(0, DA1, cw_max):
             cw = min(cw_max, DA1 - c0)
@@ -282,9 +297,136 @@ def psg_segment_grams(
             split = 1 if interp else max(1, min(triton.cdiv(k_max, 4 * 64), triton.cdiv(4 * 132, programs)))
             ks = triton.cdiv(triton.cdiv(k_max, split), 64) * 64
             _segment_gram_fwd_kernel[(len(group), nb * nb, triton.cdiv(k_max, ks))](
-                g, t_off, t_size, g_out,
-                n, cw, ks, g.stride(0), *g_out.stride(),
+                g, t_off, t_size, t_own, out,
+                n, cw, ks, g.stride(0), *out.stride(),
                 PRECISION=prec_g, BN=BN, BK=64,
             )
-        out[list(group)] = g_out
-    return _mirror_lower(out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fused per-sample-gradient + Gram route (small n)
+# ----------------------------------------------------------------------------------------------------------------
+FUSED_MAX_N = 32
+# (BR, BC, BT, num_warps, num_stages) per padded sample count: the largest tiles that compile without spills on
+# sm_90 and sm_80 for IEEE fp32, TF32 and bf16 (tests/test_triton_aot.py checks it; NOTES.md §7 has the figures).
+_FUSED_CONFIGS = {16: (32, 32, 16, 8, 2), 32: (16, 16, 16, 8, 2)}
+
+
+@triton.jit
+def _psg_gram_fused_kernel(
+    a_ptr, b_ptr, tile_src_ptr, tile_cnt_ptr, tile_own_ptr, out_ptr,
+    n, T, DA,
+    sa_n, sa_t, sa_d, sb_n, sb_t, sb_d, so_m, so_i, so_j,
+    ADD_ONE: tl.constexpr, PRECISION: tl.constexpr, GRAM_PRECISION: tl.constexpr,
+    NP: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BT: tl.constexpr,
+):
+    """out[own] += G Gᵀ for the tiles G_i[R, C] of all n samples of one row tile R and one column tile C.
+
+    The per-sample gradient tiles accumulate in registers through one batched dot ``[NP, BR, BT] @ [NP, BT, BC]``
+    per token step and are reduced straight into an ``[NP, NP]`` partial Gram (one ``[NP, BR·BC]`` dot with its
+    transpose): nothing per-sample reaches global memory. The bias column (c = DA) is the row sum of b."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    src = tl.load(tile_src_ptr + pid_r)
+    cnt = tl.load(tile_cnt_ptr + pid_r)
+    own = tl.load(tile_own_ptr + pid_r).to(tl.int64)
+    offs_n = tl.arange(0, NP)
+    mn = offs_n < n
+    n64 = offs_n.to(tl.int64)
+    offs_r = tl.arange(0, BR)
+    mr = offs_r < cnt
+    offs_c = pid_c * BC + tl.arange(0, BC)
+    mc = offs_c < DA
+    bias_tile = ADD_ONE and (pid_c + 1) * BC > DA
+    acc = tl.zeros((NP, BR, BC), dtype=tl.float32)
+    rs = tl.zeros((NP, BR), dtype=tl.float32)
+    for t0 in range(0, T, BT):
+        offs_t = t0 + tl.arange(0, BT)
+        mt = offs_t < T
+        bt = tl.load(b_ptr + n64[:, None, None] * sb_n + (src + offs_r)[None, :, None] * sb_d
+                     + offs_t[None, None, :] * sb_t,
+                     mask=mn[:, None, None] & mr[None, :, None] & mt[None, None, :], other=0.0)
+        at = tl.load(a_ptr + n64[:, None, None] * sa_n + offs_t[None, :, None] * sa_t
+                     + offs_c[None, None, :] * sa_d,
+                     mask=mn[:, None, None] & mt[None, :, None] & mc[None, None, :], other=0.0)
+        acc = tl.dot(bt, at, acc, input_precision=PRECISION)
+        if bias_tile:
+            rs += tl.sum(bt.to(tl.float32), axis=2)
+    if bias_tile:
+        acc = tl.where((offs_c == DA)[None, None, :], rs[:, :, None], acc)
+    g = tl.reshape(acc, (NP, BR * BC))
+    gram = tl.dot(g, tl.trans(g), input_precision=GRAM_PRECISION)
+    tl.atomic_add(out_ptr + own * so_m + offs_n[:, None] * so_i + offs_n[None, :] * so_j, gram,
+                  mask=mn[:, None] & mn[None, :])
+
+
+# Ceilings of the chooser below (H100 SXM; HBM measured on this workplace's H100, L2 an assumed ~5.5 TB/s from
+# published microbenchmarks) and a per-launch cost. Not yet checked on a GPU: benchmarks/gpu_check.sh times both
+# variants (NOTES.md §7).
+_HBM_BYTES_PER_S = 3.0e12
+_L2_BYTES_PER_S = 5.5e12
+_LAUNCH_S = 4e-6
+
+
+def psg_plan(n: int, T: int, DA1: int, DB: int, esize: int, scratch_bytes: int = 48 << 20) -> dict:
+    """Which psg variant runs, and why: predicted seconds of the fused kernel and of the two-kernel route from the
+    bytes each moves (the fused kernel re-reads its input tiles from L2, once per row tile and per column tile;
+    the two-kernel route writes fp32 per-sample gradients to a scratch in HBM and reads them back, in chunks).
+
+    Args: n samples, T tokens, DA1 shared width (+1 with a bias), DB summed segment width, esize input bytes.
+    Returns: ``{"kernel": "fused" | "two-kernel", "fused_s": ..., "two_kernel_s": ..., "reason": ...}``.
+    """
+    if n > FUSED_MAX_N:
+        return {"kernel": "two-kernel", "fused_s": None, "two_kernel_s": None,
+                "reason": f"n = {n} > FUSED_MAX_N = {FUSED_MAX_N} (the fused kernel holds all samples in registers)"}
+    BR, BC = _FUSED_CONFIGS[max(16, triton.next_power_of_2(n))][:2]
+    fused_l2 = (triton.cdiv(DB, BR) * n * T * DA1 + triton.cdiv(DA1, BC) * n * T * DB) * esize
+    fused_s = fused_l2 / _L2_BYTES_PER_S + _LAUNCH_S
+    scratch = n * DB * DA1 * 4
+    chunks = max(1, triton.cdiv(scratch, scratch_bytes))
+    two_l2 = triton.cdiv(DB, 64) * triton.cdiv(DA1, 64) * n * 128 * T * esize
+    two_s = max(2 * scratch / _HBM_BYTES_PER_S, two_l2 / _L2_BYTES_PER_S) + (2 * chunks + 3) * _LAUNCH_S
+    kernel = "fused" if fused_s <= two_s else "two-kernel"
+    return {"kernel": kernel, "fused_s": fused_s, "two_kernel_s": two_s,
+            "reason": f"predicted {fused_s * 1e6:.0f} us fused (L2 re-reads) vs {two_s * 1e6:.0f} us two-kernel "
+                      f"(scratch round trip, {chunks} chunk(s))"}
+
+
+@functools.lru_cache(maxsize=256)
+def _fused_tiles(seg_starts: tuple, seg_sizes: tuple, seg_owners: tuple, BR: int):
+    """Row tiles of at most BR rows inside each segment, with the module each tile's Gram adds into."""
+    src, cnt, own = [], [], []
+    for start, size, owner in zip(seg_starts, seg_sizes, seg_owners):
+        for r0 in range(0, size, BR):
+            src.append(start + r0)
+            cnt.append(min(BR, size - r0))
+            own.append(owner)
+    return tuple(src), tuple(cnt), tuple(own)
+
+
+def fused_segment_grams(a, b, seg_starts, seg_sizes, seg_owners, *, add_one: bool, allow_tf32: bool,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    """Module Grams ``[M, n, n]`` (fp32, M = 1 + max owner) by the fused kernel, for n ≤ :data:`FUSED_MAX_N`:
+    one launch, no scratch, the segments of a module summed by the kernel itself. ``out`` (zeros ``[M, n, n]``,
+    fp32) is accumulated into when given (results written in place)."""
+    n, T, DA = a.shape
+    if n > FUSED_MAX_N:
+        raise ValueError(f"the fused kernel holds at most {FUSED_MAX_N} samples in registers, got n = {n}")
+    NP = max(16, triton.next_power_of_2(n))
+    BR, BC, BT, warps, stages = _FUSED_CONFIGS[NP]
+    M = 1 + max(seg_owners)
+    if out is None:
+        out = torch.zeros(M, n, n, dtype=torch.float32, device=a.device)
+    src, cnt, own = _fused_tiles(tuple(seg_starts), tuple(seg_sizes), tuple(seg_owners), BR)
+    dev = a.device
+    prec = _precision(a.dtype, allow_tf32)
+    grid = (len(src), triton.cdiv(DA + int(add_one), BC))
+    _psg_gram_fused_kernel[grid](
+        a, b, _device_ints(src, dev), _device_ints(cnt, dev), _device_ints(own, dev), out,
+        n, T, DA,
+        *a.stride(), *b.stride(), *out.stride(),
+        ADD_ONE=add_one, PRECISION=prec, GRAM_PRECISION=_precision(torch.float32, prec == "tf32"),
+        NP=NP, BR=BR, BC=BC, BT=BT, num_warps=warps, num_stages=stages,
+    )
+    return out

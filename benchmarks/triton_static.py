@@ -1,0 +1,273 @@
+"""Static figures of the Triton kernels as the launch code launches them, on a machine without a GPU.
+
+Triton compiles ahead of time for a GPU target on any machine: a stand-in driver whose current target is
+``GPUTarget("cuda", <arch>, 32)`` turns every ``kernel[grid](...)`` of the launch code into
+``kernel.warmup(..., grid=grid)`` (compile, no launch), so the tiles, warps and stages are the real ones. For each
+launch: registers, spill (stack) bytes, shared memory (``cuobjdump -res-usage``), tensor-core instructions
+(HGMMA/HMMA in ``cuobjdump -sass``); for a whole call: the number of kernel launches (Triton launches plus the
+PyTorch ops that would launch a kernel, counted by a dispatch mode on the second, steady-state call), host copies,
+and floors from the FLOPs and bytes the kernels actually execute and move.
+
+    python benchmarks/triton_static.py                      # BERT-base layer, n = 32, T = 128, sm_90
+    python benchmarks/triton_static.py --arch 80 --json out.json
+
+Used by tests/test_triton_aot.py (no spills, tensor cores for TF32/bf16, at most 12 launches per layer).
+Must run without TRITON_INTERPRET (it re-executes itself without it if set).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":  # the kernels must be real JITFunctions
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    sys.exit(subprocess.call([sys.executable, *sys.argv], env=env))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.runtime.jit as _jit  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import mat_kernels as mk  # noqa: E402
+
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+# Ceilings for the floors: H100 SXM. bf16 dense and HBM measured on this workplace's H100 (.library/device/
+# KINDS.md); TF32 and fp32 datasheet; L2 bandwidth an assumed ~5.5 TB/s (published microbenchmarks, not measured
+# here).
+CEILINGS = {"bf16": 790e12, "tf32": 400e12, "fp32": 60e12, "hbm": 3.0e12, "l2": 5.5e12}
+DTYPES = {"fp32": (torch.float32, False), "tf32": (torch.float32, True), "bf16": (torch.bfloat16, False)}
+
+
+class _StandInDriver:
+    """The active driver Triton's launch path asks for device, stream and target: a GPU target, no GPU."""
+
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+_LAUNCHES: list[dict] = []
+_ORIG_RUN = _jit.JITFunction.run
+
+
+def _warmup_run(self, *args, grid, warmup, **kwargs):
+    kernel = _ORIG_RUN(self, *args, grid=grid, warmup=True, **kwargs)
+    bound = dict(zip(self.arg_names, args))
+    _LAUNCHES.append({"fn": self, "name": self.fn.__name__, "grid": tuple(grid), "kernel": kernel,
+                      "args": bound, "kwargs": kwargs})
+    return kernel
+
+
+_NO_KERNEL = {"view", "_unsafe_view", "reshape", "unsqueeze", "squeeze", "transpose", "t", "permute", "expand",
+              "as_strided", "slice", "select", "detach", "alias", "empty", "empty_strided", "new_empty", "narrow",
+              "split", "unbind", "_reshape_alias", "lift_fresh", "sym_size", "sym_stride", "is_same_size",
+              "_local_scalar_dense", "item"}
+
+
+class _CountOps(TorchDispatchMode):
+    """PyTorch ops that launch a kernel on a GPU (views and allocations excluded), and host-to-device copies."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+        self.host_copies = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name == "segment_grams":  # a custom op is opaque to the mode: count what its implementation runs
+            from mat_kernels.ops import gram
+
+            with self:
+                return gram.segment_grams._init_fn(*args, **(kwargs or {}))
+        if name == "lift_fresh":  # torch.tensor(list, ...): a host copy on a GPU
+            self.host_copies += 1
+        elif name not in _NO_KERNEL:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _resources(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        res = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-res-usage", path], capture_output=True,
+                             text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-sass", path], capture_output=True, text=True,
+                              check=True).stdout
+    finally:
+        os.unlink(path)
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
+    ops = collections.Counter(re.findall(r"\b(HGMMA|HMMA|FFMA|LDL|STL)\b", sass))
+    return {"regs": int(m.group(1)), "stack": int(m.group(2)), "local": int(m.group(4)),
+            "hgmma": ops["HGMMA"], "hmma": ops["HMMA"], "ffma": ops["FFMA"], "spill_ld_st": ops["LDL"] + ops["STL"]}
+
+
+def bert_layer(n: int, T: int, d: int = 768, heads: int = 12, ffn: int = 3072):
+    """The four linears of one BERT-base encoder layer: (name, x width, dy width, layer_grams kwargs)."""
+    return [
+        ("qkv", d, 3 * d, {"row_blocks": mk.fused_qkv_heads(heads, d // heads), "bias": True}),
+        ("out_proj", d, d, {"col_blocks": heads}),
+        ("ffn_in", d, ffn, {"bias": True}),
+        ("ffn_out", ffn, d, {"bias": True}),
+    ]
+
+
+def _work(launch: dict) -> tuple[float, float, float]:
+    """(tensor/FMA FLOPs, HBM compulsory bytes share, L2 bytes) of one launch, from its grid and constexprs."""
+    name, a = launch["name"], launch["args"]
+    kw = launch["kwargs"]
+    programs = 1
+    for g in launch["grid"]:
+        programs *= g
+    if name == "_psg_gram_fused_kernel":
+        NP, BR, BC, BT = kw["NP"], kw["BR"], kw["BC"], kw["BT"]
+        T = triton.cdiv(a["T"], BT) * BT
+        esize = a["a_ptr"].element_size()
+        flops = programs * (2 * NP * BR * BC * T + 2 * NP * NP * BR * BC)
+        l2 = programs * (NP * BR * T + NP * T * BC) * esize
+        return flops, 0.0, l2
+    if name == "_psg_fwd_kernel":  # per-sample gradient tiles to the fp32 scratch (written to HBM)
+        BR, BC, BT = kw["BR"], kw["BC"], kw["BT"]
+        T = triton.cdiv(a["T"], BT) * BT
+        esize = a["a_ptr"].element_size()
+        return programs * 2 * BR * BC * T, programs * BR * BC * 4, programs * (BR + BC) * T * esize
+    if name == "_segment_gram_fwd_kernel":  # reads the scratch back
+        BN = kw["BN"]
+        k = a["g_ptr"].numel() // a["n"]  # this chunk's scratch columns per sample (upper bound of the reads)
+        blocks = triton.cdiv(a["n"], BN)
+        return 2 * blocks * blocks * BN * BN * k, a["g_ptr"].numel() * 4, blocks * a["g_ptr"].numel() * 4
+    if name == "_ghost_gram_fwd_kernel":  # token-pair tiles of the shared side, then every segment's
+        BT, BS = kw["BT"], kw["BS"]
+        width = a["DA"] + int(a["seg_size_ptr"].sum())
+        esize = a["a_ptr"].element_size()
+        return programs * 2 * BT * BS * width, 0.0, programs * (BT + BS) * width * esize
+    return 0.0, 0.0, 0.0
+
+
+def analyse(arch: int, dtype_name: str, n: int, T: int, method: str = "auto", psg: str = "auto") -> dict:
+    """Compile one BERT-base layer's λ kernels for ``arch`` as launched; figures per kernel and per layer.
+    ``psg="two-kernel"`` forces the two-kernel psg route at any n (``FUSED_MAX_N = 0`` for the call)."""
+    dtype, tf32 = DTYPES[dtype_name]
+    from mat_kernels import _backend
+    from mat_kernels.triton import gram as tg
+
+    fused_max = tg.FUSED_MAX_N
+    if psg == "two-kernel":
+        tg.FUSED_MAX_N = 0
+
+    prev_driver, prev_pick = getattr(triton.runtime.driver, "_active", None), _backend.pick_backend
+    triton.runtime.driver.set_active(_StandInDriver(arch))
+    _jit.JITFunction.run = _warmup_run
+    _backend.pick_backend = lambda device, requested: ("triton", f"stand-in driver for sm_{arch}")
+    try:
+        g = torch.Generator().manual_seed(0)
+        calls = []
+        for name, d_in, d_out, kw in bert_layer(n, T):
+            x = torch.randn(n, T, d_in, generator=g).to(dtype)
+            dy = torch.randn(n, T, d_out, generator=g).to(dtype)
+            calls.append((name, x, dy, kw))
+
+        def layer():
+            for _, x, dy, kw in calls:
+                mk.layer_grams(x, dy, method=method, allow_tf32=tf32, backend="triton", **kw)
+
+        layer()  # first call: compiles, fills the caches
+        _LAUNCHES.clear()
+        counter = _CountOps()
+        with counter:
+            layer()  # steady state: what every later call launches
+    finally:
+        _jit.JITFunction.run = _ORIG_RUN
+        _backend.pick_backend = prev_pick
+        tg.FUSED_MAX_N = fused_max
+        triton.runtime.driver._active = prev_driver
+    kernels, seen = [], {}
+    flops = l2 = scratch = 0.0
+    for launch in _LAUNCHES:
+        k = launch["kernel"]
+        key = (launch["name"], k.hash)
+        if key not in seen:
+            seen[key] = _resources(k.asm["cubin"])
+            kernels.append({"name": launch["name"], "grid": launch["grid"], "num_warps": k.metadata.num_warps,
+                            "num_stages": k.metadata.num_stages, "shared": k.metadata.shared, **seen[key],
+                            "constexprs": {c: launch["kwargs"][c] for c in ("NP", "BR", "BC", "BT", "BN", "BK", "BS")
+                                           if c in launch["kwargs"]}})
+        f, h, b = _work(launch)
+        flops += f
+        scratch += h
+        l2 += b
+    esize = torch.empty((), dtype=dtype).element_size()
+    hbm = sum((x.numel() + dy.numel()) * esize for _, x, dy, _ in calls) + scratch  # x, dy once + scratch
+    peak = CEILINGS["bf16" if dtype_name == "bf16" else ("tf32" if tf32 else "fp32")]
+    torch_launches = sum(counter.ops.values())
+    return {
+        "arch": arch, "dtype": dtype_name, "n": n, "T": T, "method": method, "psg": psg,
+        "triton_launches": len(_LAUNCHES), "torch_launches": torch_launches,
+        "launches": len(_LAUNCHES) + torch_launches, "torch_ops": dict(counter.ops),
+        "host_copies": counter.host_copies, "kernels": kernels,
+        "flops": flops, "hbm_bytes": hbm, "l2_bytes": l2,
+        "floor_ms": {"compute": 1e3 * flops / peak, "hbm": 1e3 * hbm / CEILINGS["hbm"],
+                     "l2": 1e3 * l2 / CEILINGS["l2"]},
+    }
+
+
+def _table(r: dict) -> str:
+    lines = [f"sm_{r['arch']} {r['dtype']} n={r['n']} T={r['T']} method={r['method']} psg={r['psg']}: {r['launches']} launches "
+             f"({r['triton_launches']} Triton + {r['torch_launches']} PyTorch {r['torch_ops']}), "
+             f"{r['host_copies']} host copies",
+             "| kernel | grid | warps | stages | regs | spill bytes | shared KB | HGMMA | HMMA | FFMA |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for k in r["kernels"]:
+        lines.append(f"| {k['name']} {k['constexprs']} | {k['grid']} | {k['num_warps']} | {k['num_stages']} | "
+                     f"{k['regs']} | {k['stack']} | {k['shared'] / 1024:.0f} | {k['hgmma']} | {k['hmma']} | "
+                     f"{k['ffma']} |")
+    fl = r["floor_ms"]
+    lines.append(f"GFLOP {r['flops'] / 1e9:.1f}, HBM {r['hbm_bytes'] / 1e6:.0f} MB, L2 {r['l2_bytes'] / 1e9:.2f} GB; "
+                 f"floors ms: compute {fl['compute']:.3f}, HBM {fl['hbm']:.3f}, L2 {fl['l2']:.3f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arch", type=int, nargs="+", default=[90])
+    p.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--n", type=int, default=32)
+    p.add_argument("--T", type=int, default=128)
+    p.add_argument("--method", default="auto")
+    p.add_argument("--psg", default="auto", choices=["auto", "two-kernel"])
+    p.add_argument("--json", help="write the figures here")
+    args = p.parse_args(argv)
+    out = []
+    for arch in args.arch:
+        for dt in args.dtype:
+            r = analyse(arch, dt, args.n, args.T, args.method, args.psg)
+            print(_table(r), end="\n\n", flush=True)
+            out.append(r)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1, default=str)
+    return out
+
+
+if __name__ == "__main__":
+    main()
