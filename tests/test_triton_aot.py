@@ -1,0 +1,92 @@
+"""Ahead-of-time compile checks of every Triton kernel, on a machine without a GPU (issue 11).
+
+``benchmarks/triton_static.py`` compiles each kernel for sm_90 and sm_80 exactly as the launch code launches it
+(a stand-in driver turns ``kernel[grid](...)`` into ``kernel.warmup``) on one BERT-base layer, and reads registers,
+spills and tensor-core instructions from the cubin (cuobjdump ships in the triton wheel), and the launches and host
+copies of a steady-state call. A change that makes a kernel spill, drops tensor cores for TF32/bf16, copies from
+the host per call or adds launches fails here.
+
+Workloads (n samples, T tokens of one BERT-base layer: fused QKV with bias, output projection columns, FFN):
+* ``default``: n = 32, T = 128, ``method="auto"``: the two-kernel psg route (psg_plan predicts it faster there);
+* ``fused``: n = 32, T = 32, ``method="psg"``: the fused per-sample-gradient + Gram kernel;
+* ``ghost``: n = 8, T = 32, ``method="ghost"``: the ghost kernel with its segments spread over the grid.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "benchmarks", "triton_static.py")
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+pytestmark = pytest.mark.skipif(not os.path.exists(CUOBJDUMP), reason="no cuobjdump in the triton wheel")
+
+WORKLOADS = {
+    "default": ["--arch", "90", "80", "--n", "32", "--T", "128"],
+    "fused": ["--arch", "90", "80", "--n", "32", "--T", "32", "--method", "psg"],
+    "ghost": ["--arch", "90", "--n", "8", "--T", "32", "--method", "ghost"],
+}
+KERNELS = {
+    "default": {"_psg_fwd_kernel", "_segment_gram_fwd_kernel"},
+    "fused": {"_psg_gram_fused_kernel"},
+    "ghost": {"_ghost_gram_fwd_kernel"},
+}
+
+
+@pytest.fixture(scope="module")
+def figures(tmp_path_factory):
+    out = {}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for name, args in WORKLOADS.items():
+        path = tmp_path_factory.mktemp("aot") / f"{name}.json"
+        r = subprocess.run([sys.executable, SCRIPT, *args, "--json", str(path)], env=env, capture_output=True,
+                           text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[name] = json.loads(path.read_text())
+    return out
+
+
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def test_no_kernel_spills(figures, workload):
+    for r in figures[workload]:
+        for k in r["kernels"]:
+            assert k["stack"] == 0 and k["local"] == 0 and k["spill_ld_st"] == 0, (r["arch"], r["dtype"], k)
+
+
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def test_tensor_cores_for_tf32_and_bf16(figures, workload):
+    for r in figures[workload]:
+        for k in r["kernels"]:
+            tensor = k["hgmma"] + k["hmma"]
+            if r["dtype"] in ("tf32", "bf16"):
+                assert tensor > 0, (r["arch"], r["dtype"], k)
+            else:  # IEEE fp32 stays off the tensor cores (the exact default)
+                assert tensor == 0, (r["arch"], r["dtype"], k)
+
+
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def test_launch_code_takes_the_planned_kernels(figures, workload):
+    for r in figures[workload]:
+        assert {k["name"] for k in r["kernels"]} == KERNELS[workload], r["kernels"]
+
+
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def test_no_host_copies_and_few_launches(figures, workload):
+    """Steady state: index tensors are cached per (layout, device); per linear one zero-fill and one finiteness
+    reduction besides the Triton kernels. The fused and ghost routes launch one kernel per linear: 12 per layer."""
+    for r in figures[workload]:
+        assert r["host_copies"] == 0, r["torch_ops"]
+        assert r["torch_launches"] <= 8, r["torch_ops"]
+        if workload in ("fused", "ghost"):
+            assert r["triton_launches"] == 4 and r["launches"] <= 12, r
+
+
+def test_floors_are_reported(figures):
+    """The figures behind NOTES.md §7: FLOPs and bytes the kernels move, floors at H100 ceilings."""
+    r = next(r for r in figures["default"] if r["arch"] == 90 and r["dtype"] == "bf16")
+    assert r["flops"] > 2 * 32 * 128 * (768 * 2304 + 768 * 768 + 2 * 768 * 3072)  # at least the psg work
+    assert r["hbm_bytes"] > 0 and min(r["floor_ms"].values()) > 0
