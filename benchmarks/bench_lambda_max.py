@@ -97,6 +97,7 @@ SHAPES = {
         Shape("bert_base_layer_n8_t512", n=8, T=512),
         # --quick: the same layer widths, tiny n and T (a smoke run, not a measurement)
         Shape("bert_base_layer_n4_t16", n=4, T=16),
+        Shape("bert_base_layer_n8_t32", n=8, T=32),
     )
 }
 FULL_SHAPES = ("bert_base_layer_n32_t128", "bert_base_layer_n8_t512")

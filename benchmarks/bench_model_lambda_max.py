@@ -117,6 +117,21 @@ def timed(fn, device, quick: bool) -> list[float]:
     return q.tolist()
 
 
+def interleaved(fns: dict, rounds: int) -> dict:
+    """CPU: one call of every provider per round, ``rounds`` rounds after a warm-up round; median, 20%, 80% ms.
+    Side by side, so a change in the machine's load hits every provider alike."""
+    for f in fns.values():
+        f()
+    ts = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            ts[k].append((time.perf_counter() - t0) * 1e3)
+    q = torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)
+    return {k: torch.quantile(torch.tensor(v, dtype=torch.float64), q).tolist() for k, v in ts.items()}
+
+
 def peak_extra(fn, device) -> float | None:
     if device.type != "cuda":
         return None
@@ -143,14 +158,22 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="auto", choices=("auto", "triton", "torch"))
     ap.add_argument("--func-chunk", type=int, default=8, help="torch_func: samples per vmap chunk (memory)")
     ap.add_argument("--skip-torch-func", action="store_true")
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--hidden", type=int, default=768, help="d (heads of 64, FFN 4d)")
+    ap.add_argument("--vocab", type=int, default=30522)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="CPU: providers timed in this many interleaved rounds (medians), not one after another")
     ap.add_argument("--csv", default=None)
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     if a.quick:
         layers, d, heads, ffn, vocab, n, T = 2, 64, 4, 256, 500, 4, 16
     else:
-        layers, d, heads, ffn, vocab, n, T = 12, 768, 12, 3072, 30522, a.n, a.seq_len
+        layers, d, heads, ffn, vocab, n, T = a.layers, a.hidden, a.hidden // 64, 4 * a.hidden, a.vocab, a.n, a.seq_len
     torch.backends.cuda.matmul.allow_tf32 = False
     warnings.filterwarnings("ignore", message="mat_kernels: Triton kernels unavailable")
     model = build_bert(layers, d, heads, ffn, vocab, max(T, 16), device, dtype)
@@ -176,16 +199,24 @@ def main(argv=None) -> int:
             return None
         return ((lam.double().cpu() - lam_ref).abs() / lam_ref.abs()).max().item()
 
-    t = timed(lambda: mat_kernels_lambdas(model, ids, labels, specs, **kw), device, a.quick)
+    fns = {"mat_kernels": lambda: mat_kernels_lambdas(model, ids, labels, specs, **kw),
+           "plain": lambda: train_step(model, ids, labels, specs, False),
+           "capture": lambda: train_step(model, ids, labels, specs, True, **kw)}
+    if not a.skip_torch_func:
+        fns["torch_func"] = lambda: torch_func_lambdas(model, ids, labels, specs, a.func_chunk)
+    if a.rounds and device.type == "cpu":
+        times = interleaved(fns, a.rounds)
+    else:
+        times = {k: timed(f, device, a.quick) for k, f in fns.items()}
+    t = times["mat_kernels"]
     rows.append(("mat_kernels", res.backend, t, peak_extra(lambda: mat_kernels_lambdas(model, ids, labels, specs,
                                                                                       **kw), device), err(lam_mk)))
-    t_plain = timed(lambda: train_step(model, ids, labels, specs, False), device, a.quick)
-    t_cap = timed(lambda: train_step(model, ids, labels, specs, True, **kw), device, a.quick)
+    t_plain, t_cap = times["plain"], times["capture"]
     rows.append(("train_step_plain", "-", t_plain, None, None))
     rows.append(("train_step_with_capture", res.backend, t_cap, None, None))
     rows.append(("mat_kernels_train_step_overhead", res.backend, [c - p for c, p in zip(t_cap, t_plain)], None, None))
     if not a.skip_torch_func:
-        t = timed(lambda: torch_func_lambdas(model, ids, labels, specs, a.func_chunk), device, a.quick)
+        t = times["torch_func"]
         rows.append(("torch_func", "torch", t, peak_extra(lambda: torch_func_lambdas(model, ids, labels, specs,
                                                                                    a.func_chunk), device), 0.0))
     model.zero_grad(set_to_none=True)
@@ -195,16 +226,18 @@ def main(argv=None) -> int:
         print(f"| {name} | {backend} | {med:.2f} | {p20:.2f} | {p80:.2f} | {'-' if mem is None else f'{mem:.0f}'} | "
               f"{'-' if e is None else f'{e:.1e}'} |")
     if not a.skip_torch_func:
-        print(f"speed-up mat_kernels vs torch_func: {rows[-1][2][0] / rows[0][2][0]:.1f}x")
+        print(f"speed-up mat_kernels vs torch_func: {rows[-1][2][0] / rows[0][2][0]:.2f}x")
+    print(f"mat_kernels / plain forward + backward: {times['mat_kernels'][0] / t_plain[0]:.2f}x; capture adds "
+          f"{100 * (t_cap[0] / t_plain[0] - 1):.0f}% to the step")
     if a.csv:
         new = not os.path.exists(a.csv)
         with open(a.csv, "a", newline="") as f:
             w = csv.writer(f)
             if new:
-                w.writerow(["date", "device", "commit", "layers", "d", "n", "T", "dtype", "provider", "backend",
+                w.writerow(["date", "device", "commit", "layers", "d", "vocab", "n", "T", "dtype", "provider", "backend",
                             "median_ms", "p20_ms", "p80_ms", "peak_extra_mib", "max_rel_diff"])
             for name, backend, (med, p20, p80), mem, e in rows:
-                w.writerow([date, dev, commit, layers, d, n, T, a.dtype, name, backend, med, p20, p80, mem, e])
+                w.writerow([date, dev, commit, layers, d, vocab, n, T, a.dtype, name, backend, med, p20, p80, mem, e])
     bad = lam_ref is not None and err(lam_mk) > (1e-3 if a.dtype == "fp32" else 5e-2)
     if bad:
         print("ERROR: mat_kernels and torch_func disagree")
