@@ -29,6 +29,8 @@ import triton
 import triton.language as tl
 
 from .._backend import device_ints as _device_ints, interpreter_enabled
+from . import autotune
+from .autotune import Config, config
 
 _MAX_TILE = 64
 
@@ -223,6 +225,11 @@ def _segment_gram_fwd_kernel(
                           mask=mi[:, None] & mj[None, :])
 
 
+# _psg_fwd_kernel: tiles from the shapes (_tile), warps and stages tuned; the default (first) compiles without
+# spills at BERT-base shapes on sm_90 and sm_80 (tests/test_triton_aot.py).
+_PSG_FWD_CANDIDATES = [config(4, 3), config(8, 3), config(4, 4), config(8, 2)]
+
+
 @functools.lru_cache(maxsize=256)
 def _row_tiles(seg_starts: tuple, seg_sizes: tuple, BR: int):
     """Split segments into row tiles of at most BR rows; pack segments one after another in the scratch."""
@@ -282,15 +289,23 @@ def psg_segment_grams(
         scratch = torch.empty(n * packed * cw_max, dtype=torch.float32, device=dev)
         t_own = _device_ints(tuple(owners[s] for s in group), dev)
         nb = triton.cdiv(n, BN)
-        for c0 in range(0, DA1, cw_max):
+        def psg_fwd(cfg: Config, warmup: bool, c0: int = 0):
             cw = min(cw_max, DA1 - c0)
             g = scratch[: n * packed * cw].view(n, packed, cw)
-            _psg_fwd_kernel[(n, len(src), triton.cdiv(cw, BC))](
-                a, b, t_src, t_cnt, t_dst, g,
-                T, DA, c0, cw,
-                *a.stride(), *b.stride(), *g.stride(),
-                ADD_ONE=add_one, PRECISION=prec_in, BR=BR, BC=BC, BT=BT,
-            )
+            grid = (n, len(src), triton.cdiv(cw, BC))
+            args = (a, b, t_src, t_cnt, t_dst, g, T, DA, c0, cw, *a.stride(), *b.stride(), *g.stride())
+            kw = dict(ADD_ONE=add_one, PRECISION=prec_in, BR=BR, BC=BC, BT=BT, **cfg.kwargs())
+            if warmup:
+                return _psg_fwd_kernel.warmup(*args, grid=grid, **kw)
+            _psg_fwd_kernel[grid](*args, **kw)
+            return g
+
+        # warps and stages tuned on a GPU (it writes only the scratch, which the chunk below rewrites)
+        cfg = autotune.pick("psg_fwd", (n, triton.next_power_of_2(T), DA1, packed, BR, BC, str(a.dtype), prec_in),
+                            _PSG_FWD_CANDIDATES, psg_fwd, dev)
+        for c0 in range(0, DA1, cw_max):
+            cw = min(cw_max, DA1 - c0)
+            g = psg_fwd(cfg, False, c0)
             k_max = max(g_sizes) * cw
             # Split K so that small Grams still fill the GPU; one split in the interpreter (fewest programs).
             programs = len(group) * nb * nb
@@ -308,9 +323,15 @@ def psg_segment_grams(
 # fused per-sample-gradient + Gram route (small n)
 # ----------------------------------------------------------------------------------------------------------------
 FUSED_MAX_N = 32
-# (BR, BC, BT, num_warps, num_stages) per padded sample count: the largest tiles that compile without spills on
-# sm_90 and sm_80 for IEEE fp32, TF32 and bf16 (tests/test_triton_aot.py checks it; NOTES.md §7 has the figures).
-_FUSED_CONFIGS = {16: (32, 32, 16, 8, 2), 32: (16, 16, 16, 8, 2)}
+# Candidates per padded sample count, the default first: the largest tiles that compile without spills on sm_90
+# and sm_80 for IEEE fp32, TF32 and bf16 (tests/test_triton_aot.py checks the defaults; NOTES.md §7). On a GPU the
+# others are timed once per shape and dtype, those that spill pruned (mat_kernels.triton.autotune).
+_FUSED_CANDIDATES = {
+    16: [config(8, 2, BR=32, BC=32, BT=16), config(8, 3, BR=32, BC=32, BT=16), config(4, 2, BR=16, BC=32, BT=16),
+         config(8, 2, BR=32, BC=32, BT=32)],
+    32: [config(8, 2, BR=16, BC=16, BT=16), config(8, 3, BR=16, BC=16, BT=16), config(8, 2, BR=16, BC=32, BT=16),
+         config(4, 2, BR=16, BC=16, BT=16)],
+}
 
 
 @triton.jit
@@ -380,7 +401,8 @@ def psg_plan(n: int, T: int, DA1: int, DB: int, esize: int, scratch_bytes: int =
     if n > FUSED_MAX_N:
         return {"kernel": "two-kernel", "fused_s": None, "two_kernel_s": None,
                 "reason": f"n = {n} > FUSED_MAX_N = {FUSED_MAX_N} (the fused kernel holds all samples in registers)"}
-    BR, BC = _FUSED_CONFIGS[max(16, triton.next_power_of_2(n))][:2]
+    tiles = dict(_FUSED_CANDIDATES[max(16, triton.next_power_of_2(n))][0].tiles)
+    BR, BC = tiles["BR"], tiles["BC"]
     fused_l2 = (triton.cdiv(DB, BR) * n * T * DA1 + triton.cdiv(DA1, BC) * n * T * DB) * esize
     fused_s = fused_l2 / _L2_BYTES_PER_S + _LAUNCH_S
     scratch = n * DB * DA1 * 4
@@ -414,19 +436,28 @@ def fused_segment_grams(a, b, seg_starts, seg_sizes, seg_owners, *, add_one: boo
     if n > FUSED_MAX_N:
         raise ValueError(f"the fused kernel holds at most {FUSED_MAX_N} samples in registers, got n = {n}")
     NP = max(16, triton.next_power_of_2(n))
-    BR, BC, BT, warps, stages = _FUSED_CONFIGS[NP]
     M = 1 + max(seg_owners)
     if out is None:
         out = torch.zeros(M, n, n, dtype=torch.float32, device=a.device)
-    src, cnt, own = _fused_tiles(tuple(seg_starts), tuple(seg_sizes), tuple(seg_owners), BR)
     dev = a.device
     prec = _precision(a.dtype, allow_tf32)
-    grid = (len(src), triton.cdiv(DA + int(add_one), BC))
-    _psg_gram_fused_kernel[grid](
-        a, b, _device_ints(src, dev), _device_ints(cnt, dev), _device_ints(own, dev), out,
-        n, T, DA,
-        *a.stride(), *b.stride(), *out.stride(),
-        ADD_ONE=add_one, PRECISION=prec, GRAM_PRECISION=_precision(torch.float32, prec == "tf32"),
-        NP=NP, BR=BR, BC=BC, BT=BT, num_warps=warps, num_stages=stages,
-    )
+
+    def launch(cfg: Config, warmup: bool, target=None):
+        c = cfg.kwargs()
+        src, cnt, own = _fused_tiles(tuple(seg_starts), tuple(seg_sizes), tuple(seg_owners), c["BR"])
+        dst = out if target is None else target
+        grid = (len(src), triton.cdiv(DA + int(add_one), c["BC"]))
+        args = (a, b, _device_ints(src, dev), _device_ints(cnt, dev), _device_ints(own, dev), dst,
+                n, T, DA, *a.stride(), *b.stride(), *dst.stride())
+        kw = dict(ADD_ONE=add_one, PRECISION=prec, GRAM_PRECISION=_precision(torch.float32, prec == "tf32"),
+                  NP=NP, **c)
+        if warmup:
+            return _psg_gram_fused_kernel.warmup(*args, grid=grid, **kw)
+        return _psg_gram_fused_kernel[grid](*args, **kw)
+
+    key = (NP, triton.next_power_of_2(T), DA, sum(seg_sizes), add_one, str(a.dtype), prec)
+    scratch = None if not autotune.enabled(dev) else torch.zeros_like(out)
+    cfg = autotune.pick("fused", key, _FUSED_CANDIDATES[NP],
+                        lambda c, w: launch(c, w, target=scratch), dev)
+    launch(cfg, False)
     return out
