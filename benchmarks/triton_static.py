@@ -20,10 +20,8 @@ import argparse
 import collections
 import json
 import os
-import re
 import subprocess
 import sys
-import tempfile
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":  # the kernels must be real JITFunctions
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -38,7 +36,6 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import mat_kernels as mk  # noqa: E402
 
-_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # Ceilings for the floors: H100 SXM. bf16 dense and HBM measured on this workplace's H100 (.library/device/
 # KINDS.md); TF32 and fp32 datasheet; L2 bandwidth an assumed ~5.5 TB/s (published microbenchmarks, not measured
 # here).
@@ -106,20 +103,9 @@ class _CountOps(TorchDispatchMode):
 
 
 def _resources(cubin: bytes) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-        path = f.name
-    try:
-        res = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-res-usage", path], capture_output=True,
-                             text=True, check=True).stdout
-        sass = subprocess.run([os.path.join(_BIN, "cuobjdump"), "-sass", path], capture_output=True, text=True,
-                              check=True).stdout
-    finally:
-        os.unlink(path)
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
-    ops = collections.Counter(re.findall(r"\b(HGMMA|HMMA|FFMA|LDL|STL)\b", sass))
-    return {"regs": int(m.group(1)), "stack": int(m.group(2)), "local": int(m.group(4)),
-            "hgmma": ops["HGMMA"], "hmma": ops["HMMA"], "ffma": ops["FFMA"], "spill_ld_st": ops["LDL"] + ops["STL"]}
+    from mat_kernels.triton.autotune import static_resources  # the one cuobjdump reader (the autotuner's too)
+
+    return static_resources(cubin)
 
 
 def bert_layer(n: int, T: int, d: int = 768, heads: int = 12, ffn: int = 3072):
