@@ -70,7 +70,7 @@ import torch
 import torch.nn.functional as F
 
 import mat_kernels as mk
-from mat_kernels import reference as mk_ref
+from mat_kernels.testing import reference as mk_ref
 
 # ---------------------------------------------------------------------------------------------------------------
 # workload

@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 
 import mat_kernels as mk
-from mat_kernels.model import per_sample_output
-from mat_kernels.reference import reference_model_grams
+from mat_kernels.measure.model import per_sample_output
+from mat_kernels.testing.reference import reference_model_grams
 
 
 def build_bert(layers: int, d: int, heads: int, ffn: int, vocab: int, max_len: int, device, dtype):

@@ -24,7 +24,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import mat_kernels as mk  # noqa: E402
-from mat_kernels.triton import gram as tg  # noqa: E402
+from mat_kernels.kernels import triton_segment_grams as tg  # noqa: E402
 
 # (name, n, T, d_in, d_out, row blocks as (starts, sizes, owners), bias)
 _QKV = mk.WeightBlocks.build(2304, 768, row_blocks=mk.fused_qkv_heads(12, 64)).segments()

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import mat_kernels as mk  # noqa: E402
-from mat_kernels.ops.sparse_update import block_mask  # noqa: E402
+from mat_kernels.ops.sparse_grad import block_mask  # noqa: E402
 
 DEFAULT_CSV = os.path.join(HERE, "results", "bench_sparse_backward.csv")
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -4,7 +4,7 @@ process (interleaved rounds, medians), on one BERT-base fused QKV layer with bia
 
     python benchmarks/compare_torch_impl.py --against 278f6a0 --threads 1
 
-The old ``mat_kernels/torch_impl.py`` is read with ``git show`` and loaded as a separate module.
+The old ``mat_kernels/kernels/torch_segment_grams.py`` (``mat_kernels/torch_impl.py`` before 0.2) is read with ``git show`` and loaded as a separate module.
 """
 import argparse
 import importlib.util
@@ -21,8 +21,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_old(commit: str):
-    src = subprocess.run(["git", "-C", ROOT, "show", f"{commit}:mat_kernels/torch_impl.py"], check=True,
-                         capture_output=True, text=True).stdout
+    for path in ("mat_kernels/kernels/torch_segment_grams.py", "mat_kernels/torch_impl.py"):  # after / before 0.2
+        r = subprocess.run(["git", "-C", ROOT, "show", f"{commit}:{path}"], capture_output=True, text=True)
+        if r.returncode == 0:
+            src = r.stdout
+            break
+    else:
+        raise SystemExit(f"{commit} has no PyTorch segment-Gram implementation")
     path = os.path.join(tempfile.mkdtemp(), "torch_impl_old.py")
     with open(path, "w") as f:
         f.write(src)
@@ -41,7 +46,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     old = load_old(a.against)
-    from mat_kernels import torch_impl as new
+    from mat_kernels.kernels import torch_segment_grams as new
 
     torch.manual_seed(0)
     starts, sizes = tuple(range(0, 2304, 64)), (64,) * 36

@@ -2,7 +2,7 @@
 """Orthogonal vs i.i.d. Gaussian sketch directions: median and max relative λmax error of the sketch route.
 
 BERT-base fused QKV layer (768 -> 2304, 12 heads, bias), n=32, T=128, fp32, 6 seeds x 12 heads per row, on the
-two synthetic data kinds of sketch_curve.py. Swaps ``mat_kernels.estimate._sketch_matrix`` for a Gaussian one
+two synthetic data kinds of sketch_curve.py. Swaps ``mat_kernels.measure.layer._sketch_matrix`` for a Gaussian one
 (scaled so that E[S Sᵀ] = I, like the orthogonal one). Records the choice made in ``_sketch_matrix``.
 
     python benchmarks/sketch_directions.py
@@ -21,7 +21,7 @@ from sketch_curve import data  # noqa: E402
 
 import mat_kernels as mk  # noqa: E402
 
-est = importlib.import_module("mat_kernels.estimate")
+est = importlib.import_module("mat_kernels.measure.layer")
 
 
 def gaussian_directions(width, k, seed, device):

@@ -91,10 +91,10 @@ class _CountOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         if name == "segment_grams":  # a custom op is opaque to the mode: count what its implementation runs
-            from mat_kernels.ops import gram
+            from mat_kernels.ops.segment_grams import segment_grams as op
 
             with self:
-                return gram.segment_grams._init_fn(*args, **(kwargs or {}))
+                return op._init_fn(*args, **(kwargs or {}))
         if name == "lift_fresh":  # torch.tensor(list, ...): a host copy on a GPU
             self.host_copies += 1
         elif name not in _NO_KERNEL:
@@ -103,7 +103,7 @@ class _CountOps(TorchDispatchMode):
 
 
 def _resources(cubin: bytes) -> dict:
-    from mat_kernels.triton.autotune import static_resources  # the one cuobjdump reader (the autotuner's too)
+    from mat_kernels.kernels.triton_autotune import static_resources  # the one cuobjdump reader (the autotuner's too)
 
     return static_resources(cubin)
 
@@ -155,7 +155,7 @@ def analyse(arch: int, dtype_name: str, n: int, T: int, method: str = "auto", ps
     ``psg="two-kernel"`` forces the two-kernel psg route at any n (``FUSED_MAX_N = 0`` for the call)."""
     dtype, tf32 = DTYPES[dtype_name]
     from mat_kernels import _backend
-    from mat_kernels.triton import gram as tg
+    from mat_kernels.kernels import triton_segment_grams as tg
 
     fused_max = tg.FUSED_MAX_N
     if psg == "two-kernel":

@@ -24,8 +24,10 @@ Public API:
 
 ``python -m mat_kernels`` prints what is usable on this machine.
 """
-from .blocks import LayerBlocks, WeightBlocks, fused_qkv_heads, resolve_blocks
-from .estimate import (
+import sys as _sys
+
+from mat_kernels.measure.blocks import LayerBlocks, WeightBlocks, fused_qkv_heads, resolve_blocks
+from mat_kernels.measure.layer import (
     DEFAULT_SKETCH_SIZE,
     GramResult,
     LambdaMaxResult,
@@ -33,16 +35,43 @@ from .estimate import (
     layer_grams,
     route_costs,
 )
-from .solvers import lambda_max
-from .modules import Discovery, ModuleSpec, ParamSlice, discover_modules, group_by_weight, register_layout
-from .capture import capture_lambda_max
-from .model import ModelLambdaMax, model_lambda_max
-from .mat import MAT
-from .prune import lowest_heads, prune_heads
-from . import hf  # noqa: F401,E402  (Hugging Face Trainer integration; imports transformers only when used)
-from .sparse_linear import SparseLayout, SparseUpdateConv1D, SparseUpdateLinear, sparse_update_linear
+from mat_kernels.measure.solvers import lambda_max
+from mat_kernels.measure.discovery import (
+    Discovery,
+    ModuleSpec,
+    ParamSlice,
+    discover_modules,
+    group_by_weight,
+    register_layout,
+)
+from mat_kernels.measure.capture import capture_lambda_max
+from mat_kernels.measure.model import ModelLambdaMax, model_lambda_max
+from mat_kernels.train.controller import MAT
+from mat_kernels.train.prune import lowest_heads, prune_heads
+from mat_kernels.integrations import hf  # noqa: F401  (Hugging Face Trainer integration; transformers imported on use)
+from mat_kernels.testing import reference  # noqa: F401
+from mat_kernels.train import flops, optim  # noqa: F401
+from mat_kernels.nn.sparse_linear import SparseLayout, SparseUpdateConv1D, SparseUpdateLinear, sparse_update_linear
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+# The documented short paths of four modules (mat_kernels.hf.with_mat, mat_kernels.optim.FrozenSliceOptimizer, ...)
+# stay first-class names of their tier modules; other old paths warn (mat_kernels/_compat.py).
+for _short, _module in (("hf", hf), ("reference", reference), ("flops", flops), ("optim", optim)):
+    _sys.modules[f"{__name__}.{_short}"] = _module
+del _short, _module
+
+# Old module attributes (mk.policy, mk.estimate, ...): imported through their deprecated paths, which warn.
+_MOVED = ("estimate", "solvers", "blocks", "modules", "capture", "model", "layouts", "sparse_linear", "mat", "policy",
+          "prune", "torch_impl")
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "estimate_lambda_max",

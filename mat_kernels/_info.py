@@ -5,8 +5,8 @@ import platform
 
 import torch
 
-from . import __version__
-from ._backend import triton_mode
+from mat_kernels import __version__
+from mat_kernels._backend import triton_mode
 
 
 def report() -> list[tuple[str, str]]:
@@ -20,7 +20,7 @@ def report() -> list[tuple[str, str]]:
     mode, reason = triton_mode()
     rows.append(("Triton kernels", f"{mode}: {reason}"))
     if mode == "unavailable":
-        rows.append(("lambda_max backend", "PyTorch implementation (torch_impl), warns once"))
+        rows.append(("lambda_max backend", "PyTorch implementation (kernels.torch_segment_grams), warns once"))
     rows += _extension_rows()
     rows.append(("torch.library ops", "mat_kernels::segment_grams (Python custom op)"))
     return rows
@@ -33,7 +33,7 @@ _KEYS = (("CPU", "cpu"), ("CUDA", "cuda"), ("Meta", "fake"), ("Autograd", "autog
 
 def _extension_rows() -> list[tuple[str, str]]:
     """The C++/CUDA extension: what it was built for, and which kernels each of its ops has."""
-    from .ops import sparse_update
+    from mat_kernels.ops import sparse_grad as sparse_update
 
     if not sparse_update.extension_available():
         return [("C++ extension", f"not built ({sparse_update.extension_error()}); build with "

@@ -58,7 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tasks as task_registry  # noqa: E402
 
 import mat_kernels as mk  # noqa: E402
-from mat_kernels.flops import FlopsLedger  # noqa: E402
+from mat_kernels.train.flops import FlopsLedger  # noqa: E402
 
 ARMS: dict[str, dict | None] = {
     "dense": None,
@@ -164,7 +164,7 @@ _TINY_SCHEDULE = {"warmup_steps": 2, "interval": 3}
 def _prune(model, batch, fraction: float, ledger: FlopsLedger, step: int) -> dict:
     """Measure every head (its Q/K/V rows and output columns) on ``batch`` in eval mode, remove the ``fraction``
     with the lowest λmax (at least one per layer), and record the measurement in ``ledger``."""
-    from mat_kernels.flops import count_flops
+    from mat_kernels.train.flops import count_flops
 
     specs = [s for s in mk.discover_modules(model, out_proj="merge").specs if s.kind == "head"]
     if not specs:

@@ -1,6 +1,6 @@
 """Test configuration.
 
-Triton reads TRITON_INTERPRET when a kernel is decorated (at import of mat_kernels.triton.*), so it is set here,
+Triton reads TRITON_INTERPRET when a kernel is decorated (at import of mat_kernels.kernels.triton_*), so it is set here,
 before anything imports mat_kernels. On a machine with CUDA the kernels run natively instead.
 
 Shared helpers and tolerances live in tests/helpers.py (``from helpers import ...``): a name imported from

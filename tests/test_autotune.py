@@ -1,4 +1,4 @@
-"""mat_kernels.triton.autotune: spilling candidates are pruned before timing, the fastest other one is kept per key,
+"""mat_kernels.kernels.triton_autotune: spilling candidates are pruned before timing, the fastest other one is kept per key,
 the default runs where no GPU times them."""
 import types
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from mat_kernels.triton import autotune  # noqa: E402
+from mat_kernels.kernels import triton_autotune as autotune  # noqa: E402
 
 
 def _fake(spills):

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 import mat_kernels as mk
-from mat_kernels.flops import FlopsLedger, StepFlops, count_flops, linear_step_flops
+from mat_kernels.train.flops import FlopsLedger, StepFlops, count_flops, linear_step_flops
 
 
 def _mlp():

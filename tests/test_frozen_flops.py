@@ -9,8 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mat_kernels as mk
-from mat_kernels.flops import count_flops
-from mat_kernels.modules import linear_shape
+from mat_kernels.train.flops import count_flops
+from mat_kernels.measure.discovery import linear_shape
 
 transformers = pytest.importorskip("transformers")
 

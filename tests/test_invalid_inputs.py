@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mat_kernels as mk
-from mat_kernels.reference import reference_lambda_max
+from mat_kernels.testing.reference import reference_lambda_max
 
 
 def _xy(n=3, T=4, d_in=8, d_out=6, dtype=torch.float32):

@@ -10,7 +10,7 @@ import torch
 from helpers import FP32_RTOL, TF32_RTOL, backends, rel_err, requires_cuda
 
 import mat_kernels as mk
-from mat_kernels.reference import (
+from mat_kernels.testing.reference import (
     lambda_max_eigvalsh,
     per_sample_grads_func,
     per_sample_grads_loop,
@@ -99,7 +99,7 @@ TRITON_BACKENDS = [b for b in BACKENDS if b[1] == "triton"]
 ])
 def test_two_kernel_psg_route_above_the_fused_n(device, backend, n, T, d_in, d_out, blocks):
     """n > FUSED_MAX_N runs the two-kernel psg route (per-sample gradients in a scratch, then the Gram kernel)."""
-    from mat_kernels.triton.gram import FUSED_MAX_N
+    from mat_kernels.kernels.triton_segment_grams import FUSED_MAX_N
 
     assert n > FUSED_MAX_N
     x, dy = _inputs(n, T, d_in, d_out, seed=n, device=device)
@@ -111,7 +111,7 @@ def test_two_kernel_psg_route_above_the_fused_n(device, backend, n, T, d_in, d_o
 def test_fused_two_kernel_and_ghost_agree(device, backend, n, bias):
     """The fused kernel, the two-kernel route and the ghost kernel, each adding segments into their modules
     (a module of two segments included), agree; the whole path against the float64 oracle through _check."""
-    from mat_kernels.triton import gram as tg
+    from mat_kernels.kernels import triton_segment_grams as tg
 
     x, dy = _inputs(n, 3, 11, 14, seed=n, device=device)
     starts, sizes, owners = (0, 4, 9), (4, 5, 5), (0, 1, 0)

@@ -13,8 +13,9 @@ from helpers import FP32_RTOL, rel_err
 from test_model_lambda_max import TinyLM
 
 import mat_kernels as mk
-from mat_kernels.flops import FlopsLedger, count_flops
-from mat_kernels.policy import module_scores, threshold_mask
+from mat_kernels.train.policy import TemporalRule
+from mat_kernels.train.flops import FlopsLedger, count_flops
+from mat_kernels.train.policy import module_scores, threshold_mask
 
 
 def _ids(seed, n=4, T=5, vocab=23):
@@ -353,7 +354,7 @@ def test_hysteresis_and_smoothing():
 
 
 def test_patience_needs_consecutive_small_steps():
-    rule = mk.policy.TemporalRule(beta=1e-3, patience=2)
+    rule = TemporalRule(beta=1e-3, patience=2)
     seq = [[1.0], [2.0], [3.0], [3.0001], [4.0], [4.0001], [4.0002]]
     out = [rule.update(torch.tensor(s)).item() for s in seq]
     assert out == [False, False, False, False, False, False, True]

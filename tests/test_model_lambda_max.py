@@ -18,8 +18,8 @@ from helpers import HAS_CUDA
 import mat_kernels as mk
 from oracle import MODEL_RTOL, _gen, assert_matches, oracle, run_and_check  # noqa: F401  (re-exported)
 
-from mat_kernels.model import projection_vectors
-from mat_kernels.reference import model_per_sample_grads, reference_model_grams
+from mat_kernels.measure.model import projection_vectors
+from mat_kernels.testing.reference import model_per_sample_grads, reference_model_grams
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -408,7 +408,7 @@ def test_layer_never_called_is_an_error():
 
 
 def test_register_a_custom_layout():
-    from mat_kernels import modules
+    from mat_kernels.measure import discovery as modules
 
     class Gate(nn.Module):
         def __init__(self):

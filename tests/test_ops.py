@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import mat_kernels as mk
 from mat_kernels.ops import segment_grams
-from mat_kernels.reference import reference_lambda_max
+from mat_kernels.testing.reference import reference_lambda_max
 
 
 @pytest.mark.parametrize("device,backend", backends())

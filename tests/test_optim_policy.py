@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mat_kernels import WeightBlocks
-from mat_kernels.optim import Block, FrozenSliceOptimizer
-from mat_kernels.policy import TemporalRule, threshold_mask
+from mat_kernels.train.optim import Block, FrozenSliceOptimizer
+from mat_kernels.train.policy import TemporalRule, threshold_mask
 
 
 # --------------------------------------------------------------------------------------------------------------

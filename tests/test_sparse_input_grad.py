@@ -15,8 +15,8 @@ import torch
 from helpers import COPY_OPS, GEMM_OPS, aten_counts, devices, rel_err
 
 import mat_kernels as mk
-from mat_kernels.blocks import resolve_blocks
-from mat_kernels.ops import sparse_update as su
+from mat_kernels.measure.blocks import resolve_blocks
+from mat_kernels.ops import sparse_grad as su
 
 FP64_RTOL = 1e-12
 FP32_RTOL = 1e-6

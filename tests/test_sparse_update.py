@@ -22,7 +22,7 @@ from helpers import COPY_OPS, GEMM_OPS, aten_counts, devices, rel_err, requires_
 from torch import nn
 
 import mat_kernels as mk
-from mat_kernels.ops import sparse_update as su
+from mat_kernels.ops import sparse_grad as su
 
 FP32_RTOL = 1e-6
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import mat_kernels as mk
-from mat_kernels.blocks import WeightBlocks
-from mat_kernels.ops import sparse_update as ops
+from mat_kernels.measure.blocks import WeightBlocks
+from mat_kernels.ops import sparse_grad as ops
 
 from test_model_lambda_max import TinyLM
 

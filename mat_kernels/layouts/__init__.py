@@ -1,18 +1,4 @@
-"""The built-in layouts of :func:`mat_kernels.discover_modules`, one file per family, each registered with
-:func:`mat_kernels.register_layout`. Imported (in this order, the order they are tried) by :mod:`mat_kernels.modules`.
+"""Deprecated path: moved to :mod:`mat_kernels.measure.layouts` (works until 0.3, with a warning)."""
+from mat_kernels._compat import moved
 
-==================  ==========================  ============================================================
-layout              file                        recognises
-==================  ==========================  ============================================================
-``moe_experts``     :mod:`.moe`                 dense-dispatch experts
-``mha``             :mod:`.mha`                 ``nn.MultiheadAttention``
-``separate_qkv``    :mod:`.attention`           separate Q/K/V projections (MHA or grouped-query)
-``fused_qkv``       :mod:`.attention`           one fused QKV weight whose layout is known
-``ffn``             :mod:`.ffn`                 feed-forward blocks
-``conv2d``          :mod:`.conv`                ``nn.Conv2d``
-==================  ==========================  ============================================================
-
-A new family: a file with a ``@register_layout("name")`` function and a test calling the shared oracle runner
-(``tests/oracle.py``: λ of every discovered module against float64 whole-model per-sample gradients).
-"""
-from . import moe, mha, attention, ffn, conv  # noqa: F401  (registration order = the order layouts are tried)
+moved(__name__, "mat_kernels.measure.layouts")

@@ -1,16 +1,4 @@
-"""Layout ``conv2d``: every ``nn.Conv2d`` is one MAT module (its weight, a linear map on unfolded patches
-``[O, C/groups·kh·kw]``, and its bias); any stride, dilation, groups, padding (``"same"``/``"valid"`` included) and
-padding mode."""
-from __future__ import annotations
+"""Deprecated path: moved to :mod:`mat_kernels.measure.layouts.conv` (works until 0.3, with a warning)."""
+from mat_kernels._compat import moved
 
-import torch.nn as nn
-
-from ..modules import ModuleSpec, ParamSlice, _whole, register_layout
-
-
-@register_layout("conv2d")
-def _conv2d(prefix, mod, model, opts):
-    if not isinstance(mod, nn.Conv2d):
-        return None
-    return [ModuleSpec(prefix or "conv", (_whole("", model, prefix),) if prefix else
-                       (ParamSlice("weight", "all", (), "bias" if mod.bias is not None else None),), "conv")]
+moved(__name__, "mat_kernels.measure.layouts.conv")

@@ -1,27 +1,4 @@
-"""Layout ``moe_experts``: a child list or dict ``experts`` of sub-networks (dense dispatch): one MAT module per
-expert, owning all its linear weights. Token-routed experts (each sample sees a different subset) break the
-per-sample Gram of a shared module and are refused by the capture, not here."""
-from __future__ import annotations
+"""Deprecated path: moved to :mod:`mat_kernels.measure.layouts.moe` (works until 0.3, with a warning)."""
+from mat_kernels._compat import moved
 
-import torch.nn as nn
-
-from ..modules import ModuleSpec, _is_linear_like, _whole, register_layout
-
-
-@register_layout("moe_experts")
-def _moe_experts(prefix, mod, model, opts):
-    experts = getattr(mod, "experts", None)
-    if not isinstance(experts, (nn.ModuleList, nn.ModuleDict)) or len(experts) == 0:
-        return None
-    items = experts.items() if isinstance(experts, nn.ModuleDict) else enumerate(experts)
-    specs = []
-    for key, expert in items:
-        slices = []
-        for sub_name, sub in expert.named_modules():
-            if _is_linear_like(sub):
-                child = f"experts.{key}" + (f".{sub_name}" if sub_name else "")
-                slices.append(_whole(prefix, mod, child))
-        if not slices:
-            return None
-        specs.append(ModuleSpec(f"{prefix}.experts.{key}" if prefix else f"experts.{key}", tuple(slices), "expert"))
-    return specs
+moved(__name__, "mat_kernels.measure.layouts.moe")

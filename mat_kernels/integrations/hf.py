@@ -84,9 +84,9 @@ import weakref
 
 import torch
 
-from .mat import MAT
-from .model import _default_forward
-from .optim import SUPPORTED_OPTIMIZERS
+from mat_kernels.train.controller import MAT
+from mat_kernels.measure.forward import default_forward
+from mat_kernels.train.optim import SUPPORTED_OPTIMIZERS
 
 __all__ = ["with_mat", "MATOptimizer", "MATCallback"]
 
@@ -172,8 +172,8 @@ class MATOptimizer(torch.optim.Optimizer):
         # torch's load_state_dict replaces the param_group dicts (accelerate reloads the state when it wraps this
         # optimizer, the Trainer when it resumes); FrozenSliceOptimizer caches each parameter's group for the
         # per-block Adam correction: point it at the live groups, whose lr the scheduler sets
-        if hasattr(self.mat.optimizer, "_group"):
-            self.mat.optimizer._group = {p: g for g in self.optimizer.param_groups for p in g["params"]}
+        if hasattr(self.mat.optimizer, "refresh_param_groups"):
+            self.mat.optimizer.refresh_param_groups()
         if mat_sd is not None:
             # accelerate moves every tensor of an optimizer state dict to the device; MAT's state lives on the CPU
             self.mat.load_state_dict(_to_cpu(mat_sd))
@@ -210,7 +210,7 @@ def _measure_forward(module, batch):
     """The forward of the measurements (``lambda_kwargs["forward"]`` unless given): the default one of
     :func:`mat_kernels.model_lambda_max`, without accelerate's autocast."""
     with _without_accelerate_autocast(module):
-        return _default_forward(module, batch)
+        return default_forward(module, batch)
 
 
 def _to_cpu(obj):

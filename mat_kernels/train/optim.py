@@ -31,7 +31,7 @@ from typing import Sequence, Union
 
 import torch
 
-from .blocks import WeightBlocks
+from mat_kernels.measure.blocks import WeightBlocks
 
 __all__ = ["Block", "FrozenSliceOptimizer", "SUPPORTED_OPTIMIZERS"]
 
@@ -153,7 +153,7 @@ class FrozenSliceOptimizer:
         """One optimizer step with modules ``active`` (bool ``[num_modules]``); inactive modules' blocks are frozen."""
         active = torch.as_tensor(active, dtype=torch.bool).cpu()
         # live groups: the optimizer's load_state_dict replaces the dicts an LR scheduler writes lr into
-        self._group = {p: g for g in self.optimizer.param_groups for p in g["params"]}
+        self.refresh_param_groups()
         if active.shape != (self.num_modules,):
             raise ValueError(f"active must have shape [{self.num_modules}], got {tuple(active.shape)}")
         saved = []  # (param, block, frozen?, saved param part, {state key: saved part} or None if no state yet)
@@ -214,6 +214,11 @@ class FrozenSliceOptimizer:
         denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)
         new.addcdiv_(m, denom, value=-lr / bc1)
         _part(p, b, tr).copy_(new)
+
+    def refresh_param_groups(self) -> None:
+        """Re-read the wrapped optimizer's ``param_groups`` (``load_state_dict`` replaces their dicts, where an LR
+        scheduler writes the learning rate); :meth:`step` does it too."""
+        self._group = {p: g for g in self.optimizer.param_groups for p in g["params"]}
 
     # --------------------------------------------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -11,7 +11,7 @@ work is not counted.
   while neither changes (masks change only at measurements).
 * λmax measurement: the probe's forward and backward are counted by ``FlopCounterMode`` too; the Gram kernels (Triton
   or the PyTorch fallback behind a custom op, invisible to the counter) add ``2 × route_costs`` multiply-adds of
-  the route each layer used (:attr:`mat_kernels.capture.LambdaCapture.gram_flops`), and ``eigvalsh`` adds
+  the route each layer used (:attr:`mat_kernels.measure.capture.LambdaCapture.gram_flops`), and ``eigvalsh`` adds
   ``(4/3)·n³`` per module (an estimate; negligible at n ≤ 64).
 """
 from __future__ import annotations
@@ -24,9 +24,9 @@ __all__ = ["register_sparse_flop_formulas", "count_flops", "StepFlops", "FlopsLe
 
 def register_sparse_flop_formulas() -> bool:
     """Kept for compatibility: the sparse ops' FLOP formulas are registered when the ops load
-    (:mod:`mat_kernels.ops.sparse_update`), so every ``FlopCounterMode`` counts them. Returns whether the extension
+    (:mod:`mat_kernels.ops.sparse_grad`), so every ``FlopCounterMode`` counts them. Returns whether the extension
     is built."""
-    from .ops import sparse_update as ops
+    from mat_kernels.ops import sparse_grad as ops
 
     return ops.extension_available()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .blocks import BlockSpec, LayerBlocks, resolve_blocks
+from mat_kernels.measure.blocks import BlockSpec, LayerBlocks, resolve_blocks
 
 __all__ = [
     "per_sample_grads_loop",
@@ -211,7 +211,7 @@ def reference_model_grams(model: torch.nn.Module, grads: dict[str, torch.Tensor]
     ``Conv1D`` stores the transpose; a convolution weight is flattened to ``[O, C·kh·kw]``), then each slice's rows,
     columns or all entries (+ bias entries) are concatenated per module and ``J Jᵀ`` is formed.
     """
-    from .modules import _is_conv1d
+    from mat_kernels.measure.specs import is_conv1d
 
     owners = dict(model.named_modules())
     grams = []
@@ -221,7 +221,7 @@ def reference_model_grams(model: torch.nn.Module, grads: dict[str, torch.Tensor]
             g = grads[sl.weight]
             n = g.shape[0]
             owner = owners[sl.weight.rsplit(".", 1)[0] if "." in sl.weight else ""]
-            if _is_conv1d(owner):
+            if is_conv1d(owner):
                 g = g.transpose(1, 2)
             g = g.reshape(n, g.shape[1], -1)
             if sl.axis == "all":

@@ -1,0 +1,493 @@
+"""Capture of the inputs and output gradients the MAT modules need, with each layer's Grams built as soon as its
+output gradient arrives (then both are dropped), so the memory held is one layer's output gradient at a time.
+
+A *site* is one weight used as a linear map: ``nn.Linear``, Hugging Face ``Conv1D`` (transposed storage),
+``nn.Conv2d`` (a linear map on unfolded patches) or the projections of ``nn.MultiheadAttention``. Every forward
+call of a site is a *record*: its input ``x`` (a detached view; autograd already keeps it for the weight
+gradient, so this costs no memory) and, when the backward reaches it, the output gradient ``dy``. The sample
+axis of x and dy is put first (``[n, T, d]``) by the site's layout, and :func:`mat_kernels.layer_grams` gives the
+Grams of every module slice on that site; Grams of slices add into each module's ``[n, n]`` Gram.
+
+How calls are seen:
+
+* ``nn.Linear``, ``Conv1D``, ``nn.Conv2d``: forward hooks on the layer; a tensor hook on its output for dy.
+* ``nn.MultiheadAttention``: it calls ``F.linear`` on its own parameters (``in_proj_weight``, row views of it for
+  cross-attention, ``out_proj.weight``), so no hook on ``out_proj`` ever fires. Between the attention module's
+  pre- and post-forward hooks, ``torch.nn.functional.linear`` is replaced by a recording wrapper (restored even
+  when the forward raises). Its tensors are sequence-first (``[T, n, E]``, and ``[T·n, E]`` for ``out_proj``).
+
+Several calls of one weight (shared weights) are one per-sample gradient: their tokens are concatenated before
+the Gram. With gradient checkpointing, calls recomputed during the backward are ignored unless their output
+gradient arrives (reentrant checkpointing), so both variants measure the same thing.
+
+``tap=True`` (used by :func:`mat_kernels.model_lambda_max`, which owns the backward): each captured output is
+returned as ``out + z`` with ``z`` a zero scalar leaf, and the backward asks for the gradient of ``z`` only. The
+values are unchanged (``+ 0``), every layer's dy is computed, and no weight gradient is computed or stored.
+(Reentrant checkpointing supports only a plain ``.backward()``: there weight gradients are computed, and the
+model's ``.grad`` is restored afterwards.)
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mat_kernels.measure.layer import DEFAULT_SKETCH_SIZE, layer_grams, route_costs
+from mat_kernels.measure.discovery import group_by_weight
+from mat_kernels.measure.forward import check_samples_independent
+from mat_kernels.measure.specs import ModuleSpec, is_conv1d, linear_shape
+
+__all__ = ["LambdaCapture", "capture_lambda_max"]
+
+_ORIG_LINEAR = F.linear
+_ACTIVE: list["LambdaCapture"] = []  # captures whose MHA patch is in force (innermost last)
+_PATCH_DEPTH = [0]
+
+
+@dataclass(eq=False)
+class _Site:
+    weight: str
+    kind: str  # "linear" | "conv1d" | "conv2d" | "mha"
+    owner: nn.Module
+    scope: nn.Module  # module whose forward the hooks wrap
+    param: torch.Tensor
+    d_out: int
+    d_in: int
+    groups: list = field(default_factory=list)  # [(axis, bias, [(module_index, ranges)])]
+    sample_dim: int = 0  # 0: [n, ...] inputs; 1: sequence-first [T, n, ...]
+    calls: int = 0
+    no_grad_calls: int = 0
+
+
+@dataclass(eq=False)  # identity: records hold tensors, and list.remove must never compare those
+class _Record:
+    site: _Site
+    x: torch.Tensor
+    r0: int
+    rows: int
+    has_bias: bool
+    backward_phase: bool
+    dy: torch.Tensor | None = None
+
+
+def _ranges_in_call(ranges, axis: str, r0: int, rows: int, d_out: int):
+    """Module ranges (in full-weight coordinates) restricted to the rows ``[r0, r0 + rows)`` one call covers."""
+    if axis != "rows":
+        return list(ranges)
+    out = []
+    for start, size in ranges:
+        lo, hi = max(start, r0), min(start + size, r0 + rows)
+        if lo < hi:
+            out.append((lo - r0, hi - lo))
+    return out
+
+
+def conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """The input padding a ``Conv2d`` applies, as ``F.pad``'s ``(left, right, top, bottom)``: integer padding, or
+    ``"valid"`` (none) and ``"same"`` (``dilation·(k-1)`` in all, the odd one on the right/bottom, as PyTorch
+    does)."""
+    if conv.padding == "valid":
+        return (0, 0, 0, 0)
+    if conv.padding == "same":
+        out = []
+        for d, k in zip(reversed(conv.dilation), reversed(conv.kernel_size)):
+            total = d * (k - 1)
+            out += [total // 2, total - total // 2]
+        return tuple(out)
+    ph, pw = conv.padding
+    return (pw, pw, ph, ph)
+
+
+class LambdaCapture:
+    """Context manager that captures what the given modules need during a forward and backward pass, and builds
+    their Grams layer by layer. See :func:`capture_lambda_max` (the public constructor) for the arguments."""
+
+    def __init__(self, model: nn.Module, specs: list[ModuleSpec], *, n: int | None = None, loss_scale: float = 1.0,
+                 tap: bool = False, sample_dim: int = 0, **gram_kwargs):
+        self._by_weight = group_by_weight(model, specs)  # validates the specs
+        if sample_dim not in (0, 1):
+            raise ValueError(f"sample_dim must be 0 (inputs [n, ...]) or 1 (sequence-first [T, n, ...]), got {sample_dim!r}")
+        self.sample_dim = sample_dim
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n <= 0):
+            raise ValueError(f"n must be a positive int (the number of samples), got {n!r}")
+        if not isinstance(loss_scale, (int, float)) or not loss_scale > 0:
+            raise ValueError(f"loss_scale must be a positive number, got {loss_scale!r}")
+        self.model, self.specs, self.n, self.loss_scale, self.tap = model, list(specs), n, float(loss_scale), tap
+        self.gram_kwargs = gram_kwargs
+        self.sites: dict[str, _Site] = {}
+        self._by_id: dict[int, _Site] = {}
+        self._build_sites()
+        self.grams: torch.Tensor | None = None
+        self.backend: str | None = None
+        self.held_bytes = 0
+        self.peak_held_bytes = 0
+        self.gram_flops = 0  # 2 × multiply-adds of the Gram routes run (mat_kernels.route_costs)
+        self.gram_seconds = 0.0  # host wall time spent building Grams (inside the backward's hooks)
+        self._records: dict[tuple, list[_Record]] = {}
+        self._done: set[tuple] = set()
+        self._handles: list = []
+        self._stack = contextlib.ExitStack()
+        self._z = torch.zeros((), requires_grad=True) if tap else None
+        self._tapped = 0
+
+    # ------------------------------------------------------------------------------------------------ sites
+    def _build_sites(self) -> None:
+        params = dict(self.model.named_parameters())
+        owners = dict(self.model.named_modules())
+        for wname, groups in self._by_weight.items():
+            site = self.sites[wname] = self._make_site(wname, params, owners)
+            site.sample_dim = self._sample_dim_of(wname, owners)
+            self._by_id[id(site.param)] = site
+            for g in groups:  # a whole weight is all its rows
+                site.groups.append(("rows" if g.axis == "all" else g.axis, g.bias,
+                                    [(m, list(r)) for m, r in g.entries()]))
+
+    def _sample_dim_of(self, name: str, owners) -> int:
+        # nn.TransformerEncoderLayer / DecoderLayer say whether their tensors are sequence-first
+        parts = name.split(".")[:-1]
+        for k in range(len(parts), -1, -1):
+            mod = owners.get(".".join(parts[:k]))
+            if isinstance(mod, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+                return 0 if mod.self_attn.batch_first else 1
+        return self.sample_dim
+
+    def _make_site(self, name: str, params, owners) -> _Site:
+        owner_name, attr = name.rsplit(".", 1) if "." in name else ("", name)
+        owner = owners[owner_name]
+        p = params[name]
+        d_out, d_in = linear_shape(owner, attr, p)
+        parent_name = owner_name.rsplit(".", 1)[0] if "." in owner_name else ""
+        parent = owners.get(parent_name) if owner_name else None
+        if isinstance(owner, nn.MultiheadAttention) and attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight",
+                                                                 "v_proj_weight"):
+            return _Site(name, "mha", owner, owner, p, d_out, d_in)
+        if isinstance(parent, nn.MultiheadAttention) and owner is parent.out_proj and attr == "weight":
+            return _Site(name, "mha", owner, parent, p, d_out, d_in)
+        if attr == "weight" and isinstance(owner, nn.Linear):
+            return _Site(name, "linear", owner, owner, p, d_out, d_in)
+        if attr == "weight" and is_conv1d(owner):
+            return _Site(name, "conv1d", owner, owner, p, d_out, d_in)
+        if attr == "weight" and isinstance(owner, nn.Conv2d):
+            return _Site(name, "conv2d", owner, owner, p, d_out, d_in)
+        raise ValueError(
+            f"parameter {name} belongs to a {type(owner).__name__}; mat_kernels captures nn.Linear, Hugging Face "
+            "Conv1D, nn.Conv2d and nn.MultiheadAttention weights"
+        )
+
+    # ------------------------------------------------------------------------------------------------ hooks
+    def __enter__(self) -> "LambdaCapture":
+        if self._handles:
+            raise RuntimeError("this capture is already active")
+        # Sparse-update layers (MAT) run the exact backward while captured: gradients must flow through frozen
+        # blocks (frozen_backward="detach" would stop them), and a measurement's own backward needs no dW at all.
+        from mat_kernels.nn.sparse_linear import _SparseUpdateMixin
+
+        self._stack = contextlib.ExitStack()
+        for site in self.sites.values():
+            if isinstance(site.owner, _SparseUpdateMixin):
+                self._stack.enter_context(site.owner.exact_backward(weight_grad=not self.tap))
+        scopes_done = set()
+        for site in self.sites.values():
+            if site.kind == "mha":
+                if id(site.scope) in scopes_done:
+                    continue
+                scopes_done.add(id(site.scope))
+                self._handles.append(site.scope.register_forward_pre_hook(self._mha_enter))
+                self._handles.append(site.scope.register_forward_hook(self._mha_exit, always_call=True))
+            else:
+                self._handles.append(site.owner.register_forward_hook(functools.partial(self._module_hook, site)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._stack.close()
+
+    def _module_hook(self, site: _Site, module, inputs, output):
+        x = inputs[0] if inputs else None
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{site.weight}: the layer's first positional input must be a tensor")
+        bias = getattr(module, "bias", None)
+        return self._record(site, x, output, 0, site.d_out, bias is not None)
+
+    def _mha_enter(self, module, args):
+        _ACTIVE.append(self)
+        if _PATCH_DEPTH[0] == 0:
+            F.linear = _recording_linear
+        _PATCH_DEPTH[0] += 1
+
+    def _mha_exit(self, module, args, output):
+        _PATCH_DEPTH[0] -= 1
+        if _PATCH_DEPTH[0] == 0:
+            F.linear = _ORIG_LINEAR
+        if _ACTIVE and _ACTIVE[-1] is self:
+            _ACTIVE.pop()
+
+    def _lookup(self, weight: torch.Tensor):
+        site = self._by_id.get(id(weight))
+        if site is not None:
+            return site, 0, site.d_out
+        base = weight._base
+        site = self._by_id.get(id(base)) if base is not None else None
+        if site is None:
+            return None, 0, 0
+        p = site.param
+        if weight.dim() != 2 or weight.stride() != p.stride() or weight.shape[1] != p.shape[1]:
+            raise ValueError(f"{site.weight}: used through a view that is not a block of whole rows")
+        r0 = (weight.storage_offset() - p.storage_offset()) // p.stride(0)
+        return site, r0, weight.shape[0]
+
+    # ------------------------------------------------------------------------------------------------ records
+    def _record(self, site: _Site, x, out, r0: int, rows: int, has_bias: bool):
+        site.calls += 1
+        if not isinstance(out, torch.Tensor) or not out.requires_grad:
+            site.no_grad_calls += 1
+            return None
+        if self.n is None:
+            self.n = x.shape[1] if site.kind == "mha" or site.sample_dim == 1 else x.shape[0]
+        # A call made while autograd executes a node is a recomputation (gradient checkpointing). Non-reentrant
+        # checkpointing recomputes before the layer's own output gradient is known; its recomputed outputs never
+        # receive one, so they must not hold back the forward call's record.
+        in_backward = torch._C._current_autograd_node() is not None
+        rec = _Record(site, x.detach(), r0, rows, has_bias, in_backward)
+        self._records.setdefault((site.weight, r0, rows), []).append(rec)
+        if self.tap and not in_backward:
+            out = out + self._z
+            self._tapped += 1
+            out.register_hook(functools.partial(self._on_dy, rec))
+            return out
+        out.register_hook(functools.partial(self._on_dy, rec))
+        return None
+
+    def _on_dy(self, rec: _Record, grad: torch.Tensor | None):
+        if grad is None:
+            raise RuntimeError(
+                f"{rec.site.weight}: no gradient reached this layer's output in the backward; a measurement needs "
+                "the gradient of every captured layer (was the branch detached, e.g. by a layer's forward hook?)")
+        rec.dy = grad.detach()
+        self.held_bytes += rec.dy.numel() * rec.dy.element_size()
+        self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
+        key = (rec.site.weight, rec.r0, rec.rows)
+        if key in self._done:
+            raise RuntimeError(
+                f"{rec.site.weight}: a second forward call's gradient arrived after the Gram of the first was "
+                "built: several forward/backward passes inside one capture (use one capture per batch), or "
+                "shared weights under reentrant gradient checkpointing (use use_reentrant=False)"
+            )
+        if rec.backward_phase:
+            group = [rec]
+        else:
+            group = [r for r in self._records[key] if not r.backward_phase]
+            if any(r.dy is None for r in group):
+                return None  # wait for the other calls of this weight
+        self._build(rec.site, group)
+        for r in group:
+            self.held_bytes -= r.dy.numel() * r.dy.element_size()
+            r.x = r.dy = None
+            self._records[key].remove(r)
+        self._done.add(key)
+        return None
+
+    # ------------------------------------------------------------------------------------------------ Grams
+    def _samples_first(self, site: _Site, rec: _Record) -> tuple[torch.Tensor, torch.Tensor]:
+        n, x, dy = self.n, rec.x, rec.dy
+        d_in = x.shape[-1]
+        if site.kind == "mha":  # [T, n, E] or [T·n, E]
+            if x.numel() % (n * d_in) or (x.dim() == 3 and x.shape[1] != n):
+                raise ValueError(f"{site.weight}: input of shape {tuple(x.shape)} does not hold n={n} samples "
+                                 "sequence-first")
+            return (x.reshape(-1, n, d_in).transpose(0, 1), dy.reshape(-1, n, dy.shape[-1]).transpose(0, 1))
+        if site.sample_dim == 1:
+            if x.dim() < 3 or x.shape[1] != n:
+                raise ValueError(f"{site.weight}: sequence-first input of shape {tuple(x.shape)} does not hold n={n} "
+                                 "samples in dimension 1")
+            return x.transpose(0, 1).reshape(n, -1, d_in), dy.transpose(0, 1).reshape(n, -1, dy.shape[-1])
+        if x.shape[0] != n:
+            hint = " (sequence-first tensors? pass sample_dim=1)" if x.dim() >= 3 and x.shape[1] == n else ""
+            raise ValueError(
+                f"{site.weight}: the layer input has leading dimension {x.shape[0]}, not the n={n} samples{hint}. If "
+                "the sample axis is lost (e.g. tokens gathered across samples, as in token-routed MoE experts), "
+                "per-sample gradients cannot be formed from this layer's tensors"
+            )
+        return x.reshape(n, -1, d_in), dy.reshape(n, -1, dy.shape[-1])
+
+    def _conv_parts(self, site: _Site, rec: _Record):
+        """Per group of the convolution: (patches [n, L, C_g·kh·kw], dy [n, L, O_g], output-channel offset)."""
+        conv, n = site.owner, self.n
+        x, dy = rec.x, rec.dy
+        if x.dim() != 4 or x.shape[0] != n:
+            raise ValueError(f"{site.weight}: Conv2d input must be [n, C, H, W] with n={n}, got {tuple(x.shape)}")
+        G = conv.groups
+        cg, og = x.shape[1] // G, dy.shape[1] // G
+        parts = []
+        left, right, top, bottom = conv_padding(conv)
+        if conv.padding_mode == "zeros" and left == right and top == bottom:
+            unfold_pad = (top, left)  # unfold pads symmetrically with zeros itself: no copy of x
+        else:  # asymmetric ("same" with an even kernel) or reflect/replicate/circular: pad explicitly, as the conv does
+            x = F.pad(x, (left, right, top, bottom),
+                      mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
+            unfold_pad = 0
+        for g in range(G):
+            pt = F.unfold(x[:, g * cg:(g + 1) * cg], conv.kernel_size, conv.dilation, unfold_pad, conv.stride)
+            d = dy[:, g * og:(g + 1) * og].reshape(n, og, -1)
+            parts.append((pt.transpose(1, 2), d.transpose(1, 2), g * og))
+        return parts
+
+    def _build(self, site: _Site, group: list[_Record]) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._build_grams(site, group)
+        finally:
+            self.gram_seconds += time.perf_counter() - t0
+
+    def _build_grams(self, site: _Site, group: list[_Record]) -> None:
+        if self.grams is None:
+            dev = group[0].x.device
+            self.grams = torch.zeros(len(self.specs), self.n, self.n, dtype=torch.float32, device=dev)
+        rec0 = group[0]
+        if site.kind == "conv2d":
+            per_rec = [self._conv_parts(site, r) for r in group]
+            chunks = [(torch.cat([p[g][0] for p in per_rec], 1), torch.cat([p[g][1] for p in per_rec], 1), off)
+                      for g, (_, _, off) in enumerate(per_rec[0])]
+            width = chunks[0][1].shape[-1]
+        else:
+            pairs = [self._samples_first(site, r) for r in group]
+            x3 = torch.cat([p[0] for p in pairs], 1) if len(pairs) > 1 else pairs[0][0]
+            dy3 = torch.cat([p[1] for p in pairs], 1) if len(pairs) > 1 else pairs[0][1]
+            chunks = [(x3, dy3, 0)]
+            width = rec0.rows
+        for axis, bias, entries in site.groups:
+            if bias and not rec0.has_bias:
+                raise ValueError(f"{site.weight}: a module owns bias entries but the layer was called without bias")
+            for x3, dy3, off in chunks:
+                mods, blocks = [], []
+                for m, ranges in entries:
+                    r = _ranges_in_call(ranges, axis, rec0.r0 + off, width, site.d_out)
+                    if r:
+                        mods.append(m)
+                        blocks.append(r)
+                if not mods:
+                    continue
+                kw = {"row_blocks": blocks} if axis == "rows" else {"col_blocks": blocks}
+                try:
+                    res = layer_grams(x3, dy3, bias=bias and axis == "rows", **kw, **self.gram_kwargs)
+                except ValueError as e:
+                    raise ValueError(f"{site.weight}: {e}") from e
+                self.backend = res.backend
+                self.grams.index_add_(0, torch.tensor(mods, device=self.grams.device), res.grams)
+                shared = (x3.shape[-1] + int(bias)) if axis == "rows" else dy3.shape[-1]
+                segmented = sum(size for r in blocks for _, size in r)
+                k = self.gram_kwargs.get("sketch_size", DEFAULT_SKETCH_SIZE)
+                costs = route_costs(self.n, x3.shape[1], shared, segmented, sketch_size=k)
+                self.gram_flops += 2 * costs[res.routes[0]]
+
+    # ------------------------------------------------------------------------------------------------ driving
+    def backward(self, total: torch.Tensor) -> None:
+        """Backward of the scalar ``total = Σ_i s_i`` that computes every captured layer's output gradient.
+
+        With ``tap=True`` the gradient is asked for the zero tap only (no weight gradient is computed). Layers whose
+        forward ran without grad (reentrant checkpointing) are reached through their weights instead.
+        """
+        if not isinstance(total, torch.Tensor) or total.numel() != 1 or not total.requires_grad:
+            raise ValueError("total must be a scalar tensor that requires grad (Σ_i s_i of the captured forward)")
+        if any(s.no_grad_calls for s in self.sites.values()):
+            # Reentrant checkpointing ran these layers without grad and recomputes them in the backward, which it
+            # supports only through .backward() without inputs=: run it, keeping the model's .grad as it was.
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            stash = [p.grad for p in params]
+            for p in params:
+                p.grad = None
+            try:
+                total.backward()
+            finally:
+                for p, g in zip(params, stash):
+                    p.grad = g
+            return
+        if not self._tapped:
+            raise RuntimeError("no captured layer ran with gradients in the forward pass")
+        torch.autograd.grad(total, [self._z], allow_unused=True)
+
+    def check_complete(self) -> None:
+        """Raise if a module's layer never ran in the forward pass (nothing would be measured for it)."""
+        for site in self.sites.values():
+            if site.calls == 0:
+                users = [self.specs[m].name for _, _, entries in site.groups for m, _ in entries]
+                raise RuntimeError(
+                    f"layer {site.weight} (modules {users[:3]}{'...' if len(users) > 3 else ''}) was never called in "
+                    "the forward pass, or was called through a path mat_kernels cannot see (e.g. the fused inference "
+                    "path of nn.MultiheadAttention, taken when its weights do not require grad)"
+                )
+            if site.no_grad_calls == site.calls and not self._done_for(site):
+                raise RuntimeError(f"layer {site.weight} ran only without gradients; nothing was captured for it")
+
+    def _done_for(self, site: _Site) -> bool:
+        return any(k[0] == site.weight for k in self._done)
+
+    def module_grams(self) -> torch.Tensor:
+        """``[M, n, n]`` fp32 Grams (module order of ``specs``), divided by ``loss_scale²``."""
+        if self.grams is None:
+            raise RuntimeError("no output gradient reached any captured layer: run the backward inside the capture")
+        self._records.clear()
+        return self.grams / (self.loss_scale ** 2)
+
+
+def _recording_linear(input, weight, bias=None):
+    out = _ORIG_LINEAR(input, weight, bias)
+    if not _ACTIVE:
+        return out
+    cap = _ACTIVE[-1]
+    site, r0, rows = cap._lookup(weight)
+    if site is None:
+        return out
+    new = cap._record(site, input, out, r0, rows, bias is not None)
+    return out if new is None else new
+
+
+def capture_lambda_max(model: nn.Module, specs: list[ModuleSpec] | None = None, *, n: int | None = None,
+                       loss_scale: float = 1.0, sample_dim: int = 0, **gram_kwargs) -> LambdaCapture:
+    """Capture the modules' Grams from a backward you run yourself (e.g. the training step's own backward).
+
+    ::
+
+        with mk.capture_lambda_max(model, loss_scale=1 / n) as cap:   # loss = mean over the batch
+            loss = criterion(model(x), y)                              # per-sample terms s_i, reduction 'mean'
+            loss.backward()
+        lam = cap.lambda_max()                                         # {module name: λmax}
+
+    The NTK output is then the per-sample training loss: ``loss = loss_scale · Σ_i s_i`` must hold (``1/n`` for a
+    mean over samples, ``1`` for a sum, ``1/N`` for a mean over N tokens), and Θ is rescaled by ``1/loss_scale²``.
+    Samples must not interact in the model (train-mode BatchNorm couples them).
+
+    Args:
+        model: the model; ``specs`` default to :func:`mat_kernels.discover_modules`'s.
+        specs: modules to measure.
+        n: number of samples (default: the leading dimension of the first captured layer input).
+        loss_scale: see above.
+        sample_dim: where the samples are in the inputs of plain linears: 0 (``[n, T, d]``, default) or 1
+            (sequence-first ``[T, n, d]``). Layers inside ``nn.TransformerEncoderLayer``/``DecoderLayer`` follow
+            that layer's ``batch_first``; ``nn.MultiheadAttention`` projections are handled internally.
+        **gram_kwargs: passed to :func:`mat_kernels.layer_grams` (``method``, ``allow_tf32``, ``backend``, ...).
+    """
+    from mat_kernels.measure.discovery import discover_modules
+
+    check_samples_independent(model)
+    if specs is None:
+        specs = discover_modules(model).specs
+    return _TrainingCapture(model, specs, n=n, loss_scale=loss_scale, tap=False, sample_dim=sample_dim,
+                            **gram_kwargs)
+
+
+class _TrainingCapture(LambdaCapture):
+    def lambda_max(self) -> dict[str, float]:
+        """``{module name: λmax}`` of what the backward inside the ``with`` block captured."""
+        from mat_kernels.measure.solvers import lambda_max as solve
+
+        self.check_complete()
+        lam = solve(self.module_grams()).tolist()
+        return {s.name: v for s, v in zip(self.specs, lam)}

@@ -1,0 +1,1 @@
+"""Modules and functions for training: the sparse-update linear layers."""

@@ -1,0 +1,1 @@
+"""Float64 oracles and the tolerances the tests and benchmarks use."""

@@ -1,0 +1,644 @@
+"""The MAT controller: measure each module's mNTK on a schedule, keep only modules whose score clears a dynamic
+threshold trainable, and make sure frozen modules are truly frozen.
+
+::
+
+    mat = mat_kernels.MAT(model, optimizer, interval=50, probe=lambda step: probe_batch(step))
+    for x, y in loader:
+        loss = criterion(model(x), y)
+        mat.backward(loss)          # loss.backward()
+        mat.step()                  # frozen-safe optimizer step; measure if due; threshold; masks
+        mat.zero_grad()
+
+    # or, measuring from the training backward itself (probe=None; NTK output = per-sample loss):
+        with mat.measure_step(loss_scale=1 / n):   # loss = mean over the n samples
+            mat.backward(criterion(model(x), y))
+        mat.step()
+
+What it does (defaults and their provenance in PAPER.md and python/README.md):
+
+* **Modules**: :func:`mat_kernels.discover_modules` (or ``specs=``). Parameters no module owns are trained at every
+  step; ``always_trained`` declares them: ``"rest"`` (default: all of them, listed in :attr:`MAT.always_trained`)
+  or regular expressions that must cover every one of them (an uncovered parameter is an error). Entries of a
+  weight that no module owns (e.g. the heads left out by ``discover_modules(include=...)``) and a bias no module
+  owns (an output projection's bias, shared by its heads' column blocks) are trained at every step too.
+* **Frozen modules skip their weight-gradient GEMMs**: every ``nn.Linear`` that holds module slices is swapped for
+  a :class:`mat_kernels.SparseUpdateLinear` sharing its parameters (so the optimizer stays valid) whose mask the
+  controller sets, every Hugging Face ``Conv1D`` (GPT-2) for a :class:`mat_kernels.SparseUpdateConv1D` (the same
+  kernels on its transposed storage), and the projection weights of ``nn.MultiheadAttention`` get a
+  :class:`mat_kernels.SparseUpdateMHAWeight` (its ``F.linear`` calls are routed to the same kernels while the
+  attention runs). A module that owns whole weights of other layers (``nn.Conv2d``, ``nn.Linear`` subclasses
+  other than Falcon's) is gated by ``requires_grad``: while it is frozen its weights do not require grad, so autograd
+  computes no weight gradient for them. Row or column slices of weights that are none of these (e.g. a
+  ``nn.Linear`` subclass) still compute their weight gradient, of which the frozen part is discarded;
+  :meth:`report` lists them (``masked_weights``) and a warning says so once.
+* **Partial backpropagation** (``frozen_backward="detach"``): no gradient flows through a frozen module either, so
+  its input-gradient work is skipped too: a frozen head's rows drop out of the fused QKV's dX product, a frozen
+  FFN block passes gradient only through the residual, a frozen head's output-projection columns send no gradient
+  back into that head, a frozen conv stops the backward of everything below it. Gradients are then those of the
+  model with its frozen branches detached (not the full model's); measurements always run the exact backward.
+  ``"dw"`` (default): exact gradients, frozen modules skip only their dW.
+* **Truly frozen**: :class:`mat_kernels.optim.FrozenSliceOptimizer`: no update, no moment update, no weight decay
+  for frozen slices; per-block Adam step counts.
+* **Schedule**: measure at step ``warmup_steps`` and every ``interval`` steps after; no gating before
+  ``gate_after`` measurements (all modules train). ``probe``: None measures from the training backward of that step
+  (NTK output = per-sample training loss; forward and backward inside :meth:`measure_step`), else a
+  ``(batch, labels)`` pair or a callable ``probe(step) -> (batch, labels)`` measured with
+  :func:`mat_kernels.model_lambda_max` in eval mode (``output``: ``"logprob"`` by default).
+* **Decisions** (:mod:`mat_kernels.policy`): a score per module from its Gram (``criterion``: λmax by default;
+  ``"trace"`` and ``"grad_norm"`` are ablations), optionally smoothed across measurements (``smoothing``: EMA
+  weight of the past), thresholded per kind (``policy``, ``alpha``; ``"random"`` keeps as many modules as
+  ``"mean"`` would, chosen at random: the ablation), with a ``hysteresis`` band; ``active = threshold &
+  ~converged``, where the temporal rule (``beta``, ``patience``) marks modules converged for good.
+  ``stop_when_converged`` sets :attr:`should_stop` once every module has converged.
+* **Distributed**: under ``torch.distributed``, the scores are averaged over ranks (``all_reduce``) before any
+  decision, so every rank applies the same masks. (Modules gated by ``requires_grad`` leave parameters without a
+  gradient while frozen: wrap the model with ``DistributedDataParallel(..., find_unused_parameters=True)``.)
+* **Ledger**: :attr:`ledger` (:class:`mat_kernels.flops.FlopsLedger`) receives every measurement's FLOPs (its
+  forward and backward as counted by ``FlopCounterMode``, plus the Grams and eigen-solves the counter cannot see)
+  and seconds; a training loop adds its steps with ``ledger.count_step(mat.flops_key(...), fn)``.
+* :meth:`state_dict` / :meth:`load_state_dict`: a resumed run makes the same decisions. :attr:`log` holds one entry
+  per measurement (step, λ and score per module, thresholds, active set, kinds left with nothing active).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+
+from mat_kernels.measure.blocks import WeightBlocks
+from mat_kernels.measure.capture import capture_lambda_max
+from mat_kernels.train.flops import FlopsLedger
+from mat_kernels.measure.forward import check_samples_independent
+from mat_kernels.measure.model import model_lambda_max
+from mat_kernels.measure.discovery import discover_modules, group_by_weight, validate_specs
+from mat_kernels.measure.specs import ModuleSpec, is_conv1d
+from mat_kernels.train.optim import FrozenSliceOptimizer
+from mat_kernels.train.policy import CRITERIA, POLICIES, TemporalRule, module_scores, threshold_mask
+from mat_kernels.nn.sparse_linear import FROZEN_BACKWARD
+
+__all__ = ["MAT"]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _number(name: str, value, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+            hi_open: bool = False) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value!r}")
+    if hi is not None and (value > hi or (hi_open and value == hi)):
+        raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {value!r}")
+    return float(value)
+
+
+class MAT:
+    """Modular Adaptive Training controller. See the module docstring.
+
+    Args:
+        model: the model (a ``DistributedDataParallel`` wrapper is unwrapped for discovery and probes).
+        optimizer: ``torch.optim.SGD``, ``Adam`` or ``AdamW`` over the model's parameters.
+        specs: modules (default: discovery with ``out_proj``).
+        always_trained: ``"rest"`` or a list of regular expressions covering every parameter in no module.
+        warmup_steps, interval: measurement schedule (steps are counted by :meth:`step`).
+        gate_after: number of measurements before the first gating decision (all modules train until then).
+        probe: None (training backward), ``(batch, labels)`` or ``probe(step) -> (batch, labels)``.
+        output: NTK output of probe measurements (``"logprob"``, ``"loss"``, ``"projection"``).
+        criterion: score of a module from its Gram: ``"lambda"`` (λmax, MAT), ``"trace"`` (Σ_i ‖g_i‖²) or
+            ``"grad_norm"`` (‖Σ_i g_i‖²).
+        policy, alpha, q, top_k: threshold (:func:`mat_kernels.policy.threshold_mask`); ``policy="random"``: the
+            ablation at the same budget as ``"mean"``.
+        seed: seed of ``policy="random"``'s choices.
+        smoothing: weight ρ of the past in an exponential moving average of the scores across measurements
+            (``s_t = ρ·s_{t−1} + (1−ρ)·score_t``); 0: no smoothing.
+        hysteresis: relative band h around the threshold τ: an active module stays active while its score is above
+            τ·(1−h), a frozen one re-enters only above τ·(1+h) (threshold policies ``mean``, ``max``,
+            ``quantile``); 0: none.
+        group_by: ``"kind"`` (default): threshold each kind of module (heads, output heads, FFN blocks, convs,
+            experts) against its own kind; ``"layer"``: each kind within its layer (the modules' name prefix, e.g.
+            the heads of one attention layer), kinds with one module per layer across layers; ``"all"``: one
+            threshold over all modules. Raw λmax grows with a module's size (an FFN block has ~8× a head's
+            parameters and, measured, a λ an order of magnitude larger), so one global α·mean would freeze every
+            head for good [D].
+        beta, patience, temporal_rule: the temporal convergence rule (off with ``temporal_rule=False``).
+        stop_when_converged: set :attr:`should_stop` when every module has converged.
+        frozen_backward: ``"dw"`` (exact gradients; frozen modules skip their weight gradient) or ``"detach"``
+            (partial backpropagation: no gradient flows through a frozen module).
+        sparse_backward: swap ``nn.Linear``/``Conv1D`` layers for sparse-update twins and gate whole weights of
+            other layers by ``requires_grad`` (needs the C++ extension for the former).
+        lambda_kwargs: passed to :func:`mat_kernels.model_lambda_max` / ``layer_grams`` (``method``, ``backend``,
+            ``check_finite``...).
+        ledger: a :class:`mat_kernels.flops.FlopsLedger` to record measurements in (default: a new one,
+            :attr:`ledger`).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, specs: list[ModuleSpec] | None = None,
+                 out_proj: str = "separate", always_trained="rest", warmup_steps: int = 300, interval: int = 100,
+                 gate_after: int = 2, probe=None, output: str = "logprob", criterion: str = "lambda",
+                 policy: str = "mean", alpha: float = 1.0, q: float = 0.5, top_k: int | None = None, seed: int = 0,
+                 smoothing: float = 0.0, hysteresis: float = 0.0, group_by: str = "kind", beta: float = 1e-3,
+                 patience: int = 2, temporal_rule: bool = True, stop_when_converged: bool = False,
+                 frozen_backward: str = "dw", sparse_backward: bool = True, lambda_kwargs: dict | None = None,
+                 ledger: FlopsLedger | None = None):
+        for name, v, lo in (("warmup_steps", warmup_steps, 0), ("interval", interval, 1), ("gate_after", gate_after, 1),
+                            ("seed", seed, 0)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        if probe is not None and not callable(probe) and not (isinstance(probe, (tuple, list)) and len(probe) == 2):
+            raise TypeError("probe must be None, a (batch, labels) pair or a callable probe(step) -> (batch, labels)")
+        if output not in ("logprob", "loss", "projection"):
+            raise ValueError(f"output must be 'logprob', 'loss' or 'projection', got {output!r}")
+        if criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        alpha = _number("alpha", alpha, lo=0)
+        threshold_mask(torch.ones(max(top_k or 1, 1)), policy, alpha=alpha, q=q, k=top_k)  # validates q and top_k
+        smoothing = _number("smoothing", smoothing, lo=0, hi=1, hi_open=True)
+        hysteresis = _number("hysteresis", hysteresis, lo=0, hi=1, hi_open=True)
+        if hysteresis and policy in ("top_k", "random"):
+            raise ValueError(f"hysteresis applies to threshold policies (mean, max, quantile), not policy={policy!r}")
+        beta = _number("beta", beta, lo=0)
+        if group_by not in ("kind", "layer", "all"):
+            raise ValueError(f"group_by must be 'kind', 'layer' or 'all', got {group_by!r}")
+        if frozen_backward not in FROZEN_BACKWARD:
+            raise ValueError(f"frozen_backward must be one of {FROZEN_BACKWARD}, got {frozen_backward!r}")
+        if ledger is not None and not isinstance(ledger, FlopsLedger):
+            raise TypeError(f"ledger must be a mat_kernels.flops.FlopsLedger or None, got {type(ledger).__name__}")
+        if lambda_kwargs is not None and not isinstance(lambda_kwargs, dict):
+            raise TypeError(f"lambda_kwargs must be a dict or None, got {type(lambda_kwargs).__name__}")
+        self.model = model
+        self.module = _unwrap(model)
+        disc = discover_modules(self.module, out_proj=out_proj) if specs is None else None
+        self.specs = list(specs if specs is not None else disc.specs)
+        validate_specs(self.module, self.specs)
+        self.names = [s.name for s in self.specs]
+        self.kinds = [s.kind for s in self.specs]
+        kinds = {"kind": self.kinds, "all": ["all"] * len(self.specs), "layer": _layer_groups(self.specs)}[group_by]
+        self.groups = {k: torch.tensor([i for i, x in enumerate(kinds) if x == k]) for k in dict.fromkeys(kinds)}
+        self.always_trained = self._always_trained(always_trained)
+        self.warmup_steps, self.interval, self.gate_after = warmup_steps, interval, gate_after
+        self.probe, self.output, self.criterion = probe, output, criterion
+        self.policy = dict(policy=policy, alpha=alpha, q=q, k=top_k)
+        self.smoothing, self.hysteresis = smoothing, hysteresis
+        self.rule = TemporalRule(beta, patience) if temporal_rule else None
+        self.stop_when_converged = stop_when_converged
+        self.frozen_backward = frozen_backward
+        self.lambda_kwargs = dict(lambda_kwargs or {})
+        self.ledger = ledger if ledger is not None else FlopsLedger()
+        self._rng = torch.Generator().manual_seed(seed)
+        M = len(self.specs)
+        self.active = torch.ones(M, dtype=torch.bool)
+        self.converged = torch.zeros(M, dtype=torch.bool)
+        self._smoothed: torch.Tensor | None = None
+        self.step_count = 0
+        self.measurements = 0
+        self.should_stop = False
+        self.log: list[dict] = []
+        self._pending: torch.Tensor | None = None
+        self._in_measure = False
+        self.last_measure_extra_flops = 0  # FLOPs of the last measurement that FlopCounterMode cannot see
+        self.measure_counted: list[int] = []  # per measurement: the FLOPs FlopCounterMode saw (probe passes)
+        self.optimizer = self._frozen_optimizer(optimizer)  # validates before any layer is swapped
+        self._swapped: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, child, original layer), for close()
+        self.closed = False
+        self.sparse_layers, self.gated, self.masked_weights = self._install_sparse(sparse_backward)
+        self._apply_masks()
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def _always_trained(self, spec) -> list[str]:
+        in_modules = {p for s in self.specs for p in s.param_names()}
+        rest = [n for n, p in self.module.named_parameters() if n not in in_modules and p.requires_grad]
+        if spec == "rest":
+            return rest
+        if not isinstance(spec, (list, tuple)) or not all(isinstance(x, str) for x in spec):
+            raise TypeError("always_trained must be 'rest' or a list of regular expressions")
+        uncovered = [n for n in rest if not any(re.search(pat, n) for pat in spec)]
+        if uncovered:
+            raise ValueError(f"parameters in no module and not declared always trained: {uncovered[:8]}"
+                             f"{' ...' if len(uncovered) > 8 else ''}; add patterns to always_trained or modules")
+        return rest
+
+    def _owner(self, pname: str):
+        owner_name, attr = pname.rsplit(".", 1) if "." in pname else ("", pname)
+        return owner_name, self.module.get_submodule(owner_name) if owner_name else self.module, attr
+
+    def _install_sparse(self, wanted: bool):
+        """Swap plain nn.Linear layers holding module slices for SparseUpdateLinear, gate whole weights of other
+        layers by requires_grad; return (layers, gated, masked weight names)."""
+        from mat_kernels.ops import sparse_grad as ops
+
+        by_weight = group_by_weight(self.module, self.specs, validate=False)  # validated in __init__
+        params = dict(self.module.named_parameters())
+        layers, gated, masked = [], [], []
+        reason = None
+        if wanted and not ops.extension_available():
+            reason = f"the C++ extension is not built ({ops.extension_error()})"
+        mha_of = {id(mod.out_proj): mod for mod in self.module.modules() if isinstance(mod, nn.MultiheadAttention)}
+        for wname, groups in by_weight.items():
+            owner_name, owner, attr = self._owner(wname)
+            axes = {g.axis for g in groups}
+            biases = sorted({g.bias_name for g in groups if g.bias_name is not None})
+            conv1d = type(owner).__name__ == "Conv1D" and is_conv1d(owner)
+            # nn.MultiheadAttention's projections: no layer to swap, F.linear is routed while the attention runs
+            mha = owner if isinstance(owner, nn.MultiheadAttention) and attr.endswith("proj_weight") else (
+                mha_of.get(id(owner)) if attr == "weight" else None)
+            linear = type(owner) is nn.Linear or (isinstance(owner, nn.Linear) and type(owner).__name__ in
+                                                  _LINEAR_EQUIVALENT)
+            plain = ((linear or conv1d) and attr == "weight" and id(owner) not in mha_of) or mha is not None
+            if wanted and axes == {"all"} and not (plain and reason is None):
+                # a whole weight of a layer without a sparse-update twin (Conv2d, Conv1D, ...): requires_grad gate.
+                # Tensors the user froze (requires_grad=False) are left alone.
+                tensors = [params[wname]] + [params[b] for b in biases]
+                tensors = [t for t in tensors if t.requires_grad]
+                if tensors:
+                    gated.append(_Gate(owner, tensors, sorted({m for g in groups for m in g.index})))
+                continue
+            if not wanted or reason is not None or not plain or len(axes) != 1:
+                masked.append(wname)
+                continue
+            from mat_kernels.nn.sparse_linear import SparseUpdateConv1D, SparseUpdateLinear, SparseUpdateMHAWeight
+
+            axis = axes.pop()
+            per_module: dict[int, list] = {}  # a head's Q, K and V ranges are one module of the layer
+            for g in groups:
+                for m, ranges in zip(g.index, g.modules):
+                    per_module.setdefault(m, []).extend(ranges)
+            order = list(per_module)
+            owns_bias = bool(biases)
+            # Conv1D: the same kernels on the transposed view of its [d_in, d_out] storage
+            if mha is not None:
+                def wrap(_, *, _mha=mha, _w=params[wname], **kw):
+                    return SparseUpdateMHAWeight(_mha, _w, **kw)
+            else:
+                wrap = SparseUpdateConv1D.from_conv1d if conv1d else SparseUpdateLinear.from_linear
+            if axis == "all":
+                layer = wrap(owner, shared_bias=not owns_bias)
+                extra = 0
+            else:
+                blocks = list(per_module.values())
+                d_out, d_in = groups[0].shape
+                rest = _complement([r for rs in blocks for r in rs], d_out if axis == "rows" else d_in)
+                extra = int(bool(rest))
+                if rest:  # entries no module owns: one more block, always active (they train like the rest)
+                    blocks.append(rest)
+                layer = wrap(owner, shared_bias=axis == "cols" or not owns_bias,
+                             **({"row_blocks": blocks} if axis == "rows" else {"col_blocks": blocks}))
+            layer.set_frozen_backward(self.frozen_backward)
+            if mha is None:
+                parent_name, child = owner_name.rsplit(".", 1) if "." in owner_name else ("", owner_name)
+                parent = self.module.get_submodule(parent_name) if parent_name else self.module
+                self._swapped.append((parent, child, owner))
+                setattr(parent, child, layer)
+            layers.append((layer, order, extra))
+        if masked and wanted:
+            why = reason or "they are row or column slices of layers that are not plain nn.Linear"
+            warnings.warn(
+                f"mat_kernels.MAT: {len(masked)} weight(s) compute their full weight gradient, of which the frozen "
+                f"part is discarded ({why}): {masked[:4]}{' ...' if len(masked) > 4 else ''}. MAT.report() lists them.",
+                UserWarning, stacklevel=3,
+            )
+        if self.frozen_backward == "detach" and masked:
+            warnings.warn(
+                f"mat_kernels.MAT: frozen_backward='detach' cannot stop the gradient through the {len(masked)} masked "
+                f"weight(s) {masked[:4]}: gradients still flow through their frozen slices", UserWarning, stacklevel=3)
+        for gate in gated:
+            gate.install(self)
+        return layers, gated, masked
+
+    def _frozen_optimizer(self, optimizer) -> FrozenSliceOptimizer:
+        params = dict(self.module.named_parameters())
+        blocks: dict[torch.Tensor, list[WeightBlocks]] = {}
+        transposed = set()
+        for wname, groups in group_by_weight(self.module, self.specs, validate=False).items():
+            _, owner, _ = self._owner(wname)
+            if is_conv1d(owner):
+                transposed.add(params[wname])
+            for g in groups:
+                blocks.setdefault(params[wname], []).append(g)
+                if g.bias_name is not None:
+                    blocks.setdefault(params[g.bias_name], []).append(g.for_bias())
+        return FrozenSliceOptimizer(optimizer, blocks, transposed=transposed, num_modules=len(self.specs))
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def measuring_now(self) -> bool:
+        """Whether the step about to run measures (counted by :meth:`step`)."""
+        s = self.step_count - self.warmup_steps
+        return s >= 0 and s % self.interval == 0 and not self.should_stop
+
+    def flops_key(self) -> tuple:
+        """What determines the FLOPs of the next training step besides the input shapes: the masks, and whether
+        it measures from its own backward (which then runs exactly). Key of
+        :meth:`mat_kernels.flops.FlopsLedger.count_step`."""
+        return (tuple(self.active.tolist()), self.probe is None and self.measuring_now())
+
+    @contextlib.contextmanager
+    def _exact(self, *, weight_grad: bool):
+        """Exact backward in every gated layer (no partial backpropagation); ``weight_grad=False``: no dW at all."""
+        with contextlib.ExitStack() as stack:
+            for layer, _, _ in self.sparse_layers:
+                stack.enter_context(layer.exact_backward(weight_grad=weight_grad))
+            for gate in self.gated:
+                stack.enter_context(gate.open())
+            yield
+
+    @contextlib.contextmanager
+    def measure_step(self, *, loss_scale: float):
+        """Context for one training step's forward and backward. When this step measures from the training
+        backward (``probe=None``), the module Grams are captured from it (the step then runs the exact backward);
+        otherwise it does nothing. ``loss = loss_scale · Σ_i s_i`` (``1/n`` for a mean over the n samples)::
+
+            with mat.measure_step(loss_scale=1 / n):
+                loss = criterion(model(x), y)
+                mat.backward(loss)
+            mat.step()
+        """
+        if self.probe is not None or not self.measuring_now():
+            yield
+            return
+        kw = {k: v for k, v in self.lambda_kwargs.items() if k not in ("output", "causal", "forward", "loss_fn")}
+        self._in_measure = True
+        try:
+            with self._exact(weight_grad=True):
+                with capture_lambda_max(self.module, self.specs, loss_scale=loss_scale, **kw) as cap:
+                    yield
+            t0 = time.perf_counter()
+            cap.check_complete()
+            grams = cap.module_grams()
+            self._pending = self._scores(grams)
+            seconds = cap.gram_seconds + time.perf_counter() - t0
+        finally:
+            self._in_measure = False
+        self.last_measure_extra_flops = cap.gram_flops + self._solve_flops(cap.n)
+        self.measure_counted.append(0)
+        self.ledger.add_measurement(self.step_count, self.last_measure_extra_flops, seconds)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``. When this step measures from the training backward (``probe=None``), it must run
+        inside :meth:`measure_step`, which also saw the forward."""
+        self._check_open()
+        if self.probe is None and self.measuring_now() and not self._in_measure:
+            raise ValueError("this step measures λ from the training backward (probe=None): run the forward and "
+                             "backward inside `with mat.measure_step(loss_scale=...)`")
+        loss.backward()
+
+    def step(self, closure=None):
+        """Optimizer step keeping frozen slices frozen, then (if due) measurement and new masks."""
+        self._check_open()
+        loss = self.optimizer.step(self.active, closure)
+        if self.probe is not None and self.measuring_now():
+            self._pending = self.measure()
+        self.step_count += 1
+        if self._pending is not None:
+            self._decide(self._pending)
+            self._pending = None
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def _apply_masks(self) -> None:
+        with torch.no_grad():
+            for layer, order, extra in self.sparse_layers:
+                mask = self.active[order]
+                layer.set_active(torch.cat([mask, torch.ones(extra, dtype=torch.bool)]) if extra else mask)
+        for gate in self.gated:
+            gate.apply(bool(self.active[gate.modules].any()))
+
+    def _solve_flops(self, n: int) -> int:
+        return len(self.specs) * (4 * n ** 3) // 3  # eigvalsh ~ (4/3)·n³ per module (an estimate)
+
+    def _scores(self, grams: torch.Tensor) -> dict:
+        from mat_kernels.measure.solvers import lambda_max
+
+        check = bool(self.lambda_kwargs.get("check_finite", True))
+        lam = lambda_max(grams, check_finite=check).double().cpu()
+        score = module_scores(grams, self.criterion, lam=lam)
+        return {"lambda": lam, "score": score}
+
+    def measure(self) -> dict:
+        """Measure every module on the probe batch (eval mode, restored after; exact backward, no weight
+        gradients): ``{"lambda": float64 [M], "score": float64 [M]}`` (the score under ``criterion``). The
+        measurement's FLOPs and seconds go to :attr:`ledger`."""
+        from mat_kernels.train.flops import count_flops
+
+        t0 = time.perf_counter()
+        batch, labels = self.probe(self.step_count) if callable(self.probe) else self.probe
+        was = [(m, m.training) for m in self.module.modules()]
+        self.module.eval()
+        try:
+            with self._exact(weight_grad=False):
+                counted, res = count_flops(model_lambda_max, self.module, batch, labels=labels, specs=self.specs,
+                                           return_grams=True, **{"output": self.output, **self.lambda_kwargs})
+        finally:
+            for m, t in was:
+                m.train(t)
+        grams = torch.stack([res.grams[nm] for nm in self.names])
+        out = self._scores(grams)
+        # Grams (Triton or behind a custom op) and eigvalsh are invisible to FlopCounterMode
+        self.last_measure_extra_flops = res.gram_flops + self._solve_flops(res.n)
+        self.measure_counted.append(counted)
+        self.ledger.add_measurement(self.step_count, counted + self.last_measure_extra_flops,
+                                    time.perf_counter() - t0)
+        return out
+
+    def _decide(self, measured) -> None:
+        if isinstance(measured, torch.Tensor):  # λ given directly (tests, external measurements)
+            measured = {"lambda": measured.double().cpu(), "score": measured.double().cpu()}
+        lam, score = measured["lambda"], measured["score"]
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            dev = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+            t = torch.stack([lam, score]).to(dev)
+            torch.distributed.all_reduce(t)
+            lam, score = (t.cpu() / torch.distributed.get_world_size()).unbind(0)
+        self.measurements += 1
+        if self.smoothing and self._smoothed is not None:
+            score = self.smoothing * self._smoothed + (1 - self.smoothing) * score
+        self._smoothed = score.clone()
+        if self.rule is not None:
+            self.converged = self.rule.update(lam)
+        thr, tau = torch.ones_like(self.active), {}
+        if self.measurements >= self.gate_after:
+            pol = self.policy
+            for kind, idx in self.groups.items():
+                k = pol["k"]
+                if k is not None:  # top-k per group: the same share of each group
+                    k = max(1, round(k * len(idx) / len(self.specs)))
+                s = score[idx]
+                if pol["policy"] == "random":  # as many as the mean rule keeps, among modules not converged
+                    keep, tau[kind] = threshold_mask(s, "mean", alpha=pol["alpha"])
+                    count = int((keep & ~self.converged[idx]).sum())
+                    free = (~self.converged[idx]).nonzero().flatten()
+                    pick = free[torch.randperm(free.numel(), generator=self._rng)[:count]]
+                    thr[idx] = False
+                    thr[idx[pick]] = True
+                    continue
+                thr[idx], tau[kind] = threshold_mask(s, pol["policy"], alpha=pol["alpha"], q=pol["q"], k=k)
+                if self.hysteresis and self.measurements > self.gate_after:
+                    was = self.active[idx]
+                    h = self.hysteresis
+                    thr[idx] = torch.where(was, s > tau[kind] * (1 - h), s > tau[kind] * (1 + h))
+        self.active = thr & ~self.converged
+        self._apply_masks()
+        empty = [kind for kind, idx in self.groups.items() if not bool(self.active[idx].any())]
+        self.log.append({"step": self.step_count, "lambda": lam.tolist(), "score": score.tolist(),
+                         "threshold": tau, "active": self.active.tolist(), "converged": self.converged.tolist(),
+                         "empty_kinds": empty})
+        if self.stop_when_converged and bool(self.converged.all()):
+            self.should_stop = True
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this MAT controller was closed (close()): train with mat.optimizer.optimizer, or "
+                               "build a new MAT")
+
+    def close(self) -> None:
+        """Undo what the controller installed: the original layers are put back (they share the parameters, so the
+        model trains densely with its current weights), ``nn.MultiheadAttention`` routing and ``requires_grad``
+        gates are removed (every gated weight requires grad again). The wrapped optimizer stays usable as a plain
+        one through ``mat.optimizer.optimizer``. Idempotent; the controller cannot be used afterwards."""
+        if self.closed:
+            return
+        for layer, _, _ in self.sparse_layers:
+            if hasattr(layer, "remove"):  # SparseUpdateMHAWeight
+                layer.remove()
+        for parent, child, original in reversed(self._swapped):
+            setattr(parent, child, original)
+        for gate in self.gated:
+            gate.remove()
+        self.sparse_layers, self.gated, self._swapped = [], [], []
+        self.closed = True
+
+    # ------------------------------------------------------------------------------------------------ info
+    def active_fraction(self) -> float:
+        return float(self.active.float().mean())
+
+    def report(self) -> dict:
+        """Which modules skip their weight-gradient GEMMs (sparse-update layers, or weights gated by
+        ``requires_grad``), which weights only discard frozen gradients, and which parameters are always trained."""
+        return {
+            "modules": len(self.specs),
+            "active": int(self.active.sum()),
+            "converged": int(self.converged.sum()),
+            "sparse_backward_layers": len(self.sparse_layers),
+            "gated_weights": [n for g in self.gated for n in g.names],
+            "masked_weights": list(self.masked_weights),
+            "always_trained": list(self.always_trained),
+            "frozen_backward": self.frozen_backward,
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "step_count": self.step_count, "measurements": self.measurements, "active": self.active.clone(),
+            "converged": self.converged.clone(), "should_stop": self.should_stop, "log": list(self.log),
+            "rule": self.rule.state_dict() if self.rule is not None else None, "names": list(self.names),
+            "block_steps": self.optimizer.block_steps.clone(), "rng": self._rng.get_state(),
+            "smoothed": None if self._smoothed is None else self._smoothed.clone(),
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd["names"] != self.names:
+            raise ValueError("the saved MAT state was made for other modules")
+        self.step_count, self.measurements = sd["step_count"], sd["measurements"]
+        self.active, self.converged = sd["active"].clone(), sd["converged"].clone()
+        self.should_stop, self.log = sd["should_stop"], list(sd["log"])
+        if self.rule is not None and sd["rule"] is not None:
+            self.rule.load_state_dict(sd["rule"])
+        self.optimizer.block_steps = sd["block_steps"].clone()
+        if sd.get("rng") is not None:
+            self._rng.set_state(sd["rng"])
+        self._smoothed = sd.get("smoothed")
+        self._apply_masks()
+
+    def check_probe_model(self) -> None:
+        """Raise if samples interact in the model (train-mode BatchNorm) when measuring from the training backward."""
+        check_samples_independent(self.module)
+
+
+def _layer_groups(specs: list[ModuleSpec]) -> list[str]:
+    """Group key of each module for ``group_by="layer"``: its kind within its layer (the name up to the module's
+    own part: ``layers.3`` for ``layers.3.head1`` and ``layers.3.head1.out``), or its kind alone when that kind
+    has one module per layer (an FFN block, a conv): a group of one could never pass a threshold set by itself."""
+    def layer(name: str) -> str:
+        return re.sub(r"(\.?(head\d+(\.out)?|ffn|experts\.[^.]+))$", "", name)
+
+    keys = [f"{s.kind}@{layer(s.name)}" for s in specs]
+    return [k if keys.count(k) > 1 else s.kind for k, s in zip(keys, specs)]
+
+
+def _complement(ranges, dim: int) -> list[tuple[int, int]]:
+    """``(start, size)`` ranges of ``[0, dim)`` covered by none of ``ranges``."""
+    out, pos = [], 0
+    for start, size in sorted(ranges):
+        if start > pos:
+            out.append((pos, start - pos))
+        pos = max(pos, start + size)
+    if pos < dim:
+        out.append((pos, dim - pos))
+    return out
+
+
+# nn.Linear subclasses whose forward is exactly F.linear(x, weight, bias), so a SparseUpdateLinear may replace them
+# (other subclasses may override forward: their slices are masked, and said so).
+_LINEAR_EQUIVALENT = ("FalconLinear",)
+
+
+class _Gate:
+    """Whole weights (and their biases) of one layer owned by modules, gated by ``requires_grad``: while every
+    owning module is frozen they do not require grad, so autograd computes no weight gradient for them; with
+    partial backpropagation a forward pre-hook also detaches the layer's input, so no gradient flows through it."""
+
+    def __init__(self, owner: nn.Module, tensors: list[torch.Tensor], modules: list[int]):
+        self.owner, self.tensors, self.modules = owner, tensors, modules
+        self.frozen = False
+        self._open = 0
+        self._detach = False
+        self.names: list[str] = []
+
+    def install(self, mat: "MAT") -> None:
+        ids = {id(t) for t in self.tensors}
+        self.names = [n for n, p in mat.module.named_parameters() if id(p) in ids]
+        self._detach = mat.frozen_backward == "detach"
+        self._handle = self.owner.register_forward_pre_hook(self._pre_hook) if self._detach else None
+
+    def remove(self) -> None:
+        """Every tensor requires grad again; the detach hook is removed."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self.frozen = False
+        for t in self.tensors:
+            t.requires_grad_(True)
+
+    def _pre_hook(self, module, args):
+        if self.frozen and not self._open and args and isinstance(args[0], torch.Tensor):
+            return (args[0].detach(), *args[1:])
+        return None
+
+    def apply(self, active: bool) -> None:
+        self.frozen = not active
+        if not self._open:
+            for t in self.tensors:
+                t.requires_grad_(active)
+
+    @contextlib.contextmanager
+    def open(self):
+        """Exact behaviour (weights require grad, no detach) within the context: measurements."""
+        self._open += 1
+        for t in self.tensors:
+            t.requires_grad_(True)
+        try:
+            yield
+        finally:
+            self._open -= 1
+            if not self._open:
+                self.apply(not self.frozen)

@@ -1,0 +1,162 @@
+"""MAT decisions from measured module Grams: the scores, the threshold policies and the temporal convergence rule.
+
+Pure functions and small state objects, no model: the controller (:mod:`mat_kernels.train.controller`) calls them after each
+measurement. Provenance (PAPER.md): the dynamic threshold on λmax is the paper's idea [V]; α·mean with α = 1, the
+other policies, the criteria other than λmax, smoothing, hysteresis and the patience of the temporal rule are our
+choices [D]; the temporal rule itself comes from a third-party reading of MAT [D].
+
+Criteria (a score per module from its Gram Θ = J Jᵀ over the n samples, :func:`module_scores`):
+
+=============  =====================================================================================
+``"lambda"``   λmax(Θ), the principal eigenvalue (MAT)
+``"trace"``    tr(Θ) = Σ_i ‖g_i‖², the summed squared per-sample gradient norms (an ablation: no λ)
+``"grad_norm"``  1ᵀΘ1 = ‖Σ_i g_i‖², the squared norm of the batch gradient (an ablation: no λ)
+=============  =====================================================================================
+
+Threshold policies (``active = score > τ`` unless stated):
+
+==============  ============================================================
+``"mean"``      τ = α · mean_m score_m (default, α = 1)
+``"max"``       τ = α · max_m score_m (α < 1)
+``"quantile"``  τ = the q-quantile of the scores (``q`` in [0, 1])
+``"top_k"``     the k modules of largest score are active (ties broken by index)
+``"random"``    as many modules as ``"mean"`` keeps, chosen uniformly at random (seeded): the ablation that shows
+                whether the criterion chooses better than chance at the same budget
+==============  ============================================================
+
+Temporal rule, per module m, with λ_0 its first measurement and Δ_t = |λ_t − λ_0|: the step ratio
+r_t = |Δ_t − Δ_{t−1}| / |Δ_1|. Once r_t < β for ``patience`` measurements in a row, module m is *converged* and
+frozen for good. With ``patience=1`` this is the rule as read (one coincidental near-equal pair of λ values then
+freezes a module for good; seen on the CNN). Δ_1 = 0 makes the ratio undefined: such a module is not declared
+converged by the rule.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["threshold_mask", "module_scores", "TemporalRule", "POLICIES", "CRITERIA"]
+
+POLICIES = ("mean", "max", "quantile", "top_k", "random")
+CRITERIA = ("lambda", "trace", "grad_norm")
+
+
+def module_scores(grams: torch.Tensor, criterion: str = "lambda", *, lam: torch.Tensor | None = None) -> torch.Tensor:
+    """Score of each module (float64 ``[M]``) from its Gram ``[M, n, n]`` under ``criterion`` (module docstring).
+
+    ``lam``: λmax values already computed (reused for ``"lambda"``)."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    if criterion == "lambda":
+        if lam is not None:
+            return lam.double().cpu()
+        from mat_kernels.measure.solvers import lambda_max
+
+        return lambda_max(grams).double().cpu()
+    g = grams.double()
+    if criterion == "trace":
+        return g.diagonal(dim1=-2, dim2=-1).sum(-1).cpu()
+    return g.sum(dim=(-2, -1)).clamp_min(0).cpu()  # 1ᵀΘ1 = ‖Σ_i g_i‖² ≥ 0 (clamp: rounding)
+
+
+def threshold_mask(lam: torch.Tensor, policy: str = "mean", *, alpha: float = 1.0, q: float = 0.5,
+                   k: int | None = None, generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
+    """``(active bool [M], threshold)`` for scores ``[M]`` under ``policy`` (see the module docstring).
+
+    For ``top_k`` the returned threshold is the k-th largest score (informational); for ``random`` it is the
+    ``mean`` rule's τ whose count was used. ``generator``: the seeded CPU generator of ``random``.
+    """
+    if not isinstance(lam, torch.Tensor) or lam.dim() != 1 or lam.numel() == 0:
+        raise ValueError("lam must be a non-empty 1-D tensor of scores (e.g. λmax values)")
+    if not bool(torch.isfinite(lam).all()):
+        raise ValueError("lam contains NaN or Inf")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha >= 0:
+        raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
+    lam = lam.double().cpu()
+    if policy in ("mean", "random"):
+        tau = alpha * lam.mean().item()
+        active = lam > tau
+        if policy == "random":
+            count = int(active.sum())
+            perm = torch.randperm(lam.numel(), generator=generator)
+            active = torch.zeros(lam.numel(), dtype=torch.bool)
+            active[perm[:count]] = True
+        return active, tau
+    if policy == "max":
+        tau = alpha * lam.max().item()
+    elif policy == "quantile":
+        if not isinstance(q, (int, float)) or not 0.0 <= q <= 1.0:
+            raise ValueError(f"q must be in [0, 1], got {q!r}")
+        tau = torch.quantile(lam, q).item()
+    elif policy == "top_k":
+        if not isinstance(k, int) or not 1 <= k <= lam.numel():
+            raise ValueError(f"k must be an int in [1, {lam.numel()}], got {k!r}")
+        order = torch.sort(lam, descending=True, stable=True).indices
+        active = torch.zeros(lam.numel(), dtype=torch.bool)
+        active[order[:k]] = True
+        return active, lam[order[k - 1]].item()
+    else:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    return lam > tau, tau
+
+
+@dataclass
+class TemporalRule:
+    """Per-module state of the temporal rule. ``update(λ)`` after each measurement returns the converged mask.
+
+    ``patience``: consecutive measurements with a step ratio below ``beta`` needed to declare a module converged.
+    """
+
+    beta: float = 1e-3
+    patience: int = 1
+    lam0: torch.Tensor | None = None
+    delta1: torch.Tensor | None = None
+    delta_prev: torch.Tensor | None = None
+    converged: torch.Tensor | None = None
+    streak: torch.Tensor | None = None
+    measurements: int = 0
+    history: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if not isinstance(self.beta, (int, float)) or isinstance(self.beta, bool) or not self.beta >= 0:
+            raise ValueError(f"beta must be a number >= 0, got {self.beta!r}")
+        if not isinstance(self.patience, int) or isinstance(self.patience, bool) or self.patience < 1:
+            raise ValueError(f"patience must be an int >= 1, got {self.patience!r}")
+
+    def update(self, lam: torch.Tensor) -> torch.Tensor:
+        lam = lam.detach().double().cpu()
+        if self.lam0 is not None and lam.shape != self.lam0.shape:
+            raise ValueError(f"λ has {lam.numel()} modules, the rule was started with {self.lam0.numel()}")
+        self.measurements += 1
+        if self.lam0 is None:
+            self.lam0 = lam.clone()
+            self.converged = torch.zeros(lam.numel(), dtype=torch.bool)
+            self.streak = torch.zeros(lam.numel(), dtype=torch.long)
+            self.delta_prev = torch.zeros_like(lam)
+            return self.converged.clone()
+        delta = (lam - self.lam0).abs()
+        if self.delta1 is None:
+            self.delta1 = delta.clone()
+        else:
+            defined = self.delta1 > 0
+            ratio = torch.where(defined, (delta - self.delta_prev).abs() / self.delta1.clamp_min(1e-300),
+                                torch.full_like(delta, float("inf")))
+            small = ratio < self.beta
+            self.streak = torch.where(small, self.streak + 1, torch.zeros_like(self.streak))
+            self.converged |= self.streak >= self.patience
+        self.delta_prev = delta
+        return self.converged.clone()
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta, "patience": self.patience, "lam0": self.lam0, "delta1": self.delta1,
+                "delta_prev": self.delta_prev, "converged": self.converged, "streak": self.streak,
+                "measurements": self.measurements}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for key in ("beta", "lam0", "delta1", "delta_prev", "converged", "measurements"):
+            setattr(self, key, sd[key])
+        self.patience = sd.get("patience", 1)
+        self.streak = sd.get("streak")
+        if self.streak is None and self.lam0 is not None:
+            self.streak = self.converged.long()
