@@ -59,11 +59,11 @@ step static 300 static.json "$PY" benchmarks/triton_static.py --arch 90 --json "
 # 4. benchmarks at their headline shapes
 step psg_variants "$LIMIT" psg_variants.csv "$PY" benchmarks/bench_psg_variants.py "${QUICK[@]}" \
   --csv "$OUT/psg_variants.csv"
-step lambda_max "$LIMIT" lambda_max.csv "$PY" benchmarks/bench_lambda_max.py "${DEV[@]}" "${QUICK[@]}" \
+step lambda_max "$LIMIT" lambda_max.csv "$PY" benchmarks/bench_segment_grams.py "${DEV[@]}" "${QUICK[@]}" \
   --csv "$OUT/lambda_max.csv"
 step model_lambda_max "$LIMIT" model_lambda_max.csv "$PY" benchmarks/bench_model_lambda_max.py "${DEV[@]}" \
   "${QUICK[@]}" --csv "$OUT/model_lambda_max.csv"
-step sparse_backward "$LIMIT" sparse_backward.csv "$PY" benchmarks/bench_sparse_backward.py "${DEV[@]}" \
+step sparse_backward "$LIMIT" sparse_backward.csv "$PY" benchmarks/bench_sparse_grad.py "${DEV[@]}" \
   "${QUICK[@]}" --csv "$OUT/sparse_backward.csv"
 
 {

@@ -2,7 +2,7 @@
 //
 // Loading the shared library (`import mat_kernels._C`) runs the static registrations below; the ops then live
 // in `torch.ops.mat_kernels`. Fake (meta) kernels and autograd formulas are registered from Python
-// (mat_kernels/ops/sparse_update.py). The CUDA implementation (csrc/cuda/) adds only a CUDA impl block.
+// (mat_kernels/ops/sparse_grad.py). The CUDA implementation (csrc/cuda/) adds only a CUDA impl block.
 //
 // Layout arguments shared by every op: a layer's blocks along one axis are ranges [starts[s], starts[s] +
 // sizes[s]) owned by module owners[s] (a module may own several ranges, e.g. one head's Q, K and V rows inside a
@@ -15,11 +15,11 @@
 
 #include <string>
 
-#include "sparse_update.h"
+#include "sparse_grad.h"
 
 namespace mat_kernels {
 #ifdef MAT_KERNELS_WITH_CUDA
-std::string cuda_build_info();  // csrc/cuda/sparse_update_cuda.cu
+std::string cuda_build_info();  // csrc/cuda/sparse_grad_cuda.cu
 #endif
 }  // namespace mat_kernels
 

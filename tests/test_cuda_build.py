@@ -15,7 +15,7 @@ import torch
 import torch.utils.cpp_extension as cpp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCE = os.path.join(ROOT, "csrc", "cuda", "sparse_update_cuda.cu")
+SOURCE = os.path.join(ROOT, "csrc", "cuda", "sparse_grad_cuda.cu")
 ARCHS = ("80", "90")
 
 
@@ -43,7 +43,7 @@ def test_cuda_source_compiles_for_two_architectures(tmp_path):
         stub.mkdir(parents=True)
         (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
         includes.insert(0, str(tmp_path / "stub"))
-    out = tmp_path / "sparse_update_cuda.o"
+    out = tmp_path / "sparse_grad_cuda.o"
     cmd = [_nvcc(), "-c", SOURCE, "-o", str(out), "-std=c++17", "-O0",
            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
            *[f"-I{i}" for i in includes], f"-I{sysconfig.get_paths()['include']}",

@@ -19,8 +19,8 @@ On CUDA times come from ``triton.testing.do_bench`` (median and 20/80 % quantile
 ``time.perf_counter`` loop. Every row carries the gradient error against dense autograd (norm-wise relative, with
 frozen blocks zeroed) and is appended to a CSV with device, date, torch version and commit.
 
-    python benchmarks/bench_sparse_backward.py                    # GPU run, appends to benchmarks/results/
-    python benchmarks/bench_sparse_backward.py --quick --device cpu   # CPU smoke test (small shapes)
+    python benchmarks/bench_sparse_grad.py                    # GPU run, appends to benchmarks/results/
+    python benchmarks/bench_sparse_grad.py --quick --device cpu   # CPU smoke test (small shapes)
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 import mat_kernels as mk  # noqa: E402
 from mat_kernels.ops.sparse_grad import block_mask  # noqa: E402
 
-DEFAULT_CSV = os.path.join(HERE, "results", "bench_sparse_backward.csv")
+DEFAULT_CSV = os.path.join(HERE, "results", "bench_sparse_grad.csv")
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 PATTERNS = ("contiguous", "interleaved")
 PROVIDERS = ("dense_autograd", "dx_only", "gather", "mat_kernels", "ideal")

@@ -43,11 +43,11 @@ implementation ran. Such timings say nothing about the Triton kernels.
 
 Examples::
 
-    python benchmarks/bench_lambda_max.py                        # both BERT shapes, fp32 + bf16, all providers
-    python benchmarks/bench_lambda_max.py --device cpu --quick   # tiny smoke run (n=4, T=16, real widths)
-    python benchmarks/bench_lambda_max.py --shapes bert_base_layer_n32_t128 --dtypes bf16 \\
+    python benchmarks/bench_segment_grams.py                        # both BERT shapes, fp32 + bf16, all providers
+    python benchmarks/bench_segment_grams.py --device cpu --quick   # tiny smoke run (n=4, T=16, real widths)
+    python benchmarks/bench_segment_grams.py --shapes bert_base_layer_n32_t128 --dtypes bf16 \\
         --providers 'mat_kernels_*,torch_func' --csv results.csv
-    python benchmarks/bench_lambda_max.py --costs                # FLOP / byte / roofline-floor table, no timing
+    python benchmarks/bench_segment_grams.py --costs                # FLOP / byte / roofline-floor table, no timing
 """
 from __future__ import annotations
 
@@ -685,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
         "mat_kernels": mk.__version__,
     }
     mode, reason = mk._backend.triton_mode()
-    print(f"# bench_lambda_max  {env['date']}  commit {env['git_commit']}")
+    print(f"# bench_segment_grams  {env['date']}  commit {env['git_commit']}")
     print(f"# device: {env['device']}  torch {env['torch']}  triton {env['triton']}  mat_kernels {env['mat_kernels']}")
     print(f"# mat_kernels Triton kernels: {mode} ({reason}); --backend {args.backend}")
     if device.type != "cuda":

@@ -15,12 +15,11 @@ import torch
 from helpers import COPY_OPS, GEMM_OPS, aten_counts, devices, rel_err
 
 import mat_kernels as mk
+from mat_kernels.testing.tolerances import SPARSE_GRAD_RTOL
 from mat_kernels.measure.blocks import resolve_blocks
 from mat_kernels.ops import sparse_grad as su
 
-FP64_RTOL = 1e-12
-FP32_RTOL = 1e-6
-BF16_RTOL = 1e-2
+FP64_RTOL, FP32_RTOL, BF16_RTOL = (SPARSE_GRAD_RTOL[d] for d in (torch.float64, torch.float32, torch.bfloat16))
 OPS = torch.ops.mat_kernels
 T, B = 5, 3  # tokens, batch
 

@@ -1,5 +1,5 @@
 // CUDA implementation of the sparse-update ops (weight/bias gradients and the partial-backpropagation input
-// gradient): the device-generic ATen algorithm of csrc/sparse_update.cpp (one cuBLAS GEMM or strided-batched GEMM
+// gradient): the device-generic ATen algorithm of csrc/sparse_grad.cpp (one cuBLAS GEMM or strided-batched GEMM
 // per group of active runs, or one GEMM per run for the row blocks of dX, issued on the current stream), run under a
 // guard for the tensors' device so allocations and the cuBLAS handle belong to it.
 //
@@ -13,7 +13,7 @@
 
 #include <string>
 
-#include "../sparse_update.h"
+#include "../sparse_grad.h"
 
 namespace mat_kernels {
 namespace {

@@ -1,4 +1,4 @@
-// Device-generic implementation of the sparse-update backward (see sparse_update.h).
+// Device-generic implementation of the sparse-update backward (see sparse_grad.h).
 //
 // Maths. With the tokens flattened, X: [T, d_in], dY: [T, d_out], the weight gradient is dW = dYᵀ X and the bias
 // gradient db = Σ_t dY[t]. For a run of active rows [r0, r1): dW[r0:r1] = dY[:, r0:r1]ᵀ X, db[r0:r1] =
@@ -11,7 +11,7 @@
 // blocks. Row blocks: dX = Σ over active row runs [r0, r1) of dY[:, r0:r1] W[r0:r1, :] (a sum of GEMMs into the
 // same output: the first writes, the others accumulate with beta = 1). Column blocks: dX[:, c0:c1] = dY W[:, c0:c1]
 // for active column runs (disjoint outputs: one (batched) GEMM per group, as for dW), frozen columns zero.
-#include "sparse_update.h"
+#include "sparse_grad.h"
 
 #include <algorithm>
 #include <map>

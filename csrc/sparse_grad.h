@@ -2,7 +2,7 @@
 // gradient of partial backpropagation (no gradient through frozen blocks).
 //
 // The implementation is written once against ATen (mm/bmm/sum on strided views) and is device-generic: the CPU
-// registration (csrc/ops.cpp) and the CUDA registration (csrc/cuda/sparse_update_cuda.cu) call the same
+// registration (csrc/ops.cpp) and the CUDA registration (csrc/cuda/sparse_grad_cuda.cu) call the same
 // functions, so every GEMM runs through the device's BLAS (MKL/OpenBLAS, cuBLAS) on the current stream.
 #pragma once
 
