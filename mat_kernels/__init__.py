@@ -52,6 +52,7 @@ from mat_kernels.integrations import hf  # noqa: F401  (Hugging Face Trainer int
 from mat_kernels.testing import reference  # noqa: F401
 from mat_kernels.train import flops, optim  # noqa: F401
 from mat_kernels.nn.sparse_linear import SparseLayout, SparseUpdateConv1D, SparseUpdateLinear, sparse_update_linear
+from mat_kernels.nn.sparse_mha import SparseUpdateMHAWeight
 
 __version__ = "0.2.0"
 
@@ -100,6 +101,7 @@ __all__ = [
     "sparse_update_linear",
     "SparseUpdateLinear",
     "SparseUpdateConv1D",
+    "SparseUpdateMHAWeight",
     "SparseLayout",
     "__version__",
 ]

@@ -275,7 +275,7 @@ def test_multihead_attention_routing_bypassed_by_torch_compile_is_an_error():
 def test_multihead_attention_routing_ends_with_its_controller():
     import gc
 
-    from mat_kernels.nn.sparse_linear import _MHA_WEIGHTS
+    from mat_kernels.nn.sparse_mha import _MHA_WEIGHTS
 
     torch.manual_seed(9)
     model = _Seq2Seq()
@@ -333,7 +333,7 @@ def test_ddp_two_processes_make_the_same_decisions(tmp_path):
 @pytest.mark.parametrize("frozen_backward", ["dw", "detach"])
 def test_close_restores_the_model(frozen_backward):
     """close(): the original layers are back, nothing is routed or gated, the model trains densely again."""
-    from mat_kernels.nn.sparse_linear import _MHA_WEIGHTS
+    from mat_kernels.nn.sparse_mha import _MHA_WEIGHTS
 
     torch.manual_seed(11)
     model = _Seq2Seq()

@@ -49,6 +49,11 @@ _ACTIVE: list["LambdaCapture"] = []  # captures whose MHA patch is in force (inn
 _PATCH_DEPTH = [0]
 
 
+def recording() -> bool:
+    """Whether a measurement's recording ``F.linear`` is installed (an ``nn.MultiheadAttention`` is being captured)."""
+    return _PATCH_DEPTH[0] > 0
+
+
 @dataclass(eq=False)
 class _Site:
     weight: str
@@ -185,11 +190,11 @@ class LambdaCapture:
             raise RuntimeError("this capture is already active")
         # Sparse-update layers (MAT) run the exact backward while captured: gradients must flow through frozen
         # blocks (frozen_backward="detach" would stop them), and a measurement's own backward needs no dW at all.
-        from mat_kernels.nn.sparse_linear import _SparseUpdateMixin
+        from mat_kernels.nn.sparse_linear import SparseUpdateMixin
 
         self._stack = contextlib.ExitStack()
         for site in self.sites.values():
-            if isinstance(site.owner, _SparseUpdateMixin):
+            if isinstance(site.owner, SparseUpdateMixin):
                 self._stack.enter_context(site.owner.exact_backward(weight_grad=not self.tap))
         scopes_done = set()
         for site in self.sites.values():

@@ -1,28 +1,18 @@
 """Sparse-update linear layer: the forward is ``F.linear``; the backward computes ``dX`` in full and ``dW``/``db``
 only for the active blocks of the weight (MAT: frozen modules skip their weight-gradient GEMMs).
 
-Three tiers:
+Three tiers: the ops ``torch.ops.mat_kernels.sparse_*`` (:mod:`mat_kernels.ops.sparse_grad`); the functional,
+differentiable :func:`sparse_update_linear`; :class:`SparseUpdateLinear`, a drop-in ``nn.Linear`` (same parameters
+and ``state_dict`` keys) whose active blocks are set in place with :meth:`SparseUpdateLinear.set_active`.
 
-* ops ``torch.ops.mat_kernels.sparse_*`` (:mod:`mat_kernels.ops.sparse_grad`): the gradients themselves;
-* :func:`sparse_update_linear`: functional, differentiable ``y = x Wᵀ + b``;
-* :class:`SparseUpdateLinear`: a drop-in ``nn.Linear`` (same parameters and ``state_dict`` keys) whose active
-  blocks are changed in place with :meth:`SparseUpdateLinear.set_active`.
+Layout and mask: the layout is the weight's :class:`mat_kernels.WeightBlocks` (static: a constant under
+``torch.compile``); the mask is a 1-D bool **CPU** tensor, one entry per module, read on the host (no GPU sync) and
+updated in place (a graph input: changing it never recompiles). ``nn.MultiheadAttention``: :mod:`.sparse_mha`.
 
-Layout and mask. A :class:`SparseLayout` is the static part: the blocks along one axis of W as ranges
-``(start, size)`` grouped into modules (the same block specs as :func:`mat_kernels.estimate_lambda_max`: an int
-for equal blocks, a list of ranges, or a list of lists of ranges such as :func:`mat_kernels.fused_qkv_heads`), or
-the whole tensor as one module. The mask is a 1-D bool **CPU** tensor with one entry per module: the kernels read it
-on the host (no GPU synchronisation) and, under ``torch.compile``, it is a graph input while the layout is a
-constant, so changing which modules are active never recompiles, and updating it in place never reallocates.
-
-Gradients, with ``M`` the 0/1 mask of active rows (row blocks) or columns (column blocks):
-``dX = dY W`` (in full, the default), ``dW = M ⊙ (dYᵀ X)``, and ``db = m ⊙ Σ_t dY[t]`` for row blocks (each row block
-owns its bias entries). A *shared* bias (column blocks always; row blocks with ``shared_bias=True``) belongs to no
-block: it gets its full gradient ``Σ_t dY[t]`` at every backward, whatever the mask. When no block is active the
-weight is wholly frozen: in eager mode ``weight.grad`` (and an unshared ``bias.grad``) stay ``None``, so optimizers
-skip them. Under ``torch.compile`` that choice would be a data-dependent graph, so a compiled wholly-frozen layer
-gets zero gradients instead (freeze it structurally with ``requires_grad_(False)`` if ``None`` matters; that
-recompiles once).
+Gradients, with ``M`` the 0/1 mask of active rows or columns: ``dX = dY W`` (in full, the default), ``dW = M ⊙
+(dYᵀ X)``, ``db = m ⊙ Σ_t dY[t]`` (row blocks own their bias entries; a *shared* bias, always so for column blocks,
+gets its full gradient). A wholly frozen layer leaves ``weight.grad`` ``None`` in eager mode (optimizers skip it)
+and gets zero gradients under ``torch.compile`` (``None`` would be a data-dependent graph).
 
 Partial backpropagation (``frozen_backward="detach"``, :meth:`SparseUpdateLinear.set_frozen_backward`): no gradient
 flows through a frozen block either, ``dX = dY (M ⊙ W)`` (op ``mat_kernels::sparse_input_grad``: one GEMM per run of
@@ -32,7 +22,6 @@ returns no input gradient at all (eager), which stops the backward of the branch
 from __future__ import annotations
 
 import contextlib
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -41,10 +30,11 @@ from torch import nn
 from mat_kernels.measure.blocks import BlockSpec, WeightBlocks
 from mat_kernels.ops import sparse_grad as _ops
 
-__all__ = ["SparseLayout", "sparse_update_linear", "SparseUpdateLinear", "SparseUpdateConv1D"]
+__all__ = ["SparseLayout", "sparse_update_linear", "SparseUpdateLinear", "SparseUpdateConv1D", "SparseUpdateMixin",
+           "sparse_layout", "FROZEN_BACKWARD", "ORIGINAL_LINEAR"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_ORIG_LINEAR = F.linear
+ORIGINAL_LINEAR = F.linear
 
 if _ops.extension_available():  # OpOverloads, resolved once: the backward calls them on every step
     _WEIGHT_GRAD = torch.ops.mat_kernels.sparse_weight_grad.default
@@ -59,7 +49,8 @@ SparseLayout = WeightBlocks
 ``SparseLayout.build(d_out, d_in, row_blocks=..., col_blocks=...)`` (ranges of different modules disjoint)."""
 
 
-def _layout(d_out: int, d_in: int, row_blocks: BlockSpec, col_blocks: BlockSpec) -> WeightBlocks:
+def sparse_layout(d_out: int, d_in: int, row_blocks: BlockSpec, col_blocks: BlockSpec) -> WeightBlocks:
+    """The layout of a sparse-update layer: its WeightBlocks, ranges of different modules disjoint."""
     return WeightBlocks.build(d_out, d_in, row_blocks=row_blocks, col_blocks=col_blocks).check_disjoint()
 
 
@@ -149,7 +140,7 @@ class _SparseUpdateLinearFunction(torch.autograd.Function):
         # Save only what the requested gradients need: X for dW, W for dX. The mask is copied (a few bytes on the
         # CPU) so that the backward uses the mask of its own forward even if set_active runs in between.
         ctx.save_for_backward(x if needs_w and mode[1] else None, weight if needs_x else None, active.clone())
-        return _ORIG_LINEAR(x, weight, bias)  # not F.linear: it is rerouted while an nn.MultiheadAttention runs
+        return ORIGINAL_LINEAR(x, weight, bias)  # not F.linear: it is rerouted while an nn.MultiheadAttention runs
 
     @staticmethod
     def backward(ctx, dy):
@@ -261,7 +252,7 @@ def sparse_update_linear(
     if layout is None:
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise ValueError("weight must be a 2-D tensor [d_out, d_in]")
-        layout = _layout(weight.shape[0], weight.shape[1], row_blocks, col_blocks)
+        layout = sparse_layout(weight.shape[0], weight.shape[1], row_blocks, col_blocks)
     elif row_blocks is not None or col_blocks is not None:
         raise ValueError("give either layout or row_blocks/col_blocks, not both")
     elif not isinstance(layout, WeightBlocks):
@@ -298,13 +289,13 @@ def _check_frozen_backward(value) -> str:
     return value
 
 
-class _SparseUpdateMixin:
-    """What the sparse-update layers share: the layout, the CPU activity mask, the backward modes. The layer's
+class SparseUpdateMixin:
+    """What the sparse-update layers (here and :mod:`mat_kernels.nn.sparse_mha`) share: the layout, the CPU activity mask, the backward modes. The layer's
     linear map is ``self._linear_weight()`` (``[out_features, in_features]``, a view of the stored weight)."""
 
     def _init_sparse(self, row_blocks, col_blocks, accumulate_grad, frozen_backward, shared_bias) -> None:
         _ops.require_extension()
-        self.layout = _layout(self.out_features, self.in_features, row_blocks, col_blocks)
+        self.layout = sparse_layout(self.out_features, self.in_features, row_blocks, col_blocks)
         self.accumulate_grad = bool(accumulate_grad)
         self.frozen_backward = _check_frozen_backward(frozen_backward)
         self.shared_bias = bool(shared_bias) or self.layout.dim == 1
@@ -359,7 +350,7 @@ class _SparseUpdateMixin:
                                     weight_grad=weight_grad)
 
 
-class SparseUpdateLinear(_SparseUpdateMixin, nn.Linear):
+class SparseUpdateLinear(SparseUpdateMixin, nn.Linear):
     """``nn.Linear`` whose backward updates only active blocks of its weight (and bias).
 
     Same parameters (``weight [out_features, in_features]``, ``bias [out_features]``) and ``state_dict`` keys as
@@ -417,7 +408,7 @@ class SparseUpdateLinear(_SparseUpdateMixin, nn.Linear):
         return f"{super().extra_repr()}, {self._state_repr()}"
 
 
-class SparseUpdateConv1D(_SparseUpdateMixin, nn.Module):
+class SparseUpdateConv1D(SparseUpdateMixin, nn.Module):
     """Hugging Face's ``Conv1D`` (GPT-2: ``y = x @ W + b`` with ``W`` stored ``[in_features, out_features]``) whose
     backward updates only active blocks. Blocks are stated in the linear-map orientation ``[out_features,
     in_features]`` like everywhere in mat_kernels: row blocks are *columns* of the stored weight. The kernels run on
@@ -450,143 +441,9 @@ class SparseUpdateConv1D(_SparseUpdateMixin, nn.Module):
         return f"nf={self.nf}, nx={self.nx}, {self._state_repr()}"
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# nn.MultiheadAttention: no layer to swap
-# ----------------------------------------------------------------------------------------------------------------
-# id(parameter) -> its sparse-update state. Weak values: when the controller (MAT) that holds a state is gone, the
-# entry goes too and the attention trains through plain F.linear again; while a state lives it holds its
-# parameter, so the id cannot be reused by another tensor.
-_MHA_WEIGHTS: "weakref.WeakValueDictionary[int, SparseUpdateMHAWeight]" = weakref.WeakValueDictionary()
-_MHA_BY_MODULE: dict[int, list] = {}  # id(attention module) -> weak references to its weights' states
-_MHA_PATCH_DEPTH = [0]
+def __getattr__(name: str):
+    if name == "SparseUpdateMHAWeight":  # its home before 0.2
+        from mat_kernels.nn.sparse_mha import SparseUpdateMHAWeight
 
-
-def _mha_sparse_linear(input, weight, bias=None):
-    """``F.linear`` while a gated ``nn.MultiheadAttention`` runs its forward: calls on a gated weight (or on a row
-    view of it: cross-attention splits ``in_proj_weight`` into Q and K/V rows) take the sparse-update route."""
-    holder, r0 = _MHA_WEIGHTS.get(id(weight)), 0
-    if holder is None and isinstance(weight, torch.Tensor) and weight._base is not None:
-        holder = _MHA_WEIGHTS.get(id(weight._base))
-        if holder is not None:
-            p = holder.weight
-            if weight.dim() != 2 or weight.stride() != p.stride() or weight.shape[1] != p.shape[1]:
-                holder = None  # not a block of whole rows: leave it to autograd (exact)
-            else:
-                r0 = (weight.storage_offset() - p.storage_offset()) // p.stride(0)
-    if holder is None:
-        return _ORIG_LINEAR(input, weight, bias)
-    return holder._call(input, weight, bias, r0)
-
-
-class SparseUpdateMHAWeight(_SparseUpdateMixin):
-    """Sparse updates for a weight of ``nn.MultiheadAttention`` (``in_proj_weight``, ``q/k/v_proj_weight``,
-    ``out_proj.weight``), which ``F.multi_head_attention_forward`` passes straight to ``F.linear`` (whole, or as
-    row views for cross-attention): there is no layer to swap. While the attention module runs its forward,
-    ``torch.nn.functional.linear`` is routed through :func:`sparse_update_linear` for this weight (forward pre- and
-    post-hooks; restored even when the forward raises), with the layout restricted to the rows a view covers.
-
-    Same interface as :class:`SparseUpdateLinear` (``set_active``, ``exact_backward``, ``set_frozen_backward``);
-    not an ``nn.Module`` (the parameter stays where it is). :meth:`remove` undoes the hooks.
-    """
-
-    def __init__(self, attention: nn.MultiheadAttention, weight: torch.Tensor, *, row_blocks: BlockSpec = None,
-                 col_blocks: BlockSpec = None, frozen_backward: str = "dw", shared_bias: bool = False):
-        if not isinstance(attention, nn.MultiheadAttention):
-            raise TypeError(f"attention must be an nn.MultiheadAttention, got {type(attention).__name__}")
-        owned = [attention.in_proj_weight, attention.q_proj_weight, attention.k_proj_weight,
-                 attention.v_proj_weight, attention.out_proj.weight]
-        if not any(weight is p for p in owned if p is not None):
-            raise ValueError("weight must be one of the attention module's projection weights")
-        if id(weight) in _MHA_WEIGHTS:
-            raise ValueError("this weight already has a SparseUpdateMHAWeight (another MAT on this model?); "
-                             "remove() it first")
-        self.attention, self.weight = attention, weight
-        self.out_features, self.in_features = weight.shape
-        self._init_sparse(row_blocks, col_blocks, False, frozen_backward, shared_bias)
-        self._views: dict[tuple[int, int], tuple[SparseLayout, torch.Tensor]] = {}
-        self._routed = 0  # calls taken through the sparse route (a forward with none was bypassed)
-        _MHA_WEIGHTS[id(weight)] = self
-        refs = _MHA_BY_MODULE.setdefault(id(attention), [])
-        refs[:] = [r for r in refs if r() is not None]  # states whose MAT is gone
-        refs.append(weakref.ref(self))
-        self._handles = [attention.register_forward_pre_hook(_mha_enter),
-                         attention.register_forward_hook(_mha_exit, always_call=True)]
-
-    def remove(self) -> None:
-        """Remove the hooks; the weight trains through plain ``F.linear`` again."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        _MHA_WEIGHTS.pop(id(self.weight), None)
-        refs = [r for r in _MHA_BY_MODULE.get(id(self.attention), ()) if r() is not None and r() is not self]
-        if refs:
-            _MHA_BY_MODULE[id(self.attention)] = refs
-        else:
-            _MHA_BY_MODULE.pop(id(self.attention), None)
-
-    def _view(self, r0: int, rows: int) -> tuple[SparseLayout, torch.Tensor | None]:
-        """The layout of rows ``[r0, r0 + rows)`` and the indices of its modules in the full mask."""
-        if r0 == 0 and rows == self.out_features:
-            return self.layout, None
-        key = (r0, rows)
-        if key not in self._views:
-            if self.layout.dim != 0:
-                raise ValueError("a row view of a weight with column blocks")
-            per_module: dict[int, list[tuple[int, int]]] = {}
-            for s, n, m in zip(self.layout.starts, self.layout.sizes, self.layout.owners):
-                lo, hi = max(s, r0), min(s + n, r0 + rows)
-                if lo < hi:
-                    per_module.setdefault(m, []).append((lo - r0, hi - lo))
-            order = sorted(per_module)
-            sub = _layout(rows, self.in_features, [per_module[m] for m in order], None)
-            self._views[key] = (sub, torch.tensor(order, dtype=torch.long))
-        return self._views[key]
-
-    def _call(self, x, weight, bias, r0: int):
-        self._routed += 1
-        layout, idx = self._view(r0, weight.shape[0])
-        active = self._active if idx is None else self._active[idx]
-        detach, weight_grad = self._override or (self.frozen_backward == "detach", True)
-        # in_proj_bias entries follow their rows unless the layout says the bias is shared (column blocks)
-        return sparse_update_linear(x, weight, bias, active=active, layout=layout,
-                                    frozen_backward="detach" if detach else "dw",
-                                    shared_bias=self.shared_bias, weight_grad=weight_grad)
-
-    def __repr__(self) -> str:
-        return f"SparseUpdateMHAWeight({tuple(self.weight.shape)}, {self._state_repr()})"
-
-
-def _holders_of(module) -> list["SparseUpdateMHAWeight"]:
-    """The live states of this attention module's weights (a short list: no scan of every registered weight)."""
-    refs = _MHA_BY_MODULE.get(id(module), ())
-    return [h for h in (r() for r in refs) if h is not None and h.attention is module and h._handles]
-
-
-def _mha_enter(module, args, kwargs=None):
-    if _MHA_PATCH_DEPTH[0] == 0:
-        F.linear = _mha_sparse_linear
-    _MHA_PATCH_DEPTH[0] += 1
-    module._mk_routed = sum(h._routed for h in _holders_of(module))
-
-
-def _mha_exit(module, args, output):
-    if _MHA_PATCH_DEPTH[0] == 0:
-        return  # an earlier pre-hook raised before ours ran: nothing to undo
-    _MHA_PATCH_DEPTH[0] -= 1
-    if _MHA_PATCH_DEPTH[0] == 0:
-        F.linear = _ORIG_LINEAR
-    holders = _holders_of(module)
-    before = getattr(module, "_mk_routed", None)
-    if before is None or not holders or not torch.is_grad_enabled():
-        return
-    from mat_kernels.measure import capture  # a measurement's recording F.linear (registered later) takes precedence on purpose
-
-    if capture._PATCH_DEPTH[0] == 0 and any(h.weight.requires_grad for h in holders) and \
-            sum(h._routed for h in holders) == before:
-        # The attention ran with gradients but never through the routed F.linear: torch.compile traced it with
-        # the original F.linear (or something else replaced it). Training would silently differ from eager.
-        raise RuntimeError(
-            "mat_kernels: the sparse updates of this nn.MultiheadAttention's weights (SparseUpdateMHAWeight, "
-            "installed by MAT) were bypassed: its forward never called the routed F.linear (torch.compile does "
-            "this). Run the attention eagerly, or build MAT(..., sparse_backward=False) (frozen heads then compute "
-            "their full weight gradient, discarded by the optimizer)")
+        return SparseUpdateMHAWeight
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

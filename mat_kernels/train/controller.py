@@ -22,22 +22,12 @@ What it does (defaults and their provenance in PAPER.md and python/README.md):
   or regular expressions that must cover every one of them (an uncovered parameter is an error). Entries of a
   weight that no module owns (e.g. the heads left out by ``discover_modules(include=...)``) and a bias no module
   owns (an output projection's bias, shared by its heads' column blocks) are trained at every step too.
-* **Frozen modules skip their weight-gradient GEMMs**: every ``nn.Linear`` that holds module slices is swapped for
-  a :class:`mat_kernels.SparseUpdateLinear` sharing its parameters (so the optimizer stays valid) whose mask the
-  controller sets, every Hugging Face ``Conv1D`` (GPT-2) for a :class:`mat_kernels.SparseUpdateConv1D` (the same
-  kernels on its transposed storage), and the projection weights of ``nn.MultiheadAttention`` get a
-  :class:`mat_kernels.SparseUpdateMHAWeight` (its ``F.linear`` calls are routed to the same kernels while the
-  attention runs). A module that owns whole weights of other layers (``nn.Conv2d``, ``nn.Linear`` subclasses
-  other than Falcon's) is gated by ``requires_grad``: while it is frozen its weights do not require grad, so autograd
-  computes no weight gradient for them. Row or column slices of weights that are none of these (e.g. a
-  ``nn.Linear`` subclass) still compute their weight gradient, of which the frozen part is discarded;
-  :meth:`report` lists them (``masked_weights``) and a warning says so once.
-* **Partial backpropagation** (``frozen_backward="detach"``): no gradient flows through a frozen module either, so
-  its input-gradient work is skipped too: a frozen head's rows drop out of the fused QKV's dX product, a frozen
-  FFN block passes gradient only through the residual, a frozen head's output-projection columns send no gradient
-  back into that head, a frozen conv stops the backward of everything below it. Gradients are then those of the
-  model with its frozen branches detached (not the full model's); measurements always run the exact backward.
-  ``"dw"`` (default): exact gradients, frozen modules skip only their dW.
+* **Frozen modules skip their weight-gradient GEMMs**: sparse-update layers swapped in for ``nn.Linear``, GPT-2's
+  ``Conv1D`` and ``nn.MultiheadAttention``'s projections, ``requires_grad`` gates for whole weights of other layers;
+  what cannot be skipped is reported (``masked_weights``): :mod:`mat_kernels.train.freezing`.
+* **Partial backpropagation** (``frozen_backward="detach"``): no gradient flows through a frozen module either
+  (its input-gradient work is skipped too): gradients are those of the model with its frozen branches detached;
+  measurements always run the exact backward. ``"dw"`` (default): exact gradients, frozen modules skip only dW.
 * **Truly frozen**: :class:`mat_kernels.optim.FrozenSliceOptimizer`: no update, no moment update, no weight decay
   for frozen slices; per-block Adam step counts.
 * **Schedule**: measure at step ``warmup_steps`` and every ``interval`` steps after; no gating before
@@ -51,9 +41,8 @@ What it does (defaults and their provenance in PAPER.md and python/README.md):
   ``"mean"`` would, chosen at random: the ablation), with a ``hysteresis`` band; ``active = threshold &
   ~converged``, where the temporal rule (``beta``, ``patience``) marks modules converged for good.
   ``stop_when_converged`` sets :attr:`should_stop` once every module has converged.
-* **Distributed**: under ``torch.distributed``, the scores are averaged over ranks (``all_reduce``) before any
-  decision, so every rank applies the same masks. (Modules gated by ``requires_grad`` leave parameters without a
-  gradient while frozen: wrap the model with ``DistributedDataParallel(..., find_unused_parameters=True)``.)
+* **Distributed**: scores are averaged over ranks (``all_reduce``) before any decision; ``requires_grad`` gates
+  leave parameters without a gradient while frozen: ``DistributedDataParallel(..., find_unused_parameters=True)``.
 * **Ledger**: :attr:`ledger` (:class:`mat_kernels.flops.FlopsLedger`) receives every measurement's FLOPs (its
   forward and backward as counted by ``FlopCounterMode``, plus the Grams and eigen-solves the counter cannot see)
   and seconds; a training loop adds its steps with ``ledger.count_step(mat.flops_key(...), fn)``.
@@ -63,23 +52,20 @@ What it does (defaults and their provenance in PAPER.md and python/README.md):
 from __future__ import annotations
 
 import contextlib
-import math
 import re
 import time
-import warnings
 
 import torch
 import torch.nn as nn
 
-from mat_kernels.measure.blocks import WeightBlocks
 from mat_kernels.measure.capture import capture_lambda_max
 from mat_kernels.train.flops import FlopsLedger
 from mat_kernels.measure.forward import check_samples_independent
 from mat_kernels.measure.model import model_lambda_max
-from mat_kernels.measure.discovery import discover_modules, group_by_weight, validate_specs
-from mat_kernels.measure.specs import ModuleSpec, is_conv1d
-from mat_kernels.train.optim import FrozenSliceOptimizer
-from mat_kernels.train.policy import CRITERIA, POLICIES, TemporalRule, module_scores, threshold_mask
+from mat_kernels.measure.discovery import discover_modules, validate_specs
+from mat_kernels.measure.specs import ModuleSpec
+from mat_kernels.train.freezing import frozen_optimizer, install_sparse
+from mat_kernels.train.policy import check_number, CRITERIA, POLICIES, TemporalRule, module_scores, threshold_mask
 from mat_kernels.nn.sparse_linear import FROZEN_BACKWARD
 
 __all__ = ["MAT"]
@@ -87,17 +73,6 @@ __all__ = ["MAT"]
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def _number(name: str, value, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
-            hi_open: bool = False) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if lo is not None and (value < lo or (lo_open and value == lo)):
-        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value!r}")
-    if hi is not None and (value > hi or (hi_open and value == hi)):
-        raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {value!r}")
-    return float(value)
 
 
 class MAT:
@@ -160,13 +135,13 @@ class MAT:
             raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-        alpha = _number("alpha", alpha, lo=0)
+        alpha = check_number("alpha", alpha, lo=0)
         threshold_mask(torch.ones(max(top_k or 1, 1)), policy, alpha=alpha, q=q, k=top_k)  # validates q and top_k
-        smoothing = _number("smoothing", smoothing, lo=0, hi=1, hi_open=True)
-        hysteresis = _number("hysteresis", hysteresis, lo=0, hi=1, hi_open=True)
+        smoothing = check_number("smoothing", smoothing, lo=0, hi=1, hi_open=True)
+        hysteresis = check_number("hysteresis", hysteresis, lo=0, hi=1, hi_open=True)
         if hysteresis and policy in ("top_k", "random"):
             raise ValueError(f"hysteresis applies to threshold policies (mean, max, quantile), not policy={policy!r}")
-        beta = _number("beta", beta, lo=0)
+        beta = check_number("beta", beta, lo=0)
         if group_by not in ("kind", "layer", "all"):
             raise ValueError(f"group_by must be 'kind', 'layer' or 'all', got {group_by!r}")
         if frozen_backward not in FROZEN_BACKWARD:
@@ -207,10 +182,11 @@ class MAT:
         self._in_measure = False
         self.last_measure_extra_flops = 0  # FLOPs of the last measurement that FlopCounterMode cannot see
         self.measure_counted: list[int] = []  # per measurement: the FLOPs FlopCounterMode saw (probe passes)
-        self.optimizer = self._frozen_optimizer(optimizer)  # validates before any layer is swapped
+        self.optimizer = frozen_optimizer(self.module, self.specs, optimizer)  # validates before any layer is swapped
         self._swapped: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, child, original layer), for close()
         self.closed = False
-        self.sparse_layers, self.gated, self.masked_weights = self._install_sparse(sparse_backward)
+        self.sparse_layers, self.gated, self.masked_weights = install_sparse(
+            self.module, self.specs, wanted=sparse_backward, frozen_backward=self.frozen_backward, swapped=self._swapped)
         self._apply_masks()
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -226,107 +202,6 @@ class MAT:
             raise ValueError(f"parameters in no module and not declared always trained: {uncovered[:8]}"
                              f"{' ...' if len(uncovered) > 8 else ''}; add patterns to always_trained or modules")
         return rest
-
-    def _owner(self, pname: str):
-        owner_name, attr = pname.rsplit(".", 1) if "." in pname else ("", pname)
-        return owner_name, self.module.get_submodule(owner_name) if owner_name else self.module, attr
-
-    def _install_sparse(self, wanted: bool):
-        """Swap plain nn.Linear layers holding module slices for SparseUpdateLinear, gate whole weights of other
-        layers by requires_grad; return (layers, gated, masked weight names)."""
-        from mat_kernels.ops import sparse_grad as ops
-
-        by_weight = group_by_weight(self.module, self.specs, validate=False)  # validated in __init__
-        params = dict(self.module.named_parameters())
-        layers, gated, masked = [], [], []
-        reason = None
-        if wanted and not ops.extension_available():
-            reason = f"the C++ extension is not built ({ops.extension_error()})"
-        mha_of = {id(mod.out_proj): mod for mod in self.module.modules() if isinstance(mod, nn.MultiheadAttention)}
-        for wname, groups in by_weight.items():
-            owner_name, owner, attr = self._owner(wname)
-            axes = {g.axis for g in groups}
-            biases = sorted({g.bias_name for g in groups if g.bias_name is not None})
-            conv1d = type(owner).__name__ == "Conv1D" and is_conv1d(owner)
-            # nn.MultiheadAttention's projections: no layer to swap, F.linear is routed while the attention runs
-            mha = owner if isinstance(owner, nn.MultiheadAttention) and attr.endswith("proj_weight") else (
-                mha_of.get(id(owner)) if attr == "weight" else None)
-            linear = type(owner) is nn.Linear or (isinstance(owner, nn.Linear) and type(owner).__name__ in
-                                                  _LINEAR_EQUIVALENT)
-            plain = ((linear or conv1d) and attr == "weight" and id(owner) not in mha_of) or mha is not None
-            if wanted and axes == {"all"} and not (plain and reason is None):
-                # a whole weight of a layer without a sparse-update twin (Conv2d, Conv1D, ...): requires_grad gate.
-                # Tensors the user froze (requires_grad=False) are left alone.
-                tensors = [params[wname]] + [params[b] for b in biases]
-                tensors = [t for t in tensors if t.requires_grad]
-                if tensors:
-                    gated.append(_Gate(owner, tensors, sorted({m for g in groups for m in g.index})))
-                continue
-            if not wanted or reason is not None or not plain or len(axes) != 1:
-                masked.append(wname)
-                continue
-            from mat_kernels.nn.sparse_linear import SparseUpdateConv1D, SparseUpdateLinear, SparseUpdateMHAWeight
-
-            axis = axes.pop()
-            per_module: dict[int, list] = {}  # a head's Q, K and V ranges are one module of the layer
-            for g in groups:
-                for m, ranges in zip(g.index, g.modules):
-                    per_module.setdefault(m, []).extend(ranges)
-            order = list(per_module)
-            owns_bias = bool(biases)
-            # Conv1D: the same kernels on the transposed view of its [d_in, d_out] storage
-            if mha is not None:
-                def wrap(_, *, _mha=mha, _w=params[wname], **kw):
-                    return SparseUpdateMHAWeight(_mha, _w, **kw)
-            else:
-                wrap = SparseUpdateConv1D.from_conv1d if conv1d else SparseUpdateLinear.from_linear
-            if axis == "all":
-                layer = wrap(owner, shared_bias=not owns_bias)
-                extra = 0
-            else:
-                blocks = list(per_module.values())
-                d_out, d_in = groups[0].shape
-                rest = _complement([r for rs in blocks for r in rs], d_out if axis == "rows" else d_in)
-                extra = int(bool(rest))
-                if rest:  # entries no module owns: one more block, always active (they train like the rest)
-                    blocks.append(rest)
-                layer = wrap(owner, shared_bias=axis == "cols" or not owns_bias,
-                             **({"row_blocks": blocks} if axis == "rows" else {"col_blocks": blocks}))
-            layer.set_frozen_backward(self.frozen_backward)
-            if mha is None:
-                parent_name, child = owner_name.rsplit(".", 1) if "." in owner_name else ("", owner_name)
-                parent = self.module.get_submodule(parent_name) if parent_name else self.module
-                self._swapped.append((parent, child, owner))
-                setattr(parent, child, layer)
-            layers.append((layer, order, extra))
-        if masked and wanted:
-            why = reason or "they are row or column slices of layers that are not plain nn.Linear"
-            warnings.warn(
-                f"mat_kernels.MAT: {len(masked)} weight(s) compute their full weight gradient, of which the frozen "
-                f"part is discarded ({why}): {masked[:4]}{' ...' if len(masked) > 4 else ''}. MAT.report() lists them.",
-                UserWarning, stacklevel=3,
-            )
-        if self.frozen_backward == "detach" and masked:
-            warnings.warn(
-                f"mat_kernels.MAT: frozen_backward='detach' cannot stop the gradient through the {len(masked)} masked "
-                f"weight(s) {masked[:4]}: gradients still flow through their frozen slices", UserWarning, stacklevel=3)
-        for gate in gated:
-            gate.install(self)
-        return layers, gated, masked
-
-    def _frozen_optimizer(self, optimizer) -> FrozenSliceOptimizer:
-        params = dict(self.module.named_parameters())
-        blocks: dict[torch.Tensor, list[WeightBlocks]] = {}
-        transposed = set()
-        for wname, groups in group_by_weight(self.module, self.specs, validate=False).items():
-            _, owner, _ = self._owner(wname)
-            if is_conv1d(owner):
-                transposed.add(params[wname])
-            for g in groups:
-                blocks.setdefault(params[wname], []).append(g)
-                if g.bias_name is not None:
-                    blocks.setdefault(params[g.bias_name], []).append(g.for_bias())
-        return FrozenSliceOptimizer(optimizer, blocks, transposed=transposed, num_modules=len(self.specs))
 
     # ------------------------------------------------------------------------------------------------ loop
     def measuring_now(self) -> bool:
@@ -573,72 +448,3 @@ def _layer_groups(specs: list[ModuleSpec]) -> list[str]:
 
     keys = [f"{s.kind}@{layer(s.name)}" for s in specs]
     return [k if keys.count(k) > 1 else s.kind for k, s in zip(keys, specs)]
-
-
-def _complement(ranges, dim: int) -> list[tuple[int, int]]:
-    """``(start, size)`` ranges of ``[0, dim)`` covered by none of ``ranges``."""
-    out, pos = [], 0
-    for start, size in sorted(ranges):
-        if start > pos:
-            out.append((pos, start - pos))
-        pos = max(pos, start + size)
-    if pos < dim:
-        out.append((pos, dim - pos))
-    return out
-
-
-# nn.Linear subclasses whose forward is exactly F.linear(x, weight, bias), so a SparseUpdateLinear may replace them
-# (other subclasses may override forward: their slices are masked, and said so).
-_LINEAR_EQUIVALENT = ("FalconLinear",)
-
-
-class _Gate:
-    """Whole weights (and their biases) of one layer owned by modules, gated by ``requires_grad``: while every
-    owning module is frozen they do not require grad, so autograd computes no weight gradient for them; with
-    partial backpropagation a forward pre-hook also detaches the layer's input, so no gradient flows through it."""
-
-    def __init__(self, owner: nn.Module, tensors: list[torch.Tensor], modules: list[int]):
-        self.owner, self.tensors, self.modules = owner, tensors, modules
-        self.frozen = False
-        self._open = 0
-        self._detach = False
-        self.names: list[str] = []
-
-    def install(self, mat: "MAT") -> None:
-        ids = {id(t) for t in self.tensors}
-        self.names = [n for n, p in mat.module.named_parameters() if id(p) in ids]
-        self._detach = mat.frozen_backward == "detach"
-        self._handle = self.owner.register_forward_pre_hook(self._pre_hook) if self._detach else None
-
-    def remove(self) -> None:
-        """Every tensor requires grad again; the detach hook is removed."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        self.frozen = False
-        for t in self.tensors:
-            t.requires_grad_(True)
-
-    def _pre_hook(self, module, args):
-        if self.frozen and not self._open and args and isinstance(args[0], torch.Tensor):
-            return (args[0].detach(), *args[1:])
-        return None
-
-    def apply(self, active: bool) -> None:
-        self.frozen = not active
-        if not self._open:
-            for t in self.tensors:
-                t.requires_grad_(active)
-
-    @contextlib.contextmanager
-    def open(self):
-        """Exact behaviour (weights require grad, no detach) within the context: measurements."""
-        self._open += 1
-        for t in self.tensors:
-            t.requires_grad_(True)
-        try:
-            yield
-        finally:
-            self._open -= 1
-            if not self._open:
-                self.apply(not self.frozen)

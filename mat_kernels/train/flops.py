@@ -16,7 +16,6 @@ work is not counted.
 """
 from __future__ import annotations
 
-import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["register_sparse_flop_formulas", "count_flops", "StepFlops", "FlopsLedger", "linear_step_flops"]

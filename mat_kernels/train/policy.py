@@ -32,11 +32,13 @@ converged by the rule.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["threshold_mask", "module_scores", "TemporalRule", "POLICIES", "CRITERIA"]
+__all__ = ["threshold_mask", "module_scores", "TemporalRule", "POLICIES", "CRITERIA", "check_number"]
 
 POLICIES = ("mean", "max", "quantile", "top_k", "random")
 CRITERIA = ("lambda", "trace", "grad_norm")
@@ -160,3 +162,15 @@ class TemporalRule:
         self.streak = sd.get("streak")
         if self.streak is None and self.lam0 is not None:
             self.streak = self.converged.long()
+
+
+def check_number(name: str, value, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+                 hi_open: bool = False) -> float:
+    """``value`` as a float if it is a finite number within the bounds, else ``ValueError`` naming ``name``."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value!r}")
+    if hi is not None and (value > hi or (hi_open and value == hi)):
+        raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {value!r}")
+    return float(value)
