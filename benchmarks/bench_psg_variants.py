@@ -25,6 +25,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import mat_kernels as mk  # noqa: E402
 from mat_kernels.kernels import triton_segment_grams as tg  # noqa: E402
+from mat_kernels.kernels import triton_segment_grams_fused as tf  # noqa: E402
 
 # (name, n, T, d_in, d_out, row blocks as (starts, sizes, owners), bias)
 _QKV = mk.WeightBlocks.build(2304, 768, row_blocks=mk.fused_qkv_heads(12, 64)).segments()
@@ -36,7 +37,7 @@ SHAPES = {
 }
 QUICK = {"tiny_n5_t7": (5, 7, 24, 36, ((0, 12, 24), (12, 12, 12), (0, 1, 0)), True)}
 PROVIDERS = {
-    "fused": lambda a, b, s, bias, tf32: tg.fused_segment_grams(a, b, *s, add_one=bias, allow_tf32=tf32),
+    "fused": lambda a, b, s, bias, tf32: tf.fused_segment_grams(a, b, *s, add_one=bias, allow_tf32=tf32),
     "two_kernel": lambda a, b, s, bias, tf32: tg.psg_segment_grams(a, b, s[0], s[1], add_one=bias, allow_tf32=tf32,
                                                                    seg_owners=s[2]),
     "ghost": lambda a, b, s, bias, tf32: tg.ghost_segment_grams(a, b, s[0], s[1], add_one=bias, allow_tf32=tf32,
@@ -80,10 +81,10 @@ def main(argv=None) -> list[dict]:
             g = torch.Generator().manual_seed(0)
             a = torch.randn(n, T, d_in, generator=g).to(device=device, dtype=dtype)
             b = torch.randn(n, T, d_out, generator=g).to(device=device, dtype=dtype)
-            plan = tg.psg_plan(n, T, d_in + int(bias), d_out, a.element_size())
+            plan = tf.psg_plan(n, T, d_in + int(bias), d_out, a.element_size())
             ref = PROVIDERS["two_kernel"](a, b, segs, bias, tf32)
             for prov, fn in PROVIDERS.items():
-                if prov == "fused" and n > tg.FUSED_MAX_N:
+                if prov == "fused" and n > tf.FUSED_MAX_N:
                     continue
                 out = fn(a, b, segs, bias, tf32)
                 err = float((out - ref).abs().max() / ref.abs().max())

@@ -155,7 +155,7 @@ def analyse(arch: int, dtype_name: str, n: int, T: int, method: str = "auto", ps
     ``psg="two-kernel"`` forces the two-kernel psg route at any n (``FUSED_MAX_N = 0`` for the call)."""
     dtype, tf32 = DTYPES[dtype_name]
     from mat_kernels import _backend
-    from mat_kernels.kernels import triton_segment_grams as tg
+    from mat_kernels.kernels import triton_segment_grams_fused as tg
 
     fused_max = tg.FUSED_MAX_N
     if psg == "two-kernel":

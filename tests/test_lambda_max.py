@@ -99,7 +99,7 @@ TRITON_BACKENDS = [b for b in BACKENDS if b[1] == "triton"]
 ])
 def test_two_kernel_psg_route_above_the_fused_n(device, backend, n, T, d_in, d_out, blocks):
     """n > FUSED_MAX_N runs the two-kernel psg route (per-sample gradients in a scratch, then the Gram kernel)."""
-    from mat_kernels.kernels.triton_segment_grams import FUSED_MAX_N
+    from mat_kernels.kernels.triton_segment_grams_fused import FUSED_MAX_N
 
     assert n > FUSED_MAX_N
     x, dy = _inputs(n, T, d_in, d_out, seed=n, device=device)
@@ -112,10 +112,11 @@ def test_fused_two_kernel_and_ghost_agree(device, backend, n, bias):
     """The fused kernel, the two-kernel route and the ghost kernel, each adding segments into their modules
     (a module of two segments included), agree; the whole path against the float64 oracle through _check."""
     from mat_kernels.kernels import triton_segment_grams as tg
+    from mat_kernels.kernels import triton_segment_grams_fused as tf
 
     x, dy = _inputs(n, 3, 11, 14, seed=n, device=device)
     starts, sizes, owners = (0, 4, 9), (4, 5, 5), (0, 1, 0)
-    fused = tg.fused_segment_grams(x, dy, starts, sizes, owners, add_one=bias, allow_tf32=False)
+    fused = tf.fused_segment_grams(x, dy, starts, sizes, owners, add_one=bias, allow_tf32=False)
     seg = tg.psg_segment_grams(x, dy, starts, sizes, add_one=bias, allow_tf32=False)
     two = tg.psg_segment_grams(x, dy, starts, sizes, add_one=bias, allow_tf32=False, seg_owners=owners)
     ghost = tg.ghost_segment_grams(x, dy, starts, sizes, add_one=bias, allow_tf32=False, seg_owners=owners)

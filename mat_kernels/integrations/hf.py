@@ -86,6 +86,7 @@ import torch
 
 from mat_kernels.train.controller import MAT
 from mat_kernels.measure.forward import default_forward
+from mat_kernels.integrations.hf_optimizer import MATOptimizer, to_device, unwrap_optimizer
 from mat_kernels.train.optim import SUPPORTED_OPTIMIZERS
 
 __all__ = ["with_mat", "MATOptimizer", "MATCallback"]
@@ -99,93 +100,6 @@ def _transformers():
     except ImportError as e:  # pragma: no cover - the tests need transformers
         raise ImportError("mat_kernels.hf needs `transformers` (and `accelerate` for its Trainer)") from e
     return transformers
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the optimizer the Trainer steps
-# ----------------------------------------------------------------------------------------------------------------
-class MATOptimizer(torch.optim.Optimizer):
-    """A ``torch.optim.Optimizer`` whose :meth:`step` is :meth:`MAT.step`, for code that steps an optimizer itself
-    (the ``Trainer``, accelerate's ``AcceleratedOptimizer`` and ``GradScaler``, LR schedulers).
-
-    ``param_groups``, ``state`` and ``defaults`` are the wrapped optimizer's own objects (an LR scheduler built on
-    either sees the same dicts). :meth:`state_dict` is the wrapped optimizer's plus a ``"mat"`` entry with
-    :meth:`MAT.state_dict`; :meth:`load_state_dict` restores both (a state dict without ``"mat"`` restores the
-    optimizer only). Like accelerate's wrapper, it does not call ``Optimizer.__init__``: it owns no state.
-    """
-
-    def __init__(self, mat: MAT):  # noqa: D107 - no Optimizer.__init__: the wrapped optimizer holds everything
-        if not isinstance(mat, MAT):
-            raise TypeError(f"MATOptimizer wraps a mat_kernels.MAT, got {type(mat).__name__}")
-        self.mat = mat
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        """The wrapped torch optimizer (``SGD``, ``Adam`` or ``AdamW``)."""
-        return self.mat.optimizer.optimizer
-
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value):
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value):
-        self.optimizer.state = value
-
-    @property
-    def defaults(self):
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value):
-        self.optimizer.defaults = value
-
-    def step(self, closure=None):
-        """:meth:`MAT.step`: the frozen-slice optimizer step, then the measurement and new masks when due."""
-        with torch.enable_grad():  # the measurement runs a forward and backward; callers may be in no_grad
-            return self.mat.step(closure)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.mat.zero_grad(set_to_none=set_to_none)
-
-    def add_param_group(self, param_group: dict) -> None:
-        """Added parameters belong to no MAT module: they are trained at every step."""
-        self.optimizer.add_param_group(param_group)
-
-    def state_dict(self) -> dict:
-        sd = self.optimizer.state_dict()
-        sd["mat"] = self.mat.state_dict()
-        return sd
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        sd = dict(state_dict)
-        mat_sd = sd.pop("mat", None)
-        self.optimizer.load_state_dict(sd)
-        # torch's load_state_dict replaces the param_group dicts (accelerate reloads the state when it wraps this
-        # optimizer, the Trainer when it resumes); FrozenSliceOptimizer caches each parameter's group for the
-        # per-block Adam correction: point it at the live groups, whose lr the scheduler sets
-        if hasattr(self.mat.optimizer, "refresh_param_groups"):
-            self.mat.optimizer.refresh_param_groups()
-        if mat_sd is not None:
-            # accelerate moves every tensor of an optimizer state dict to the device; MAT's state lives on the CPU
-            self.mat.load_state_dict(_to_cpu(mat_sd))
-
-    def __getstate__(self):
-        return self.__dict__
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-
-    def __repr__(self) -> str:
-        return f"MATOptimizer({self.optimizer!r})"
 
 
 @contextlib.contextmanager
@@ -211,37 +125,6 @@ def _measure_forward(module, batch):
     :func:`mat_kernels.model_lambda_max`, without accelerate's autocast."""
     with _without_accelerate_autocast(module):
         return default_forward(module, batch)
-
-
-def _to_cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
-
-
-def _to_device(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, collections.abc.Mapping):  # also BatchEncoding (a UserDict): a plain dict for the model
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(v, device) for v in obj)
-    return obj
-
-
-def _unwrap_optimizer(opt):
-    """The chain ``opt, opt.optimizer, ...`` (accelerate's and other wrappers), outermost first."""
-    seen = []
-    while opt is not None and not any(opt is s for s in seen):
-        seen.append(opt)
-        if isinstance(opt, MATOptimizer):
-            break
-        opt = getattr(opt, "optimizer", None)
-    return seen
 
 
 @contextlib.contextmanager
@@ -313,13 +196,13 @@ class MATCallback:
         src = self.probe_source
         if callable(src):
             batch, labels = src(step)
-            return _to_device(batch, self._device()), _to_device(labels, self._device())
+            return to_device(batch, self._device()), to_device(labels, self._device())
         if self._probe is None:
             if isinstance(src, str):
                 raise RuntimeError("the default probe batch is collated when training starts (on_train_begin); "
                                    "call mat.measure() after trainer.train() has started, or pass probe=")
             batch, labels = src
-            self._probe = (_to_device(batch, self._device()), _to_device(labels, self._device()))
+            self._probe = (to_device(batch, self._device()), to_device(labels, self._device()))
         return self._probe
 
     def _device(self) -> torch.device:
@@ -350,12 +233,12 @@ class MATCallback:
             raise ValueError(
                 f"probe={self.probe_source!r}: the collated batch has no 'labels' entry, which output="
                 f"{self.mat.output!r} needs; pass probe=(batch, labels), or output='projection'")
-        batch = _to_device(batch, self._device())
+        batch = to_device(batch, self._device())
         self._probe = (batch, batch.get("labels") if isinstance(batch, dict) else None)
 
     # ------------------------------------------------------------------------------------------------ events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
-        chain = _unwrap_optimizer(optimizer)
+        chain = unwrap_optimizer(optimizer)
         if not any(o is self.optimizer for o in chain):
             raise RuntimeError(
                 "mat_kernels.hf: the Trainer steps an optimizer that MAT does not wrap "
@@ -493,7 +376,7 @@ def with_mat(trainer, *, probe="train", probe_size: int | None = None, probe_see
     if not isinstance(optimizer, SUPPORTED_OPTIMIZERS):
         if created:
             trainer.optimizer = None  # leave the trainer as it was
-        if any(isinstance(o, MATOptimizer) for o in _unwrap_optimizer(optimizer)):
+        if any(isinstance(o, MATOptimizer) for o in unwrap_optimizer(optimizer)):
             raise ValueError("MAT was already added to this trainer")
         if type(optimizer).__name__ == "AcceleratedOptimizer":
             hint = "with_mat() must be called before trainer.train()"

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 
 from mat_kernels.measure.layer import DEFAULT_SKETCH_SIZE, layer_grams, route_costs
 from mat_kernels.measure.discovery import group_by_weight
+from mat_kernels.measure.capture_records import Record, Site, conv_parts, ranges_in_call, samples_first
 from mat_kernels.measure.forward import check_samples_independent
 from mat_kernels.measure.specs import ModuleSpec, is_conv1d, linear_shape
 
@@ -52,60 +52,6 @@ _PATCH_DEPTH = [0]
 def recording() -> bool:
     """Whether a measurement's recording ``F.linear`` is installed (an ``nn.MultiheadAttention`` is being captured)."""
     return _PATCH_DEPTH[0] > 0
-
-
-@dataclass(eq=False)
-class _Site:
-    weight: str
-    kind: str  # "linear" | "conv1d" | "conv2d" | "mha"
-    owner: nn.Module
-    scope: nn.Module  # module whose forward the hooks wrap
-    param: torch.Tensor
-    d_out: int
-    d_in: int
-    groups: list = field(default_factory=list)  # [(axis, bias, [(module_index, ranges)])]
-    sample_dim: int = 0  # 0: [n, ...] inputs; 1: sequence-first [T, n, ...]
-    calls: int = 0
-    no_grad_calls: int = 0
-
-
-@dataclass(eq=False)  # identity: records hold tensors, and list.remove must never compare those
-class _Record:
-    site: _Site
-    x: torch.Tensor
-    r0: int
-    rows: int
-    has_bias: bool
-    backward_phase: bool
-    dy: torch.Tensor | None = None
-
-
-def _ranges_in_call(ranges, axis: str, r0: int, rows: int, d_out: int):
-    """Module ranges (in full-weight coordinates) restricted to the rows ``[r0, r0 + rows)`` one call covers."""
-    if axis != "rows":
-        return list(ranges)
-    out = []
-    for start, size in ranges:
-        lo, hi = max(start, r0), min(start + size, r0 + rows)
-        if lo < hi:
-            out.append((lo - r0, hi - lo))
-    return out
-
-
-def conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
-    """The input padding a ``Conv2d`` applies, as ``F.pad``'s ``(left, right, top, bottom)``: integer padding, or
-    ``"valid"`` (none) and ``"same"`` (``dilation·(k-1)`` in all, the odd one on the right/bottom, as PyTorch
-    does)."""
-    if conv.padding == "valid":
-        return (0, 0, 0, 0)
-    if conv.padding == "same":
-        out = []
-        for d, k in zip(reversed(conv.dilation), reversed(conv.kernel_size)):
-            total = d * (k - 1)
-            out += [total // 2, total - total // 2]
-        return tuple(out)
-    ph, pw = conv.padding
-    return (pw, pw, ph, ph)
 
 
 class LambdaCapture:
@@ -124,8 +70,8 @@ class LambdaCapture:
             raise ValueError(f"loss_scale must be a positive number, got {loss_scale!r}")
         self.model, self.specs, self.n, self.loss_scale, self.tap = model, list(specs), n, float(loss_scale), tap
         self.gram_kwargs = gram_kwargs
-        self.sites: dict[str, _Site] = {}
-        self._by_id: dict[int, _Site] = {}
+        self.sites: dict[str, Site] = {}
+        self._by_id: dict[int, Site] = {}
         self._build_sites()
         self.grams: torch.Tensor | None = None
         self.backend: str | None = None
@@ -133,7 +79,7 @@ class LambdaCapture:
         self.peak_held_bytes = 0
         self.gram_flops = 0  # 2 × multiply-adds of the Gram routes run (mat_kernels.route_costs)
         self.gram_seconds = 0.0  # host wall time spent building Grams (inside the backward's hooks)
-        self._records: dict[tuple, list[_Record]] = {}
+        self._records: dict[tuple, list[Record]] = {}
         self._done: set[tuple] = set()
         self._handles: list = []
         self._stack = contextlib.ExitStack()
@@ -161,7 +107,7 @@ class LambdaCapture:
                 return 0 if mod.self_attn.batch_first else 1
         return self.sample_dim
 
-    def _make_site(self, name: str, params, owners) -> _Site:
+    def _make_site(self, name: str, params, owners) -> Site:
         owner_name, attr = name.rsplit(".", 1) if "." in name else ("", name)
         owner = owners[owner_name]
         p = params[name]
@@ -170,15 +116,15 @@ class LambdaCapture:
         parent = owners.get(parent_name) if owner_name else None
         if isinstance(owner, nn.MultiheadAttention) and attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight",
                                                                  "v_proj_weight"):
-            return _Site(name, "mha", owner, owner, p, d_out, d_in)
+            return Site(name, "mha", owner, owner, p, d_out, d_in)
         if isinstance(parent, nn.MultiheadAttention) and owner is parent.out_proj and attr == "weight":
-            return _Site(name, "mha", owner, parent, p, d_out, d_in)
+            return Site(name, "mha", owner, parent, p, d_out, d_in)
         if attr == "weight" and isinstance(owner, nn.Linear):
-            return _Site(name, "linear", owner, owner, p, d_out, d_in)
+            return Site(name, "linear", owner, owner, p, d_out, d_in)
         if attr == "weight" and is_conv1d(owner):
-            return _Site(name, "conv1d", owner, owner, p, d_out, d_in)
+            return Site(name, "conv1d", owner, owner, p, d_out, d_in)
         if attr == "weight" and isinstance(owner, nn.Conv2d):
-            return _Site(name, "conv2d", owner, owner, p, d_out, d_in)
+            return Site(name, "conv2d", owner, owner, p, d_out, d_in)
         raise ValueError(
             f"parameter {name} belongs to a {type(owner).__name__}; mat_kernels captures nn.Linear, Hugging Face "
             "Conv1D, nn.Conv2d and nn.MultiheadAttention weights"
@@ -214,7 +160,7 @@ class LambdaCapture:
         self._handles.clear()
         self._stack.close()
 
-    def _module_hook(self, site: _Site, module, inputs, output):
+    def _module_hook(self, site: Site, module, inputs, output):
         x = inputs[0] if inputs else None
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{site.weight}: the layer's first positional input must be a tensor")
@@ -249,7 +195,7 @@ class LambdaCapture:
         return site, r0, weight.shape[0]
 
     # ------------------------------------------------------------------------------------------------ records
-    def _record(self, site: _Site, x, out, r0: int, rows: int, has_bias: bool):
+    def _record(self, site: Site, x, out, r0: int, rows: int, has_bias: bool):
         site.calls += 1
         if not isinstance(out, torch.Tensor) or not out.requires_grad:
             site.no_grad_calls += 1
@@ -260,7 +206,7 @@ class LambdaCapture:
         # checkpointing recomputes before the layer's own output gradient is known; its recomputed outputs never
         # receive one, so they must not hold back the forward call's record.
         in_backward = torch._C._current_autograd_node() is not None
-        rec = _Record(site, x.detach(), r0, rows, has_bias, in_backward)
+        rec = Record(site, x.detach(), r0, rows, has_bias, in_backward)
         self._records.setdefault((site.weight, r0, rows), []).append(rec)
         if self.tap and not in_backward:
             out = out + self._z
@@ -270,7 +216,7 @@ class LambdaCapture:
         out.register_hook(functools.partial(self._on_dy, rec))
         return None
 
-    def _on_dy(self, rec: _Record, grad: torch.Tensor | None):
+    def _on_dy(self, rec: Record, grad: torch.Tensor | None):
         if grad is None:
             raise RuntimeError(
                 f"{rec.site.weight}: no gradient reached this layer's output in the backward; a measurement needs "
@@ -300,69 +246,25 @@ class LambdaCapture:
         return None
 
     # ------------------------------------------------------------------------------------------------ Grams
-    def _samples_first(self, site: _Site, rec: _Record) -> tuple[torch.Tensor, torch.Tensor]:
-        n, x, dy = self.n, rec.x, rec.dy
-        d_in = x.shape[-1]
-        if site.kind == "mha":  # [T, n, E] or [T·n, E]
-            if x.numel() % (n * d_in) or (x.dim() == 3 and x.shape[1] != n):
-                raise ValueError(f"{site.weight}: input of shape {tuple(x.shape)} does not hold n={n} samples "
-                                 "sequence-first")
-            return (x.reshape(-1, n, d_in).transpose(0, 1), dy.reshape(-1, n, dy.shape[-1]).transpose(0, 1))
-        if site.sample_dim == 1:
-            if x.dim() < 3 or x.shape[1] != n:
-                raise ValueError(f"{site.weight}: sequence-first input of shape {tuple(x.shape)} does not hold n={n} "
-                                 "samples in dimension 1")
-            return x.transpose(0, 1).reshape(n, -1, d_in), dy.transpose(0, 1).reshape(n, -1, dy.shape[-1])
-        if x.shape[0] != n:
-            hint = " (sequence-first tensors? pass sample_dim=1)" if x.dim() >= 3 and x.shape[1] == n else ""
-            raise ValueError(
-                f"{site.weight}: the layer input has leading dimension {x.shape[0]}, not the n={n} samples{hint}. If "
-                "the sample axis is lost (e.g. tokens gathered across samples, as in token-routed MoE experts), "
-                "per-sample gradients cannot be formed from this layer's tensors"
-            )
-        return x.reshape(n, -1, d_in), dy.reshape(n, -1, dy.shape[-1])
-
-    def _conv_parts(self, site: _Site, rec: _Record):
-        """Per group of the convolution: (patches [n, L, C_g·kh·kw], dy [n, L, O_g], output-channel offset)."""
-        conv, n = site.owner, self.n
-        x, dy = rec.x, rec.dy
-        if x.dim() != 4 or x.shape[0] != n:
-            raise ValueError(f"{site.weight}: Conv2d input must be [n, C, H, W] with n={n}, got {tuple(x.shape)}")
-        G = conv.groups
-        cg, og = x.shape[1] // G, dy.shape[1] // G
-        parts = []
-        left, right, top, bottom = conv_padding(conv)
-        if conv.padding_mode == "zeros" and left == right and top == bottom:
-            unfold_pad = (top, left)  # unfold pads symmetrically with zeros itself: no copy of x
-        else:  # asymmetric ("same" with an even kernel) or reflect/replicate/circular: pad explicitly, as the conv does
-            x = F.pad(x, (left, right, top, bottom),
-                      mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
-            unfold_pad = 0
-        for g in range(G):
-            pt = F.unfold(x[:, g * cg:(g + 1) * cg], conv.kernel_size, conv.dilation, unfold_pad, conv.stride)
-            d = dy[:, g * og:(g + 1) * og].reshape(n, og, -1)
-            parts.append((pt.transpose(1, 2), d.transpose(1, 2), g * og))
-        return parts
-
-    def _build(self, site: _Site, group: list[_Record]) -> None:
+    def _build(self, site: Site, group: list[Record]) -> None:
         t0 = time.perf_counter()
         try:
             self._build_grams(site, group)
         finally:
             self.gram_seconds += time.perf_counter() - t0
 
-    def _build_grams(self, site: _Site, group: list[_Record]) -> None:
+    def _build_grams(self, site: Site, group: list[Record]) -> None:
         if self.grams is None:
             dev = group[0].x.device
             self.grams = torch.zeros(len(self.specs), self.n, self.n, dtype=torch.float32, device=dev)
         rec0 = group[0]
         if site.kind == "conv2d":
-            per_rec = [self._conv_parts(site, r) for r in group]
+            per_rec = [conv_parts(site, r, self.n) for r in group]
             chunks = [(torch.cat([p[g][0] for p in per_rec], 1), torch.cat([p[g][1] for p in per_rec], 1), off)
                       for g, (_, _, off) in enumerate(per_rec[0])]
             width = chunks[0][1].shape[-1]
         else:
-            pairs = [self._samples_first(site, r) for r in group]
+            pairs = [samples_first(site, r, self.n) for r in group]
             x3 = torch.cat([p[0] for p in pairs], 1) if len(pairs) > 1 else pairs[0][0]
             dy3 = torch.cat([p[1] for p in pairs], 1) if len(pairs) > 1 else pairs[0][1]
             chunks = [(x3, dy3, 0)]
@@ -373,7 +275,7 @@ class LambdaCapture:
             for x3, dy3, off in chunks:
                 mods, blocks = [], []
                 for m, ranges in entries:
-                    r = _ranges_in_call(ranges, axis, rec0.r0 + off, width, site.d_out)
+                    r = ranges_in_call(ranges, axis, rec0.r0 + off, width, site.d_out)
                     if r:
                         mods.append(m)
                         blocks.append(r)
@@ -431,7 +333,7 @@ class LambdaCapture:
             if site.no_grad_calls == site.calls and not self._done_for(site):
                 raise RuntimeError(f"layer {site.weight} ran only without gradients; nothing was captured for it")
 
-    def _done_for(self, site: _Site) -> bool:
+    def _done_for(self, site: Site) -> bool:
         return any(k[0] == site.weight for k in self._done)
 
     def module_grams(self) -> torch.Tensor:

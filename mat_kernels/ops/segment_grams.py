@@ -33,16 +33,17 @@ def segment_grams(
     ``a``: ``[n, T, DA]``, ``b``: ``[n, T, DB]`` (same dtype and device). ``route`` is ``"ghost"`` or ``"psg"``,
     ``backend`` ``"triton"`` or ``"torch"``. On Triton, ``psg`` runs the fused
     per-sample-gradient + Gram kernel (one launch, the owners summed in the kernel) where
-    :func:`mat_kernels.kernels.triton_segment_grams.psg_plan` predicts it faster (n ≤ ``FUSED_MAX_N``, short sequences), else the
+    :func:`mat_kernels.kernels.triton_segment_grams_fused.psg_plan` predicts it faster (n ≤ ``FUSED_MAX_N``, short sequences), else the
     two-kernel route with its bounded scratch. See :mod:`mat_kernels.kernels.triton_segment_grams` for the maths.
     """
     if backend == "triton":
         from mat_kernels.kernels import triton_segment_grams as tg
+        from mat_kernels.kernels import triton_segment_grams_fused as tf
 
         n, T, DA = a.shape
-        if route == "psg" and tg.psg_plan(n, T, DA + int(add_one), sum(seg_sizes), a.element_size(),
+        if route == "psg" and tf.psg_plan(n, T, DA + int(add_one), sum(seg_sizes), a.element_size(),
                                           scratch_bytes)["kernel"] == "fused":
-            return tg.fused_segment_grams(a, b, tuple(seg_starts), tuple(seg_sizes), tuple(seg_owners),
+            return tf.fused_segment_grams(a, b, tuple(seg_starts), tuple(seg_sizes), tuple(seg_owners),
                                           add_one=add_one, allow_tf32=allow_tf32)
         fn = tg.ghost_segment_grams if route == "ghost" else tg.psg_segment_grams
         kwargs = {} if route == "ghost" else {"scratch_bytes": scratch_bytes}
