@@ -19,13 +19,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import datetime
 import os
-import platform
-import statistics
 import sys
-import time
 import warnings
 
 import torch
@@ -33,6 +28,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python"))
 import tasks as task_registry  # noqa: E402
+
+import _harness  # noqa: E402  (benchmarks/_harness.py, this script's folder)
 
 import mat_kernels as mk  # noqa: E402
 
@@ -85,32 +82,21 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     rows = []
+    env = {**_harness.env_row(torch.device("cpu")), "op": "mat_step", "dtype": "fp32"}
     for task_name in a.tasks.split(","):
         task, batch, setups = _setup(task_name)
-        times = {p: [] for p in PROVIDERS}
-        for p in PROVIDERS:  # warm-up
-            _step(task, batch, *setups[p])
-        for _ in range(a.rounds):
-            for p in PROVIDERS:
-                t0 = time.perf_counter()
-                _step(task, batch, *setups[p])
-                times[p].append(time.perf_counter() - t0)
-        base = statistics.median(times["dense"])
+        times = _harness.interleaved_ms({p: (lambda p=p: _step(task, batch, *setups[p])) for p in PROVIDERS},
+                                        a.rounds)
+        base = times["dense"][0]
         print(f"{task_name}: {a.rounds} interleaved rounds, {torch.get_num_threads()} threads")
         for p in PROVIDERS:
-            q = statistics.quantiles(times[p], n=10)
-            med = statistics.median(times[p])
-            print(f"  {p:20s} {1e3 * med:8.1f} ms  (p20 {1e3 * q[1]:.1f}, p80 {1e3 * q[7]:.1f})  x{med / base:.3f}")
-            rows.append({"task": task_name, "provider": p, "ms": round(1e3 * med, 3), "ms_p20": round(1e3 * q[1], 3),
-                         "ms_p80": round(1e3 * q[7], 3), "ratio_vs_dense": round(med / base, 4), "rounds": a.rounds,
-                         "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat(),
-                         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}"})
+            med, p20, p80 = times[p]
+            print(f"  {p:20s} {med:8.1f} ms  (p20 {p20:.1f}, p80 {p80:.1f})  x{med / base:.3f}")
+            rows.append({**env, "shape": task_name, "provider": p, "ms": round(med, 3), "ms_p20": round(p20, 3),
+                         "ms_p80": round(p80, 3), "ratio_vs_dense": round(med / base, 4), "rounds": a.rounds,
+                         "threads": torch.get_num_threads()})
     if a.csv:
-        os.makedirs(os.path.dirname(os.path.abspath(a.csv)), exist_ok=True)
-        with open(a.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        _harness.upsert_csv(a.csv, rows)
     return 0
 
 

@@ -26,18 +26,11 @@ device memory (CUDA), max relative λmax difference to ``torch_func``. Targets (
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as _dt
-import gc
-import os
-import platform
-import subprocess
 import sys
-import time
 import warnings
 
+import _harness  # benchmarks/_harness.py (this script's folder is on sys.path)
 import torch
-import torch.nn.functional as F
 
 import mat_kernels as mk
 from mat_kernels.measure.model import per_sample_output
@@ -101,52 +94,6 @@ def train_step(model, ids, labels, specs, capture: bool, **kw):
     return None
 
 
-def timed(fn, device, quick: bool) -> list[float]:
-    if device.type == "cuda":
-        import triton.testing
-
-        return [float(v) for v in triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=50 if quick else 300,
-                                                           quantiles=[0.5, 0.2, 0.8])]
-    fn()
-    ts = []
-    for _ in range(3 if quick else 10):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    q = torch.quantile(torch.tensor(ts, dtype=torch.float64), torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
-    return q.tolist()
-
-
-def interleaved(fns: dict, rounds: int) -> dict:
-    """CPU: one call of every provider per round, ``rounds`` rounds after a warm-up round; median, 20%, 80% ms.
-    Side by side, so a change in the machine's load hits every provider alike."""
-    for f in fns.values():
-        f()
-    ts = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            ts[k].append((time.perf_counter() - t0) * 1e3)
-    q = torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)
-    return {k: torch.quantile(torch.tensor(v, dtype=torch.float64), q).tolist() for k, v in ts.items()}
-
-
-def peak_extra(fn, device) -> float | None:
-    if device.type != "cuda":
-        return None
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del out
-    return peak / 2**20
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -180,11 +127,8 @@ def main(argv=None) -> int:
     ids, labels = make_batch(n, T, vocab, device)
     specs = mk.discover_modules(model).specs
     kw = {"backend": a.backend}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    dev = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.machine()}, " \
-                                                                      f"{torch.get_num_threads()} threads)"
-    date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    env = {**_harness.env_row(device), "op": "model_lambda_max"}
+    date, commit, dev = env["date"], env["git_commit"], env["device"]
     print(f"# bench_model_lambda_max {date} commit {commit} device {dev} torch {torch.__version__}")
     print(f"# BERT: {layers} layers, d={d}, {heads} heads, FFN {ffn}, vocab {vocab}; n={n}, T={T}, {a.dtype}; "
           f"{len(specs)} modules")
@@ -205,11 +149,12 @@ def main(argv=None) -> int:
     if not a.skip_torch_func:
         fns["torch_func"] = lambda: torch_func_lambdas(model, ids, labels, specs, a.func_chunk)
     if a.rounds and device.type == "cpu":
-        times = interleaved(fns, a.rounds)
+        times = _harness.interleaved_ms(fns, a.rounds)
     else:
-        times = {k: timed(f, device, a.quick) for k, f in fns.items()}
+        times = {k: _harness.time_ms(f, device, quick=a.quick, min_reps=3 if a.quick else 10, budget_s=0)[0]
+                 for k, f in fns.items()}
     t = times["mat_kernels"]
-    rows.append(("mat_kernels", res.backend, t, peak_extra(lambda: mat_kernels_lambdas(model, ids, labels, specs,
+    rows.append(("mat_kernels", res.backend, t, _harness.peak_extra_mib(lambda: mat_kernels_lambdas(model, ids, labels, specs,
                                                                                       **kw), device), err(lam_mk)))
     t_plain, t_cap = times["plain"], times["capture"]
     rows.append(("train_step_plain", "-", t_plain, None, None))
@@ -217,7 +162,7 @@ def main(argv=None) -> int:
     rows.append(("mat_kernels_train_step_overhead", res.backend, [c - p for c, p in zip(t_cap, t_plain)], None, None))
     if not a.skip_torch_func:
         t = times["torch_func"]
-        rows.append(("torch_func", "torch", t, peak_extra(lambda: torch_func_lambdas(model, ids, labels, specs,
+        rows.append(("torch_func", "torch", t, _harness.peak_extra_mib(lambda: torch_func_lambdas(model, ids, labels, specs,
                                                                                    a.func_chunk), device), 0.0))
     model.zero_grad(set_to_none=True)
     print("| provider | backend | median ms | p20 ms | p80 ms | peak extra MiB | max rel λ diff vs torch_func |")
@@ -230,14 +175,11 @@ def main(argv=None) -> int:
     print(f"mat_kernels / plain forward + backward: {times['mat_kernels'][0] / t_plain[0]:.2f}x; capture adds "
           f"{100 * (t_cap[0] / t_plain[0] - 1):.0f}% to the step")
     if a.csv:
-        new = not os.path.exists(a.csv)
-        with open(a.csv, "a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(["date", "device", "commit", "layers", "d", "vocab", "n", "T", "dtype", "provider", "backend",
-                            "median_ms", "p20_ms", "p80_ms", "peak_extra_mib", "max_rel_diff"])
-            for name, backend, (med, p20, p80), mem, e in rows:
-                w.writerow([date, dev, commit, layers, d, vocab, n, T, a.dtype, name, backend, med, p20, p80, mem, e])
+        _harness.upsert_csv(a.csv, [{**env, "layers": layers, "d": d, "vocab": vocab, "n": n, "T": T, "dtype": a.dtype,
+                                     "provider": name, "backend": backend, "median_ms": med, "p20_ms": p20,
+                                     "p80_ms": p80, "peak_extra_mib": mem, "max_rel_diff": e,
+                                     "shape": f"bert_l{layers}_d{d}_v{vocab}_n{n}_t{T}"}
+                                    for name, backend, (med, p20, p80), mem, e in rows])
     bad = lam_ref is not None and err(lam_mk) > (1e-3 if a.dtype == "fp32" else 5e-2)
     if bad:
         print("ERROR: mat_kernels and torch_func disagree")

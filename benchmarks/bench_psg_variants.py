@@ -12,8 +12,6 @@ chose, the max relative difference to ``two_kernel``.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as _dt
 import os
 import sys
 
@@ -26,6 +24,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import mat_kernels as mk  # noqa: E402
 from mat_kernels.kernels import triton_segment_grams as tg  # noqa: E402
 from mat_kernels.kernels import triton_segment_grams_fused as tf  # noqa: E402
+
+import _harness  # noqa: E402  (benchmarks/_harness.py, this script's folder)
 
 # (name, n, T, d_in, d_out, row blocks as (starts, sizes, owners), bias)
 _QKV = mk.WeightBlocks.build(2304, 768, row_blocks=mk.fused_qkv_heads(12, 64)).segments()
@@ -45,23 +45,6 @@ PROVIDERS = {
 }
 
 
-def _time(fn, device) -> tuple[float, float, float]:
-    if device.type == "cuda":
-        import triton.testing
-
-        q = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-        return tuple(q)
-    import time
-
-    ts = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(1e3 * (time.perf_counter() - t0))
-    ts.sort()
-    return ts[1], ts[0], ts[-1]
-
-
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
@@ -71,7 +54,7 @@ def main(argv=None) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = QUICK if args.quick or device.type == "cpu" else SHAPES
     dtypes = {"fp32": (torch.float32, False), "tf32": (torch.float32, True), "bf16": (torch.bfloat16, False)}
-    name_dev = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)"
+    env = {**_harness.env_row(device), "op": "segment_grams_psg_variants"}
     rows = []
     for shape, (n, T, d_in, d_out, segs, bias) in shapes.items():
         for dname in args.dtypes.split(","):
@@ -88,8 +71,9 @@ def main(argv=None) -> list[dict]:
                     continue
                 out = fn(a, b, segs, bias, tf32)
                 err = float((out - ref).abs().max() / ref.abs().max())
-                med, lo, hi = _time(lambda: fn(a, b, segs, bias, tf32), device)
-                row = {"date": _dt.date.today().isoformat(), "device": name_dev, "shape": shape, "dtype": dname,
+                (med, lo, hi), _ = _harness.time_ms(lambda: fn(a, b, segs, bias, tf32), device, quick=args.quick,
+                                                    min_reps=3, budget_s=0)
+                row = {**env, "shape": shape, "dtype": dname,
                        "provider": prov, "ms": round(med, 4), "ms_p20": round(lo, 4), "ms_p80": round(hi, 4),
                        "plan": plan["kernel"], "plan_fused_us": round(1e6 * (plan["fused_s"] or 0), 1),
                        "plan_two_kernel_us": round(1e6 * (plan["two_kernel_s"] or 0), 1),
@@ -97,12 +81,7 @@ def main(argv=None) -> list[dict]:
                 rows.append(row)
                 print(row, flush=True)
     if args.csv:
-        new = not os.path.exists(args.csv)
-        with open(args.csv, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+        _harness.upsert_csv(args.csv, rows)
     return rows
 
 

@@ -52,14 +52,10 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as _dt
 import fnmatch
 import gc
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 import traceback
@@ -71,6 +67,9 @@ import torch.nn.functional as F
 
 import mat_kernels as mk
 from mat_kernels.testing import reference as mk_ref
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------
 # workload
@@ -448,114 +447,16 @@ def print_costs(shapes: list[Shape], dtype_names: list[str], sketch_size: int) -
                           f"{sc / 1e6:.1f} | {t_f:.4f} | {t_b:.4f} | {max(t_f, t_b):.4f} |")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# timing and memory
-# ---------------------------------------------------------------------------------------------------------------
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn, device: torch.device, quick: bool) -> tuple[list[float], str]:
-    """``[median, p20, p80]`` in ms and the timer used."""
-    if device.type == "cuda":
-        try:
-            import triton.testing
-
-            warmup, rep = (10, 50) if quick else (25, 500)
-            q = triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
-            return [float(v) for v in q], "triton.testing.do_bench"
-        except ImportError:
-            pass
-        times = []
-        fn()
-        torch.cuda.synchronize(device)
-        for _ in range(5 if quick else 50):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize(device)
-            times.append(s.elapsed_time(e))
-        timer = "cuda events"
-    else:
-        min_reps, budget_s = (3, 1.0) if quick else (10, 5.0)
-        fn()  # warm-up
-        times = []
-        t_start = time.perf_counter()
-        while len(times) < min_reps or (time.perf_counter() - t_start < budget_s and len(times) < 200):
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append((time.perf_counter() - t0) * 1e3)
-        timer = "perf_counter"
-    q = torch.quantile(torch.tensor(times, dtype=torch.float64), torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
-    return q.tolist(), timer
-
-
-def peak_extra_bytes(fn, device: torch.device) -> int | None:
-    """Peak device memory of one call above what was allocated before it (inputs excluded); None off CUDA."""
-    if device.type != "cuda":
-        return None
-    gc.collect()
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    out = fn()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - base
-    del out
-    return peak
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# environment, output
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def git_commit() -> str:
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=10)
-        return out.stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def triton_version() -> str:
-    try:
-        import triton
-
-        return triton.__version__
-    except Exception:
-        return "unavailable"
-
-
 CSV_FIELDS = [
-    "date", "device", "git_commit", "torch", "triton", "mat_kernels", "shape", "n", "T", "dtype", "provider",
+    "date", "op", "device", "git_commit", "torch", "triton", "mat_kernels", "shape", "n", "T", "dtype", "provider",
     "backend", "routes", "timer", "median_ms", "p20_ms", "p80_ms", "peak_extra_mib", "max_rel_err", "route_gflop",
     "tflops", "status",
 ]
-
-
-def append_csv(path: str, rows: list[dict]) -> None:
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow(r)
 
 
 def _fmt(v, spec: str, none: str = "-") -> str:
@@ -617,9 +518,8 @@ def run_one(wl: Workload, prov: Provider, ref: torch.Tensor, quick: bool) -> dic
         else:
             routes = [prov.route] * len(wl.linears)
         row["routes"] = _routes_str(routes)
-        peak = peak_extra_bytes(fn, device)
-        row["peak_extra_mib"] = None if peak is None else peak / 2**20
-        (med, p20, p80), timer = time_fn(fn, device, quick)
+        row["peak_extra_mib"] = _harness.peak_extra_mib(fn, device)
+        (med, p20, p80), timer = _harness.time_ms(fn, device, quick=quick)
         row.update(median_ms=med, p20_ms=p20, p80_ms=p80, timer=timer)
         fl = route_flops(wl.shape, routes, wl.sketch_size)
         row["route_gflop"] = fl / 1e9
@@ -676,14 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     oracle_device = torch.device(args.oracle_device) if args.oracle_device else device
     torch.backends.cuda.matmul.allow_tf32 = False  # baselines: IEEE fp32 (mat_kernels sets TF32 per call)
 
-    env = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": device_name(device),
-        "git_commit": git_commit(),
-        "torch": torch.__version__,
-        "triton": triton_version(),
-        "mat_kernels": mk.__version__,
-    }
+    env = {"op": "segment_grams", **_harness.env_row(device)}
     mode, reason = mk._backend.triton_mode()
     print(f"# bench_segment_grams  {env['date']}  commit {env['git_commit']}")
     print(f"# device: {env['device']}  torch {env['torch']}  triton {env['triton']}  mat_kernels {env['mat_kernels']}")
@@ -743,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
                  else ""))
     print(f"total {time.perf_counter() - t_all:.1f}s")
     if args.csv:
-        append_csv(args.csv, rows)
+        _harness.upsert_csv(args.csv, rows, key=("op", "provider", "shape", "dtype", "device"), fields=CSV_FIELDS)
         print(f"appended {len(rows)} rows to {args.csv}")
     return 1 if any(r["status"].startswith("error") for r in rows) else 0
 

@@ -25,13 +25,9 @@ frozen blocks zeroed) and is appended to a CSV with device, date, torch version 
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import math
 import os
-import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -43,6 +39,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import mat_kernels as mk  # noqa: E402
 from mat_kernels.ops.sparse_grad import block_mask  # noqa: E402
+
+import _harness  # noqa: E402  (benchmarks/ is on sys.path: this script's folder)
 
 DEFAULT_CSV = os.path.join(HERE, "results", "bench_sparse_grad.csv")
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -64,7 +62,7 @@ QUICK_SHAPES = {
 }
 
 CSV_FIELDS = [
-    "date", "commit", "device", "torch", "dtype", "shape", "tokens", "d_in", "d_out", "blocks", "pattern",
+    "date", "op", "git_commit", "device", "torch", "triton", "mat_kernels", "dtype", "shape", "tokens", "d_in", "d_out", "blocks", "pattern",
     "fraction", "active_modules", "provider", "ms", "ms_p20", "ms_p80", "ratio_vs_ideal", "ratio_vs_dense",
     "tflops", "peak_mem_mib", "max_rel_err",
 ]
@@ -105,44 +103,6 @@ def _rel_err(a, b) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def _timer(device: torch.device, quick: bool):
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        def time_cuda(fn):
-            med, p20, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-            return med, p20, p80
-
-        return time_cuda
-
-    reps = 5 if quick else 30
-
-    def time_cpu(fn):
-        for _ in range(2):
-            fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
-        q = q.tolist()
-        return q[0], q[1], q[2]
-
-    return time_cpu
-
-
-def _peak_mib(fn, device) -> float:
-    if device.type != "cuda":
-        return float("nan")
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-
-
 def bench_shape(name, shape, dtype, device, fractions, patterns, providers, timer):
     tokens, d_in, d_out, spec = shape
     layout = mk.SparseLayout.build(d_out, d_in, **spec)
@@ -162,7 +122,7 @@ def bench_shape(name, shape, dtype, device, fractions, patterns, providers, time
     ref_dx, ref_dw, ref_db = dense()
     t_dense = timer(dense)
     t_dx = timer(dx_only)
-    mem_dense, mem_dx = _peak_mib(dense, device), _peak_mib(dx_only, device)
+    mem_dense, mem_dx = _harness.peak_extra_mib(dense, device), _harness.peak_extra_mib(dx_only, device)
     rows = []
     flops_dx = 2 * tokens * d_in * d_out
     for pattern in patterns:
@@ -196,7 +156,7 @@ def bench_shape(name, shape, dtype, device, fractions, patterns, providers, time
                     gx, gw, gb = fn()
                     err = max(_rel_err(gx, ref_dx), _rel_err(gw, ref_dw * mask_w), _rel_err(gb, ref_db * mask_b))
                     ms, p20, p80 = timer(fn)
-                    mem = _peak_mib(fn, device)
+                    mem = _harness.peak_extra_mib(fn, device)
                 dw_flops = {"dense_autograd": 1.0, "dx_only": 0.0}.get(prov, active_frac)
                 flops = flops_dx * (1 + dw_flops)
                 rows.append({
@@ -208,25 +168,6 @@ def bench_shape(name, shape, dtype, device, fractions, patterns, providers, time
                     "max_rel_err": err,
                 })
     return rows
-
-
-def _commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except Exception:
-        return "unknown"
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def _print_table(rows) -> None:
@@ -252,7 +193,7 @@ def main(argv=None):
     p.add_argument("--patterns", nargs="+", choices=PATTERNS, default=list(PATTERNS))
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     p.add_argument("--quick", action="store_true", help="CPU smoke test: small shapes, few repetitions")
-    p.add_argument("--csv", default=None, help=f"append rows here (default {DEFAULT_CSV}; none with --quick)")
+    p.add_argument("--csv", default=None, help=f"write rows here (upsert) (default {DEFAULT_CSV}; none with --quick)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -264,26 +205,22 @@ def main(argv=None):
     dtypes = [DTYPES[d] for d in (args.dtypes or (["fp32"] if args.quick else ["bf16", "fp32"]))]
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 rows are fp32 GEMMs, as in dense autograd's default
-    timer = _timer(device, args.quick)
+    def timer(fn):
+        return tuple(_harness.time_ms(fn, device, quick=args.quick, min_reps=5 if args.quick else 30)[0])
+
     rows = []
     for dtype in dtypes:
         for name in names:
             rows += bench_shape(name, shapes[name], dtype, device, args.fractions, args.patterns, args.providers,
                                 timer)
-    stamp = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"), "commit": _commit(),
-             "device": _device_name(device), "torch": torch.__version__}
+    stamp = {"op": "sparse_grad", **_harness.env_row(device)}
     rows = [{**stamp, **r} for r in rows]
     _print_table(rows)
     path = args.csv if args.csv is not None else (None if args.quick else DEFAULT_CSV)
     if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        new = not os.path.exists(path) or os.path.getsize(path) == 0
-        with open(path, "a", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
-        print(f"appended {len(rows)} rows to {path}")
+        _harness.upsert_csv(path, rows, key=("op", "provider", "shape", "dtype", "device", "pattern", "fraction"),
+                            fields=CSV_FIELDS)
+        print(f"wrote {len(rows)} rows to {path}")
     return rows
 
 

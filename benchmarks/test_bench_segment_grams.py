@@ -67,7 +67,11 @@ def test_bench_segment_grams_script_smoke(capsys, tmp_path):
     assert rc == 0, out
     assert "| bert_base_layer_n4_t16 | fp32 | mat_kernels_auto |" in out
     rows = csv.read_text().splitlines()
-    assert rows[0].startswith("date,device") and len(rows) == 1 + len(blm.PROVIDERS)
+    assert rows[0].startswith("date,op,device") and len(rows) == 1 + len(blm.PROVIDERS)
+    # a rerun replaces its rows (CSV upsert keyed by op, provider, shape, dtype, device), a new shape adds rows
+    assert blm.main(["--quick", "--device", "cpu", "--dtypes", "fp32", "--backend", "torch", "--providers",
+                     "mat_kernels_auto", "--csv", str(csv)]) == 0
+    assert len(csv.read_text().splitlines()) == 1 + len(blm.PROVIDERS)
 
 
 def test_bench_costs_table(capsys):
