@@ -11,6 +11,12 @@ from mat_kernels.train.controller import MAT
 __all__ = ["MATOptimizer", "unwrap_optimizer", "to_device"]
 
 
+def _forwarded(name: str) -> property:
+    """An attribute read from and written to the wrapped optimizer: LR schedulers and accelerate see its own
+    objects."""
+    return property(lambda self: getattr(self.optimizer, name), lambda self, value: setattr(self.optimizer, name, value))
+
+
 class MATOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` whose :meth:`step` is :meth:`MAT.step`, for code that steps an optimizer itself
     (the ``Trainer``, accelerate's ``AcceleratedOptimizer`` and ``GradScaler``, LR schedulers).
@@ -31,29 +37,9 @@ class MATOptimizer(torch.optim.Optimizer):
         """The wrapped torch optimizer (``SGD``, ``Adam`` or ``AdamW``)."""
         return self.mat.optimizer.optimizer
 
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value):
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value):
-        self.optimizer.state = value
-
-    @property
-    def defaults(self):
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value):
-        self.optimizer.defaults = value
+    param_groups = _forwarded("param_groups")
+    state = _forwarded("state")
+    defaults = _forwarded("defaults")
 
     def step(self, closure=None):
         """:meth:`MAT.step`: the frozen-slice optimizer step, then the measurement and new masks when due."""

@@ -27,7 +27,7 @@ from typing import Sequence, Union
 Range = tuple[int, int]
 BlockSpec = Union[int, Sequence[Union[Range, Sequence[Range]]], None]
 
-__all__ = ["WeightBlocks", "LayerBlocks", "resolve_blocks", "fused_qkv_heads"]
+__all__ = ["WeightBlocks", "LayerBlocks", "resolve_blocks", "layer_blocks", "fused_qkv_heads"]
 
 _AXES = ("rows", "cols", "all")
 
@@ -249,6 +249,21 @@ def resolve_blocks(spec: BlockSpec, dim: int, *, axis: str, name: str, bias: boo
     else:
         raise TypeError(f"{name} must be an int or a sequence of (start, size) ranges, got {type(spec).__name__}")
     return WeightBlocks(axis, modules, shape, bias=bias, name=name)
+
+
+def layer_blocks(row_blocks: BlockSpec, col_blocks: BlockSpec, bias: bool, d_in: int, d_out: int) -> list[WeightBlocks]:
+    """The module layouts of one layer from the entry points' arguments: row modules, then column modules; with
+    neither, the whole weight (and bias) as one module. ``bias`` with column blocks alone raises with the reason."""
+    if row_blocks is None and col_blocks is None:
+        return [resolve_blocks(1, d_out, axis="rows", name="row_blocks", bias=bias)]
+    layouts = []
+    if row_blocks is not None:
+        layouts.append(resolve_blocks(row_blocks, d_out, axis="rows", name="row_blocks", bias=bias))
+    if col_blocks is not None:
+        if bias and row_blocks is None:
+            resolve_blocks(col_blocks, d_in, axis="cols", name="col_blocks", bias=True)  # raises with the reason
+        layouts.append(resolve_blocks(col_blocks, d_in, axis="cols", name="col_blocks"))
+    return layouts
 
 
 def fused_qkv_heads(num_heads: int, head_dim: int, *, num_projections: int = 3) -> list[list[Range]]:

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 
 from mat_kernels import _backend
-from mat_kernels.measure.blocks import BlockSpec, LayerBlocks, resolve_blocks
+from mat_kernels.measure.blocks import BlockSpec, LayerBlocks, layer_blocks
 from mat_kernels.ops import segment_grams
 from mat_kernels.measure.solvers import lambda_max as _solve
 
@@ -121,19 +121,6 @@ def _validate(x, dy) -> tuple[torch.Tensor, torch.Tensor]:
     return x.detach(), dy.detach()
 
 
-def _layouts(row_blocks, col_blocks, bias: bool, d_in: int, d_out: int) -> list[LayerBlocks]:
-    if row_blocks is None and col_blocks is None:
-        return [resolve_blocks(1, d_out, axis="rows", name="row_blocks", bias=bias)]
-    layouts = []
-    if row_blocks is not None:
-        layouts.append(resolve_blocks(row_blocks, d_out, axis="rows", name="row_blocks", bias=bias))
-    if col_blocks is not None:
-        if bias and row_blocks is None:
-            resolve_blocks(col_blocks, d_in, axis="cols", name="col_blocks", bias=True)  # raises with the reason
-        layouts.append(resolve_blocks(col_blocks, d_in, axis="cols", name="col_blocks"))
-    return layouts
-
-
 @functools.lru_cache(maxsize=16)
 def _sketch_matrix(width: int, k: int, seed: int, device: torch.device) -> torch.Tensor:
     """``[width, k]`` random orthonormal columns scaled by √(width/k), so that ``E[S Sᵀ] = I``.
@@ -190,7 +177,7 @@ def layer_grams(
     x, dy = _validate(x, dy)
     n, T, d_in = x.shape
     d_out = dy.shape[-1]
-    layouts = _layouts(row_blocks, col_blocks, bias, d_in, d_out)
+    layouts = layer_blocks(row_blocks, col_blocks, bias, d_in, d_out)
     result = _layer_grams(x, dy, layouts, method, allow_tf32, sketch_size, seed, backend, scratch_bytes)
     if check_finite:
         _check_finite_grams(result.grams, x, dy)

@@ -350,6 +350,17 @@ class SparseUpdateMixin:
                                     weight_grad=weight_grad)
 
 
+def _sharing(new: nn.Module, source: nn.Module, in_features: int, out_features: int) -> nn.Module:
+    """``new`` (made with ``__new__``) initialised as a module holding ``source``'s weight and bias objects (so an
+    optimizer built on ``source`` stays valid) in ``source``'s train/eval mode."""
+    nn.Module.__init__(new)
+    new.in_features, new.out_features = in_features, out_features
+    new.weight = source.weight
+    new.register_parameter("bias", source.bias)
+    new.train(source.training)
+    return new
+
+
 class SparseUpdateLinear(SparseUpdateMixin, nn.Linear):
     """``nn.Linear`` whose backward updates only active blocks of its weight (and bias).
 
@@ -385,24 +396,13 @@ class SparseUpdateLinear(SparseUpdateMixin, nn.Linear):
         """Wrap an existing ``nn.Linear``, sharing its parameter objects (optimizers built on it stay valid)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
-        new.in_features, new.out_features = linear.in_features, linear.out_features
-        new.weight = linear.weight
-        new.register_parameter("bias", linear.bias)
-        new.train(linear.training)
+        new = _sharing(cls.__new__(cls), linear, linear.in_features, linear.out_features)
         new._init_sparse(row_blocks, col_blocks, accumulate_grad, frozen_backward, shared_bias)
         return new
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` sharing this layer's parameters (e.g. for export)."""
-        lin = nn.Linear.__new__(nn.Linear)
-        nn.Module.__init__(lin)
-        lin.in_features, lin.out_features = self.in_features, self.out_features
-        lin.weight = self.weight
-        lin.register_parameter("bias", self.bias)
-        lin.train(self.training)
-        return lin
+        return _sharing(nn.Linear.__new__(nn.Linear), self, self.in_features, self.out_features)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._state_repr()}"
@@ -425,12 +425,8 @@ class SparseUpdateConv1D(SparseUpdateMixin, nn.Module):
         weight = getattr(conv, "weight", None)
         if type(conv).__name__ != "Conv1D" or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise TypeError(f"conv must be a Hugging Face Conv1D, got {type(conv).__name__}")
-        new = cls()
+        new = _sharing(cls.__new__(cls), conv, *weight.shape)
         new.nx, new.nf = weight.shape
-        new.in_features, new.out_features = new.nx, new.nf
-        new.weight = conv.weight
-        new.register_parameter("bias", conv.bias)
-        new.train(conv.training)
         new._init_sparse(row_blocks, col_blocks, False, frozen_backward, shared_bias)
         return new
 

@@ -263,10 +263,11 @@ def _input_grad_fake(dy, weight, active, starts, sizes, owners, axis):
 # tokens, which is sparse_weight_grad(dY, G) itself (active blocks only).
 
 
-def _weight_grad_setup(ctx, inputs, output):
-    dy, x, active, starts, sizes, owners, axis = inputs
+def _gemm_grad_setup(ctx, inputs, output):
+    """sparse_weight_grad(dy, x, ...) and sparse_input_grad(dy, weight, ...): save dy, the other operand, the mask."""
+    dy, other, active, starts, sizes, owners, axis = inputs
     ctx.layout = (tuple(starts), tuple(sizes), tuple(owners), axis)
-    ctx.save_for_backward(dy, x, active)
+    ctx.save_for_backward(dy, other, active)
 
 
 def _weight_grad_backward(ctx, grad):
@@ -294,12 +295,6 @@ def _bias_grad_backward(ctx, grad):
     return d_dy, None, None, None, None
 
 
-def _input_grad_setup(ctx, inputs, output):
-    dy, weight, active, starts, sizes, owners, axis = inputs
-    ctx.layout = (tuple(starts), tuple(sizes), tuple(owners), axis)
-    ctx.save_for_backward(dy, weight, active)
-
-
 def _input_grad_backward(ctx, grad):
     dy, weight, active = ctx.saved_tensors
     starts, sizes, owners, axis = ctx.layout
@@ -321,11 +316,11 @@ if _C is not None:
     torch.library.register_fake("mat_kernels::sparse_bias_grad_accumulate")(_bias_grad_accumulate_fake)
     torch.library.register_fake("mat_kernels::sparse_input_grad")(_input_grad_fake)
     torch.library.register_autograd("mat_kernels::sparse_weight_grad", _weight_grad_backward,
-                                    setup_context=_weight_grad_setup)
+                                    setup_context=_gemm_grad_setup)
     torch.library.register_autograd("mat_kernels::sparse_bias_grad", _bias_grad_backward,
                                     setup_context=_bias_grad_setup)
     torch.library.register_autograd("mat_kernels::sparse_input_grad", _input_grad_backward,
-                                    setup_context=_input_grad_setup)
+                                    setup_context=_gemm_grad_setup)
 
 
 # ---------------------------------------------------------------------------------------------------------------

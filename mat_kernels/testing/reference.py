@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mat_kernels.measure.blocks import BlockSpec, LayerBlocks, resolve_blocks
+from mat_kernels.measure.blocks import BlockSpec, LayerBlocks, layer_blocks
 
 __all__ = [
     "per_sample_grads_loop",
@@ -125,13 +125,7 @@ def reference_lambda_max(
     """
     grads = {"loop": per_sample_grads_loop, "func": per_sample_grads_func}[oracle]
     d_in, d_out = x.shape[-1], dy.shape[-1]
-    layouts = []
-    if row_blocks is None and col_blocks is None:
-        layouts.append(resolve_blocks(1, d_out, axis="rows", name="row_blocks", bias=bias))
-    if row_blocks is not None:
-        layouts.append(resolve_blocks(row_blocks, d_out, axis="rows", name="row_blocks", bias=bias))
-    if col_blocks is not None:
-        layouts.append(resolve_blocks(col_blocks, d_in, axis="cols", name="col_blocks"))
+    layouts = layer_blocks(row_blocks, col_blocks, bias, d_in, d_out)  # spec parsing only; the maths is its own
     gw, gb = grads(x, dy, bias=bias, dtype=dtype)
     grams = torch.cat([module_grams(gw, gb, lb) for lb in layouts])
     return lambda_max_eigvalsh(grams), grams
