@@ -10,13 +10,49 @@ from mat_kernels.ops import segment_grams
 from mat_kernels.testing.reference import reference_lambda_max
 
 
-@pytest.mark.parametrize("device,backend", backends())
-@pytest.mark.parametrize("route", ["psg", "ghost"])
-def test_opcheck_segment_grams(device, backend, route):
+def sample_inputs(device: str) -> list[tuple]:
+    """Arguments ``(a, b, seg_starts, seg_sizes, seg_owners, add_one, route)`` of ``mat_kernels::segment_grams`` on
+    fresh random data: odd shapes, n = 1 and n > 16, modules made of several segments, bias on and off, both routes.
+    One list feeding the op's correctness and opcheck tests (the pattern of extension-cpp's test_extension.py)."""
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(3, 4, 7, generator=g).to(device)
-    b = torch.randn(3, 4, 9, generator=g).to(device)
-    torch.library.opcheck(segment_grams, (a, b, [0, 4], [4, 5], [0, 1], True, route, False, backend, 1 << 20))
+    cases = [  # n, T, DA, DB, starts, sizes, owners, add_one
+        (3, 4, 7, 9, [0, 4], [4, 5], [0, 1], True),
+        (1, 1, 5, 6, [0], [6], [0], False),
+        (5, 3, 11, 12, [0, 3, 6, 9], [3, 3, 3, 3], [0, 1, 0, 1], True),
+        (17, 2, 4, 8, [0, 5], [5, 3], [0, 0], False),
+    ]
+    out = []
+    for n, T, da, db, starts, sizes, owners, add_one in cases:
+        a = torch.randn(n, T, da, generator=g).to(device)
+        b = torch.randn(n, T, db, generator=g).to(device)
+        out += [(a, b, starts, sizes, owners, add_one, route) for route in ("psg", "ghost")]
+    return out
+
+
+def _oracle(a, b, starts, sizes, owners, add_one) -> torch.Tensor:
+    """float64: G_i[seg] = b_i[:, seg]ᵀ [a_i, 1], module Gram = Σ over its segments of G Gᵀ."""
+    a, b = a.double().cpu(), b.double().cpu()
+    if add_one:
+        a = torch.cat([a, torch.ones(a.shape[:2] + (1,), dtype=a.dtype)], -1)
+    out = torch.zeros(1 + max(owners), a.shape[0], a.shape[0], dtype=torch.float64)
+    for start, size, owner in zip(starts, sizes, owners):
+        g = torch.einsum("itr,itc->irc", b[:, :, start:start + size], a).flatten(1)
+        out[owner] += g @ g.T
+    return out
+
+
+@pytest.mark.parametrize("device,backend", backends())
+def test_segment_grams_against_the_oracle(device, backend):
+    for a, b, starts, sizes, owners, add_one, route in sample_inputs(device):
+        got = segment_grams(a, b, starts, sizes, owners, add_one, route, False, backend, 1 << 20)
+        assert got.dtype == torch.float32 and got.shape == (1 + max(owners), a.shape[0], a.shape[0])
+        assert rel_err(got, _oracle(a, b, starts, sizes, owners, add_one)) <= FP32_RTOL, (route, a.shape)
+
+
+@pytest.mark.parametrize("device,backend", backends())
+def test_opcheck_segment_grams(device, backend):
+    for a, b, starts, sizes, owners, add_one, route in sample_inputs(device):
+        torch.library.opcheck(segment_grams, (a, b, starts, sizes, owners, add_one, route, False, backend, 1 << 20))
 
 
 def test_segment_grams_under_torch_compile():
