@@ -29,6 +29,7 @@ import sys as _sys
 from mat_kernels.measure.blocks import LayerBlocks, WeightBlocks, fused_qkv_heads, resolve_blocks
 from mat_kernels.measure.layer import (
     DEFAULT_SKETCH_SIZE,
+    GramOptions,
     GramResult,
     LambdaMaxResult,
     estimate_lambda_max,
@@ -95,6 +96,7 @@ __all__ = [
     "resolve_blocks",
     "route_costs",
     "LayerBlocks",
+    "GramOptions",
     "GramResult",
     "LambdaMaxResult",
     "DEFAULT_SKETCH_SIZE",

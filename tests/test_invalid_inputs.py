@@ -117,3 +117,38 @@ def test_python_m_mat_kernels_reports():
     out = subprocess.run([sys.executable, "-m", "mat_kernels"], capture_output=True, text=True, check=True).stdout
     for key in ("torch", "Triton kernels", "C++ extension", "mat_kernels::segment_grams"):
         assert key in out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GramOptions: one options object, validated where it is built
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw,exc,match", [
+    ({"method": "fast"}, ValueError, "method must be one of"),
+    ({"backend": "cuda"}, ValueError, "backend must be one of"),
+    ({"sketch_size": 0}, ValueError, "sketch_size must be a positive int"),
+    ({"scratch_bytes": 1.5}, ValueError, "scratch_bytes must be a positive int"),
+    ({"check_finite": 1}, TypeError, "check_finite must be a bool"),
+    ({"sketchsize": 4}, TypeError, r"unknown Gram option\(s\) \['sketchsize'\]"),
+])
+def test_gram_options_are_validated_once(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        mk.GramOptions.of(**kw)
+
+
+def test_gram_options_object_and_keywords():
+    x, dy = torch.randn(3, 4, 5), torch.randn(3, 4, 6)
+    opts = mk.GramOptions(method="ghost", backend="torch")
+    a = mk.estimate_lambda_max(x, dy, row_blocks=2, options=opts)
+    b = mk.estimate_lambda_max(x, dy, row_blocks=2, method="ghost", backend="torch")
+    assert a.routes == b.routes == ("ghost",) and torch.equal(a.lambda_max, b.lambda_max)
+    with pytest.raises(ValueError, match="not both"):
+        mk.layer_grams(x, dy, options=opts, method="psg")
+    assert mk.GramOptions.of(opts, seed=3).seed == 3 and mk.GramOptions.of(opts) is opts
+
+
+def test_mat_validates_its_gram_settings_at_construction():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="method must be one of"):
+        mk.MAT(model, opt, specs=[mk.ModuleSpec.whole("a", "0.weight")], sparse_backward=False,
+               lambda_kwargs={"method": "nope"})

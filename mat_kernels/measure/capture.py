@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mat_kernels.measure.layer import DEFAULT_SKETCH_SIZE, layer_grams, route_costs
+from mat_kernels.measure.layer import GramOptions, layer_grams, route_costs
 from mat_kernels.measure.discovery import group_by_weight
 from mat_kernels.measure.capture_records import Record, Site, conv_parts, ranges_in_call, samples_first
 from mat_kernels.measure.forward import check_samples_independent
@@ -59,7 +59,7 @@ class LambdaCapture:
     their Grams layer by layer. See :func:`capture_lambda_max` (the public constructor) for the arguments."""
 
     def __init__(self, model: nn.Module, specs: list[ModuleSpec], *, n: int | None = None, loss_scale: float = 1.0,
-                 tap: bool = False, sample_dim: int = 0, **gram_kwargs):
+                 tap: bool = False, sample_dim: int = 0, options: GramOptions | None = None, **gram_settings):
         self._by_weight = group_by_weight(model, specs)  # validates the specs
         if sample_dim not in (0, 1):
             raise ValueError(f"sample_dim must be 0 (inputs [n, ...]) or 1 (sequence-first [T, n, ...]), got {sample_dim!r}")
@@ -69,7 +69,7 @@ class LambdaCapture:
         if not isinstance(loss_scale, (int, float)) or not loss_scale > 0:
             raise ValueError(f"loss_scale must be a positive number, got {loss_scale!r}")
         self.model, self.specs, self.n, self.loss_scale, self.tap = model, list(specs), n, float(loss_scale), tap
-        self.gram_kwargs = gram_kwargs
+        self.options = GramOptions.of(options, **gram_settings)  # validated here, before any forward
         self.sites: dict[str, Site] = {}
         self._by_id: dict[int, Site] = {}
         self._build_sites()
@@ -283,15 +283,14 @@ class LambdaCapture:
                     continue
                 kw = {"row_blocks": blocks} if axis == "rows" else {"col_blocks": blocks}
                 try:
-                    res = layer_grams(x3, dy3, bias=bias and axis == "rows", **kw, **self.gram_kwargs)
+                    res = layer_grams(x3, dy3, bias=bias and axis == "rows", **kw, options=self.options)
                 except ValueError as e:
                     raise ValueError(f"{site.weight}: {e}") from e
                 self.backend = res.backend
                 self.grams.index_add_(0, torch.tensor(mods, device=self.grams.device), res.grams)
                 shared = (x3.shape[-1] + int(bias)) if axis == "rows" else dy3.shape[-1]
                 segmented = sum(size for r in blocks for _, size in r)
-                k = self.gram_kwargs.get("sketch_size", DEFAULT_SKETCH_SIZE)
-                costs = route_costs(self.n, x3.shape[1], shared, segmented, sketch_size=k)
+                costs = route_costs(self.n, x3.shape[1], shared, segmented, sketch_size=self.options.sketch_size)
                 self.gram_flops += 2 * costs[res.routes[0]]
 
     # ------------------------------------------------------------------------------------------------ driving
@@ -357,7 +356,8 @@ def _recording_linear(input, weight, bias=None):
 
 
 def capture_lambda_max(model: nn.Module, specs: list[ModuleSpec] | None = None, *, n: int | None = None,
-                       loss_scale: float = 1.0, sample_dim: int = 0, **gram_kwargs) -> LambdaCapture:
+                       loss_scale: float = 1.0, sample_dim: int = 0, options: GramOptions | None = None,
+                       **gram_settings) -> LambdaCapture:
     """Capture the modules' Grams from a backward you run yourself (e.g. the training step's own backward).
 
     ::
@@ -379,7 +379,8 @@ def capture_lambda_max(model: nn.Module, specs: list[ModuleSpec] | None = None, 
         sample_dim: where the samples are in the inputs of plain linears: 0 (``[n, T, d]``, default) or 1
             (sequence-first ``[T, n, d]``). Layers inside ``nn.TransformerEncoderLayer``/``DecoderLayer`` follow
             that layer's ``batch_first``; ``nn.MultiheadAttention`` projections are handled internally.
-        **gram_kwargs: passed to :func:`mat_kernels.layer_grams` (``method``, ``allow_tf32``, ``backend``, ...).
+        options, **gram_settings: the Gram settings, a :class:`mat_kernels.GramOptions` and/or its fields as
+            keywords (``method``, ``allow_tf32``, ``backend``, ...), validated here.
     """
     from mat_kernels.measure.discovery import discover_modules
 
@@ -387,7 +388,7 @@ def capture_lambda_max(model: nn.Module, specs: list[ModuleSpec] | None = None, 
     if specs is None:
         specs = discover_modules(model).specs
     return _TrainingCapture(model, specs, n=n, loss_scale=loss_scale, tap=False, sample_dim=sample_dim,
-                            **gram_kwargs)
+                            options=GramOptions.of(options, **gram_settings))
 
 
 class _TrainingCapture(LambdaCapture):

@@ -23,8 +23,10 @@ exact route by this model: ``ghost`` when ``T`` is short (``T = 1`` for 2-D inpu
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -37,6 +39,7 @@ from mat_kernels.measure.solvers import lambda_max as _solve
 __all__ = [
     "estimate_lambda_max",
     "layer_grams",
+    "GramOptions",
     "LambdaMaxResult",
     "GramResult",
     "route_costs",
@@ -145,6 +148,53 @@ def _sketch(a: torch.Tensor, k: int, add_one: bool, seed: int, dtype: torch.dtyp
     return out.to(dtype)
 
 
+_BACKENDS = ("auto", "triton", "torch")
+
+
+@dataclass(frozen=True)
+class GramOptions:
+    """How the Grams of a layer are computed: the one options object that the model level, the capture and
+    :class:`mat_kernels.MAT` pass down to :func:`layer_grams` (validated once, where it is built). Fields as the
+    keywords of :func:`estimate_lambda_max`: ``method``, ``allow_tf32``, ``sketch_size``, ``seed``, ``backend``,
+    ``check_finite``, ``scratch_bytes``."""
+
+    method: str = "auto"
+    allow_tf32: bool = False
+    sketch_size: int = DEFAULT_SKETCH_SIZE
+    seed: int = 0
+    backend: str = "auto"
+    check_finite: bool = True
+    scratch_bytes: int = 48 << 20
+
+    def __post_init__(self):
+        if self.method not in _METHODS:
+            raise ValueError(f"method must be one of {_METHODS}, got {self.method!r}")
+        if self.backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {self.backend!r}")
+        for name in ("sketch_size", "scratch_bytes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        for name in ("allow_tf32", "check_finite"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    @classmethod
+    def of(cls, options: "GramOptions | None" = None, /, **settings) -> "GramOptions":
+        """``options`` with ``settings`` replaced, or a new object from ``settings``; unknown names raise
+        ``TypeError`` naming them."""
+        unknown = sorted(set(settings) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise TypeError(f"unknown Gram option(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+        if options is None:
+            return cls(**settings)
+        if not isinstance(options, cls):
+            raise TypeError(f"options must be a GramOptions, got {type(options).__name__}")
+        return dataclasses.replace(options, **settings) if settings else options
+
+
 def layer_grams(
     x: torch.Tensor,
     dy: torch.Tensor,
@@ -159,29 +209,40 @@ def layer_grams(
     backend: str = "auto",
     check_finite: bool = True,
     scratch_bytes: int = 48 << 20,
+    options: GramOptions | None = None,
 ) -> GramResult:
     """Per-module mNTK Grams ``Θ_m[i, j] = ⟨G_i[m], G_j[m]⟩`` of one linear layer.
 
     Use this to add Grams of modules that span several layers (an FFN block = its two linears), then call
-    :func:`mat_kernels.lambda_max`. Arguments are those of :func:`estimate_lambda_max`.
+    :func:`mat_kernels.lambda_max`. Arguments are those of :func:`estimate_lambda_max`; ``options`` (a
+    :class:`GramOptions`), when given, replaces the setting keywords, which must then be left at their defaults.
 
     Returns:
         :class:`GramResult` with fp32 ``grams [M, n, n]``: row modules first, then column modules.
     """
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
-    if not isinstance(sketch_size, int) or isinstance(sketch_size, bool) or sketch_size <= 0:
-        raise ValueError(f"sketch_size must be a positive int, got {sketch_size!r}")
-    if not isinstance(scratch_bytes, int) or scratch_bytes <= 0:
-        raise ValueError(f"scratch_bytes must be a positive int, got {scratch_bytes!r}")
+    opts = _resolve(options, method=method, allow_tf32=allow_tf32, sketch_size=sketch_size, seed=seed,
+                    backend=backend, check_finite=check_finite, scratch_bytes=scratch_bytes)
     x, dy = _validate(x, dy)
     n, T, d_in = x.shape
     d_out = dy.shape[-1]
     layouts = layer_blocks(row_blocks, col_blocks, bias, d_in, d_out)
-    result = _layer_grams(x, dy, layouts, method, allow_tf32, sketch_size, seed, backend, scratch_bytes)
-    if check_finite:
+    result = _layer_grams(x, dy, layouts, opts)
+    if opts.check_finite:
         _check_finite_grams(result.grams, x, dy)
     return result
+
+
+_DEFAULT_OPTIONS = GramOptions()
+
+
+def _resolve(options: GramOptions | None, **keywords) -> GramOptions:
+    """The entry points' keywords as a GramOptions, or ``options`` (keywords then left at their defaults)."""
+    if options is None:
+        return GramOptions(**keywords)
+    changed = [k for k, v in keywords.items() if v != getattr(_DEFAULT_OPTIONS, k)]
+    if changed:
+        raise ValueError(f"give options= or the setting keywords, not both (also given: {changed})")
+    return GramOptions.of(options)
 
 
 def _check_finite_grams(grams: torch.Tensor, x: torch.Tensor, dy: torch.Tensor) -> None:
@@ -198,8 +259,10 @@ def _check_finite_grams(grams: torch.Tensor, x: torch.Tensor, dy: torch.Tensor) 
                      "use float32)")
 
 
-def _layer_grams(x, dy, layouts, method, allow_tf32, sketch_size, seed, backend, scratch_bytes) -> GramResult:
+def _layer_grams(x, dy, layouts, opts: GramOptions) -> GramResult:
     n, T, _ = x.shape
+    method, allow_tf32, sketch_size, seed = opts.method, opts.allow_tf32, opts.sketch_size, opts.seed
+    backend, scratch_bytes = opts.backend, opts.scratch_bytes
 
     chosen, reason = _backend.pick_backend(x.device, backend)
     backend_name = chosen
@@ -259,6 +322,7 @@ def estimate_lambda_max(
     backend: str = "auto",
     check_finite: bool = True,
     scratch_bytes: int = 48 << 20,
+    options: GramOptions | None = None,
 ) -> LambdaMaxResult:
     """λmax of the mNTK of every module of one linear layer, from its stored input and output gradient.
 
@@ -291,6 +355,7 @@ def estimate_lambda_max(
             entries a module reads reaches its Gram), with one host sync; x and dy are scanned only when the check
             fails, to name the culprit. Off: NaN propagates into the result.
         scratch_bytes: bound on the temporary memory of the per-sample-gradient route.
+        options: the settings above as one :class:`GramOptions` (then leave their keywords at the defaults).
 
     Returns:
         :class:`LambdaMaxResult`: ``lambda_max`` fp32 ``[M]`` (row modules, then column modules), ``grams`` or
@@ -304,11 +369,9 @@ def estimate_lambda_max(
         >>> res = estimate_lambda_max(x, dy, row_blocks=fused_qkv_heads(12, 64), bias=True)
         >>> res.lambda_max  # one value per head
     """
-    gr = layer_grams(
-        x, dy, row_blocks=row_blocks, col_blocks=col_blocks, bias=bias, method=method, allow_tf32=allow_tf32,
-        sketch_size=sketch_size, seed=seed, backend=backend, check_finite=check_finite,
-        scratch_bytes=scratch_bytes,
-    )
+    opts = _resolve(options, method=method, allow_tf32=allow_tf32, sketch_size=sketch_size, seed=seed,
+                    backend=backend, check_finite=check_finite, scratch_bytes=scratch_bytes)
+    gr = layer_grams(x, dy, row_blocks=row_blocks, col_blocks=col_blocks, bias=bias, options=opts)
     n = gr.grams.shape[-1]
     solver_used = solver if solver != "auto" else ("eigvalsh" if n < 256 else "subspace")
     lam = _solve(gr.grams, solver=solver, tol=solver_tol, check_finite=False)  # the Grams were checked

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mat_kernels.measure.capture import LambdaCapture
+from mat_kernels.measure.layer import GramOptions
 from mat_kernels.measure.forward import batch_size, check_samples_independent, default_forward
 from mat_kernels.measure.discovery import ModuleSpec, discover_modules
 from mat_kernels.measure.solvers import lambda_max as _solve
@@ -150,7 +151,8 @@ def model_lambda_max(
     out_proj: str = "separate",
     sample_dim: int = 0,
     return_grams: bool = False,
-    **gram_kwargs,
+    options: GramOptions | None = None,
+    **gram_settings,
 ) -> ModelLambdaMax:
     """λmax of every MAT module of ``model`` on one batch.
 
@@ -171,8 +173,9 @@ def model_lambda_max(
         sample_dim: 0 if plain linear layers see ``[n, T, d]`` (default), 1 if sequence-first ``[T, n, d]`` (layers
             inside ``nn.TransformerEncoderLayer``/``DecoderLayer`` follow its ``batch_first`` by themselves).
         return_grams: also return each module's ``[n, n]`` Gram.
-        **gram_kwargs: passed to :func:`mat_kernels.layer_grams` (``method``, ``allow_tf32``, ``backend``,
-            ``sketch_size``, ``check_finite``, ...).
+        options, **gram_settings: the Gram settings, a :class:`mat_kernels.GramOptions` and/or its fields as
+            keywords (``method``, ``allow_tf32``, ``backend``, ``sketch_size``, ``check_finite``, ...), validated
+            once here and passed down as one object.
 
     Returns:
         :class:`ModelLambdaMax`.
@@ -187,6 +190,7 @@ def model_lambda_max(
         raise ValueError(f"output must be one of {_OUTPUTS}, got {output!r}")
     if not isinstance(num_projections, int) or num_projections < 1:
         raise ValueError(f"num_projections must be a positive int, got {num_projections!r}")
+    opts = GramOptions.of(options, **gram_settings)
     check_samples_independent(model)
     n = batch_size(batch)
     if n == 0:
@@ -204,7 +208,7 @@ def model_lambda_max(
     passes = num_projections if output == "projection" else 1
     total, backend, peak, gram_flops = None, None, 0, 0
     for p in range(passes):
-        cap = LambdaCapture(model, specs, n=n, tap=True, sample_dim=sample_dim, **gram_kwargs)
+        cap = LambdaCapture(model, specs, n=n, tap=True, sample_dim=sample_dim, options=opts)
         with cap:
             logits = _logits(fwd(model, batch))
             if logits.shape[0] != n:
@@ -222,7 +226,7 @@ def model_lambda_max(
         backend, peak = cap.backend, max(peak, cap.peak_held_bytes)
         gram_flops += cap.gram_flops
     grams = total / passes
-    lam = _solve(grams, check_finite=gram_kwargs.get("check_finite", True)).tolist()
+    lam = _solve(grams, check_finite=opts.check_finite).tolist()
     names = [s.name for s in specs]
     return ModelLambdaMax(
         dict(zip(names, lam)), list(specs), unclaimed,

@@ -35,17 +35,13 @@ What it does (defaults and their provenance in PAPER.md and python/README.md):
   (NTK output = per-sample training loss; forward and backward inside :meth:`measure_step`), else a
   ``(batch, labels)`` pair or a callable ``probe(step) -> (batch, labels)`` measured with
   :func:`mat_kernels.model_lambda_max` in eval mode (``output``: ``"logprob"`` by default).
-* **Decisions** (:mod:`mat_kernels.policy`): a score per module from its Gram (``criterion``: λmax by default;
-  ``"trace"`` and ``"grad_norm"`` are ablations), optionally smoothed across measurements (``smoothing``: EMA
-  weight of the past), thresholded per kind (``policy``, ``alpha``; ``"random"`` keeps as many modules as
-  ``"mean"`` would, chosen at random: the ablation), with a ``hysteresis`` band; ``active = threshold &
-  ~converged``, where the temporal rule (``beta``, ``patience``) marks modules converged for good.
-  ``stop_when_converged`` sets :attr:`should_stop` once every module has converged.
+* **Decisions** (:mod:`mat_kernels.train.policy`): a score per module from its Gram (``criterion``), optionally
+  smoothed (``smoothing``), thresholded per kind (``policy``, ``alpha``; ``"random"``: the ablation at the same
+  budget), with a ``hysteresis`` band; ``active = threshold & ~converged`` (temporal rule: ``beta``, ``patience``).
 * **Distributed**: scores are averaged over ranks (``all_reduce``) before any decision; ``requires_grad`` gates
   leave parameters without a gradient while frozen: ``DistributedDataParallel(..., find_unused_parameters=True)``.
-* **Ledger**: :attr:`ledger` (:class:`mat_kernels.flops.FlopsLedger`) receives every measurement's FLOPs (its
-  forward and backward as counted by ``FlopCounterMode``, plus the Grams and eigen-solves the counter cannot see)
-  and seconds; a training loop adds its steps with ``ledger.count_step(mat.flops_key(...), fn)``.
+* **Ledger**: :attr:`ledger` (:class:`mat_kernels.flops.FlopsLedger`) receives every measurement's FLOPs and
+  seconds; a training loop adds its steps with ``ledger.count_step(mat.flops_key(...), fn)``.
 * :meth:`state_dict` / :meth:`load_state_dict`: a resumed run makes the same decisions. :attr:`log` holds one entry
   per measurement (step, λ and score per module, thresholds, active set, kinds left with nothing active).
 """
@@ -61,6 +57,7 @@ import torch.nn as nn
 from mat_kernels.measure.capture import capture_lambda_max
 from mat_kernels.train.flops import FlopsLedger
 from mat_kernels.measure.forward import check_samples_independent
+from mat_kernels.measure.layer import GramOptions
 from mat_kernels.measure.model import model_lambda_max
 from mat_kernels.measure.discovery import discover_modules, validate_specs
 from mat_kernels.measure.specs import ModuleSpec
@@ -109,8 +106,8 @@ class MAT:
             (partial backpropagation: no gradient flows through a frozen module).
         sparse_backward: swap ``nn.Linear``/``Conv1D`` layers for sparse-update twins and gate whole weights of
             other layers by ``requires_grad`` (needs the C++ extension for the former).
-        lambda_kwargs: passed to :func:`mat_kernels.model_lambda_max` / ``layer_grams`` (``method``, ``backend``,
-            ``check_finite``...).
+        lambda_kwargs: Gram settings (:class:`mat_kernels.GramOptions` fields or ``"options"``, validated here) and
+            probe settings of :func:`mat_kernels.model_lambda_max` (``forward``, ``causal``, ...).
         ledger: a :class:`mat_kernels.flops.FlopsLedger` to record measurements in (default: a new one,
             :attr:`ledger`).
     """
@@ -168,6 +165,9 @@ class MAT:
         self.stop_when_converged = stop_when_converged
         self.frozen_backward = frozen_backward
         self.lambda_kwargs = dict(lambda_kwargs or {})
+        gram = {k: v for k, v in self.lambda_kwargs.items() if k in GramOptions.__dataclass_fields__}  # validated now:
+        self.gram_options = GramOptions.of(self.lambda_kwargs.get("options"), **gram)
+        self._model_kwargs = {k: v for k, v in self.lambda_kwargs.items() if k not in gram and k != "options"}
         self.ledger = ledger if ledger is not None else FlopsLedger()
         self._rng = torch.Generator().manual_seed(seed)
         M = len(self.specs)
@@ -239,11 +239,11 @@ class MAT:
         if self.probe is not None or not self.measuring_now():
             yield
             return
-        kw = {k: v for k, v in self.lambda_kwargs.items() if k not in ("output", "causal", "forward", "loss_fn")}
         self._in_measure = True
         try:
             with self._exact(weight_grad=True):
-                with capture_lambda_max(self.module, self.specs, loss_scale=loss_scale, **kw) as cap:
+                with capture_lambda_max(self.module, self.specs, loss_scale=loss_scale,
+                                        options=self.gram_options) as cap:
                     yield
             t0 = time.perf_counter()
             cap.check_complete()
@@ -294,8 +294,7 @@ class MAT:
     def _scores(self, grams: torch.Tensor) -> dict:
         from mat_kernels.measure.solvers import lambda_max
 
-        check = bool(self.lambda_kwargs.get("check_finite", True))
-        lam = lambda_max(grams, check_finite=check).double().cpu()
+        lam = lambda_max(grams, check_finite=self.gram_options.check_finite).double().cpu()
         score = module_scores(grams, self.criterion, lam=lam)
         return {"lambda": lam, "score": score}
 
@@ -312,7 +311,8 @@ class MAT:
         try:
             with self._exact(weight_grad=False):
                 counted, res = count_flops(model_lambda_max, self.module, batch, labels=labels, specs=self.specs,
-                                           return_grams=True, **{"output": self.output, **self.lambda_kwargs})
+                                           return_grams=True, options=self.gram_options,
+                                           **{"output": self.output, **self._model_kwargs})
         finally:
             for m, t in was:
                 m.train(t)
