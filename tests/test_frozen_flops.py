@@ -14,9 +14,9 @@ from mat_kernels.measure.discovery import linear_shape
 
 transformers = pytest.importorskip("transformers")
 
-from test_layout_attention import _hf  # noqa: E402
-from test_layout_mha import DecoderModel  # noqa: E402
-from test_model_lambda_max import MHAModel, hf_bert  # noqa: E402
+from models import hf_family as _hf  # noqa: E402
+from models import DecoderModel  # noqa: E402
+from models import MHAModel, hf_bert  # noqa: E402
 
 SKIPPED_SHARE = 0.9  # the issue's target: >= 90% of the modules' dW FLOPs disappear when every module is frozen
 

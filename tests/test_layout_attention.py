@@ -9,33 +9,10 @@ import torch.nn as nn
 
 import mat_kernels as mk
 from helpers import assert_moved_iff_active
+from models import HF_COMMON as _COMMON, hf_family
 from oracle import _gen, assert_matches, oracle, run_and_check
 
 transformers = pytest.importorskip("transformers")
-
-_COMMON = dict(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=4,
-               max_position_embeddings=32, attn_implementation="eager")
-
-
-def _hf(family: str) -> nn.Module:
-    t = transformers
-    gqa = dict(_COMMON, num_key_value_heads=2)
-    builders = {
-        "llama": lambda: t.LlamaForCausalLM(t.LlamaConfig(**gqa)),
-        "mistral": lambda: t.MistralForCausalLM(t.MistralConfig(**gqa)),
-        "qwen2": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(**gqa)),  # q/k/v biases
-        "gemma": lambda: t.GemmaForCausalLM(t.GemmaConfig(**gqa, head_dim=6)),  # head_dim != hidden / heads
-        "phi3": lambda: t.Phi3ForCausalLM(t.Phi3Config(**gqa, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
-        "gpt_neox": lambda: t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**_COMMON)),
-        "bloom": lambda: t.BloomForCausalLM(t.BloomConfig(vocab_size=40, hidden_size=16, n_layer=1, n_head=4,
-                                                          attn_implementation="eager")),
-        "falcon": lambda: t.FalconForCausalLM(t.FalconConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1,
-                                                             num_attention_heads=4, multi_query=False,
-                                                             new_decoder_architecture=False,
-                                                             attn_implementation="eager")),
-    }
-    return builders[family]().eval()
-
 
 # (family, attention module, modules per attention with out_proj="separate", kind of its Q/K/V modules)
 FAMILIES = [
@@ -53,7 +30,7 @@ FAMILIES = [
 @pytest.mark.parametrize("family,attn,count,kind", FAMILIES, ids=[f[0] for f in FAMILIES])
 def test_hf_family_attention_matches_the_oracle(family, attn, count, kind):
     torch.manual_seed(11)
-    model = _hf(family)
+    model = hf_family(family)
     disc = mk.discover_modules(model)
     mine = [s for s in disc.specs if s.name.startswith(attn + ".")]
     assert len(mine) == count and {s.kind for s in mine} == {kind, "head_out"}
@@ -70,7 +47,7 @@ def test_hf_family_attention_matches_the_oracle(family, attn, count, kind):
 
 
 def test_gqa_group_owns_its_kv_rows_and_the_q_rows_of_its_heads():
-    model = _hf("qwen2")
+    model = hf_family("qwen2")
     specs = {s.name: s for s in mk.discover_modules(model, out_proj="merge").specs}
     g1 = specs["model.layers.0.self_attn.group1"]
     hd = 4  # 16 / 4 heads; 2 key/value heads of 4 rows each
@@ -205,7 +182,7 @@ def test_falcon_multi_query_and_new_decoder_layouts(arch, groups):
 # ---------------------------------------------------------------------------------------------------------------
 def test_mat_gates_gqa_groups_with_sparse_updates():
     torch.manual_seed(0)
-    model = _hf("qwen2").train()
+    model = hf_family("qwen2").train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     g = _gen(7)
     batches = [torch.randint(0, 40, (6, 8), generator=g) for _ in range(6)]
@@ -229,7 +206,7 @@ def test_mat_gates_gqa_groups_with_sparse_updates():
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_prune_a_gqa_group_then_measure_again(family):
     torch.manual_seed(1)
-    model = _hf(family)
+    model = hf_family(family)
     ids = torch.randint(0, 40, (3, 7), generator=_gen(8))
     assert mk.lowest_heads({"model.layers.0.self_attn.group0": 1.0, "model.layers.0.self_attn.group1": 2.0},
                            0.5) == ["model.layers.0.self_attn.group0"]
@@ -280,7 +257,7 @@ def test_differential_attention_is_unclaimed_with_the_reason():
 
 @pytest.mark.parametrize("family", ["phi3", "bloom"])
 def test_prune_refuses_attention_shaped_by_the_config_and_changes_nothing(family):
-    model = _hf(family)
+    model = hf_family(family)
     before = {k: v.shape for k, v in model.state_dict().items()}
     head = next(s.name for s in mk.discover_modules(model, out_proj="merge").specs if s.kind in ("head", "head_group"))
     with pytest.raises(ValueError, match="cannot be pruned"):

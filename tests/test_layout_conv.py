@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 from oracle import _gen, run_and_check
-from test_model_lambda_max import small_cnn
+from models import small_cnn
 
 
 def test_cnn_conv_layers_with_eval_batchnorm_stride_groups():

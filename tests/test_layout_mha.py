@@ -2,9 +2,8 @@
 self- and cross-attention, sequence- or batch-first), measured with the shared oracle runner (tests/oracle.py)."""
 import pytest
 import torch
-import torch.nn as nn
 from oracle import _gen, run_and_check
-from test_model_lambda_max import MHAModel
+from models import DecoderModel, MHAModel
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -15,18 +14,6 @@ def test_multihead_attention_model(batch_first):
     res = run_and_check(model, x, torch.randint(0, 5, (3, 6), generator=_gen(8)))
     assert list(res.lambda_max)[:2] == ["enc.layers.0.ffn", "enc.layers.0.self_attn.head0"]
     assert res.unclaimed["enc.layers.0.self_attn.out_proj.bias"].startswith("always trained")
-
-
-class DecoderModel(nn.Module):
-    """nn.TransformerDecoder: self-attention (one packed in_proj call) and cross-attention (Q and K/V row views)."""
-
-    def __init__(self, d=8, heads=2, classes=5):
-        super().__init__()
-        self.dec = nn.TransformerDecoder(nn.TransformerDecoderLayer(d, heads, 12, dropout=0.0, batch_first=True), 1)
-        self.head = nn.Linear(d, classes)
-
-    def forward(self, x, mem):
-        return self.head(self.dec(x, mem)).mean(1)
 
 
 def test_transformer_decoder_matches_the_oracle():

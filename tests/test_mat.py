@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import mat_kernels as mk
 from helpers import assert_moved_iff_active
-from test_model_lambda_max import TinyLM
+from models import TinyLM
 
 transformers = pytest.importorskip("transformers")
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from helpers import FP32_RTOL, rel_err
-from test_model_lambda_max import TinyLM
+from models import TinyLM
 
 import mat_kernels as mk
 from mat_kernels.train.policy import TemporalRule

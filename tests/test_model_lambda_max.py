@@ -6,7 +6,6 @@ Tolerance: the model runs in fp32 (forward, backward and Grams), the oracle in f
 module ≤ MODEL_RTOL = 1e-5 (measured on these models: ≤ 7e-7).
 """
 import copy
-import math
 import warnings
 
 import pytest
@@ -16,82 +15,14 @@ import torch.nn.functional as F
 from helpers import HAS_CUDA
 
 import mat_kernels as mk
-from oracle import MODEL_RTOL, _gen, assert_matches, oracle, run_and_check  # noqa: F401  (re-exported)
+from models import FusedBlock, MHAModel, TinyLM, hf_bert, small_cnn  # noqa: F401
+from oracle import MODEL_RTOL, _gen, assert_matches, oracle, run_and_check  # noqa: F401
 
 from mat_kernels.measure.model import projection_vectors
 from mat_kernels.testing.reference import model_per_sample_grads, reference_model_grams
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# models
-# --------------------------------------------------------------------------------------------------------------
-class FusedBlock(nn.Module):
-    """Own BERT-style layer: fused QKV linear (rows [Q; K; V]), output projection, FFN."""
-
-    qkv_layout = "qkv"
-
-    def __init__(self, d, heads, ffn):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(d, 3 * d)
-        self.attn_out = nn.Linear(d, d)
-        self.ffn_in = nn.Linear(d, ffn)
-        self.ffn_out = nn.Linear(ffn, d)
-        self.ln = nn.LayerNorm(d)
-
-    def forward(self, h):
-        n, T, d = h.shape
-        q, k, v = self.qkv(h).view(n, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1) @ v
-        h = self.ln(h + self.attn_out(a.transpose(1, 2).reshape(n, T, d)))
-        return h + self.ffn_out(torch.tanh(self.ffn_in(h)))
-
-
-class TinyLM(nn.Module):
-    def __init__(self, vocab=23, d=12, heads=3, ffn=10, layers=2):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList(FusedBlock(d, heads, ffn) for _ in range(layers))
-        self.head = nn.Linear(d, vocab)
-
-    def forward(self, ids):
-        h = self.emb(ids)
-        for b in self.blocks:
-            h = b(h)
-        return self.head(h)
-
-
-class MHAModel(nn.Module):
-    def __init__(self, batch_first, d=8, heads=2, classes=5):
-        super().__init__()
-        self.first = batch_first
-        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(d, heads, 12, dropout=0.0,
-                                                                    batch_first=batch_first), 1)
-        self.head = nn.Linear(d, classes)
-
-    def forward(self, x):
-        if not self.first:
-            x = x.transpose(0, 1)
-        h = self.enc(x)
-        return self.head(h if self.first else h.transpose(0, 1))
-
-
-def small_cnn():
-    return nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 6, 3, stride=2, groups=2, bias=False), nn.ReLU(),
-        nn.Flatten(), nn.Linear(6 * 3 * 3, 4),
-    ).eval()
-
-
-def hf_bert(layers=2):
-    cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
-                                  intermediate_size=24, max_position_embeddings=16, hidden_dropout_prob=0.0,
-                                  attention_probs_dropout_prob=0.0, attn_implementation="eager")
-    return transformers.BertForMaskedLM(cfg).eval()
 
 
 # --------------------------------------------------------------------------------------------------------------

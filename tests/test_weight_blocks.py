@@ -10,7 +10,7 @@ import mat_kernels as mk
 from mat_kernels.measure.blocks import WeightBlocks
 from mat_kernels.ops import sparse_grad as ops
 
-from test_model_lambda_max import TinyLM
+from models import TinyLM
 
 
 def test_one_type_under_every_name():
