@@ -11,6 +11,10 @@ FP32_RTOL = GRAM_RTOL[torch.float32]
 TF32_RTOL = GRAM_RTOL["tf32"]
 
 
+# starts, sizes, owners and an activity mask of three 3-wide blocks: the invalid-input tests of the sparse-grad ops
+SMALL_LAYOUT = ([0, 3, 6], [3, 3, 3], [0, 1, 2], torch.tensor([True, False, True]))
+
+
 def devices():
     return ["cpu"] + (["cuda"] if HAS_CUDA else [])
 

@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import COPY_OPS, GEMM_OPS, aten_counts, devices, rel_err, requires_cuda
+from helpers import SMALL_LAYOUT, COPY_OPS, GEMM_OPS, aten_counts, devices, rel_err, requires_cuda
 from torch import nn
 
 import mat_kernels as mk
@@ -604,12 +604,8 @@ def test_torch_compile_inductor(device):
 # ---------------------------------------------------------------------------------------------------------------
 # Invalid inputs: errors name the argument
 # ---------------------------------------------------------------------------------------------------------------
-_S, _Z, _O = [0, 3, 6], [3, 3, 3], [0, 1, 2]
-_A = torch.tensor([True, False, True])
-
-
-def _dy(*shape, **kw):
-    return torch.randn(*shape, **kw)
+_S, _Z, _O, _A = SMALL_LAYOUT  # helpers.py: the invalid-input tests of both sparse-grad files share it
+_dy = torch.randn
 
 
 @pytest.mark.parametrize(

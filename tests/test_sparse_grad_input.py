@@ -12,7 +12,7 @@ out in this file (fused QKV layouts: the ranges of ``mk.fused_qkv_heads``; the o
 """
 import pytest
 import torch
-from helpers import COPY_OPS, GEMM_OPS, aten_counts, devices, rel_err
+from helpers import SMALL_LAYOUT, COPY_OPS, GEMM_OPS, aten_counts, devices, rel_err
 
 import mat_kernels as mk
 from mat_kernels.testing.tolerances import SPARSE_GRAD_RTOL
@@ -341,12 +341,8 @@ def test_torch_compile_fullgraph_mask_change_no_recompile():
 # ---------------------------------------------------------------------------------------------------------------
 # Invalid inputs: errors name the op and the argument
 # ---------------------------------------------------------------------------------------------------------------
-_S, _Z, _O = [0, 3, 6], [3, 3, 3], [0, 1, 2]
-_A = torch.tensor([True, False, True])
-
-
-def _r(*shape, **kw):
-    return torch.randn(*shape, **kw)
+_S, _Z, _O, _A = SMALL_LAYOUT  # helpers.py: the invalid-input tests of both sparse-grad files share it
+_r = torch.randn
 
 
 @pytest.mark.parametrize(

@@ -149,8 +149,13 @@ def fused_segment_grams(a, b, seg_starts, seg_sizes, seg_owners, *, add_one: boo
         return _psg_gram_fused_kernel[grid](*args, **kw)
 
     key = (NP, triton.next_power_of_2(T), DA, sum(seg_sizes), add_one, str(a.dtype), prec)
-    scratch = None if not autotune.enabled(dev) else torch.zeros_like(out)
-    cfg = autotune.pick("fused", key, _FUSED_CANDIDATES[NP],
-                        lambda c, w: launch(c, w, target=scratch), dev)
+    scratch: list[torch.Tensor] = []  # the timing runs' output, made only if this key is tuned (not per call)
+
+    def timed_launch(c: Config, warmup: bool):
+        if not scratch:
+            scratch.append(torch.zeros_like(out))
+        return launch(c, warmup, target=scratch[0])
+
+    cfg = autotune.pick("fused", key, _FUSED_CANDIDATES[NP], timed_launch, dev)
     launch(cfg, False)
     return out
