@@ -76,7 +76,7 @@ def torch_func_lambdas(model, ids, labels, specs, chunk: int):
 
 def mat_kernels_lambdas(model, ids, labels, specs, **kw):
     res = mk.model_lambda_max(model, ids, labels=labels, specs=specs, check_finite=False, **kw)
-    return torch.tensor(list(res.lambda_max.values())), res
+    return res.values.cpu(), res
 
 
 def train_step(model, ids, labels, specs, capture: bool, **kw):

@@ -69,8 +69,8 @@ def main(argv=None):
         for k in [int(s) for s in a.sizes.split(",")]:
             errs = []
             for seed in range(a.seeds):
-                lam = mk.estimate_lambda_max(x, dy, method="sketch", sketch_size=k, seed=seed, **blocks).lambda_max
-                errs += ((lam.double() / exact.lambda_max.double() - 1).abs()).tolist()
+                lam = mk.estimate_lambda_max(x, dy, method="sketch", sketch_size=k, seed=seed, **blocks).values
+                errs += ((lam.double() / exact.values.double() - 1).abs()).tolist()
             errs.sort()
             t_sk = timed(lambda: mk.estimate_lambda_max(x, dy, method="sketch", sketch_size=k, **blocks), 3)
             c = mk.route_costs(n, T, d + 1, 3 * d, sketch_size=k)

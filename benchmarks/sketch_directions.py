@@ -37,14 +37,14 @@ def main():
     gen = torch.Generator().manual_seed(0)
     for kind in ("gaussian", "lowrank"):
         x, dy = data(kind, 32, 128, 768, gen, "cpu")
-        exact = mk.estimate_lambda_max(x, dy, method="psg", **blocks).lambda_max.double()
+        exact = mk.estimate_lambda_max(x, dy, method="psg", **blocks).values.double()
         for k in (128, 192):
             for name, fn in (("gaussian", gaussian_directions), ("orthogonal", orthogonal)):
                 est._sketch_matrix = fn
                 errs = []
                 for seed in range(6):
                     lam = mk.estimate_lambda_max(x, dy, method="sketch", sketch_size=k, seed=seed, **blocks)
-                    errs += (lam.lambda_max.double() / exact - 1).abs().tolist()
+                    errs += (lam.values.double() / exact - 1).abs().tolist()
                 est._sketch_matrix = orthogonal
                 print(f"data {kind:8s} k={k} {name:10s} directions: median {100 * statistics.median(errs):.2f}%"
                       f"  max {100 * max(errs):.2f}%", flush=True)

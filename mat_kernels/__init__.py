@@ -31,11 +31,11 @@ from mat_kernels.measure.layer import (
     DEFAULT_SKETCH_SIZE,
     GramOptions,
     GramResult,
-    LambdaMaxResult,
     estimate_lambda_max,
     layer_grams,
     route_costs,
 )
+from mat_kernels.measure.result import LambdaMaxResult
 from mat_kernels.measure.solvers import lambda_max
 from mat_kernels.measure.discovery import (
     Discovery,

@@ -74,7 +74,7 @@ def mat_kernels_lambdas(store, heads: int, head_dim: int) -> tuple[torch.Tensor,
     qkv = mk.estimate_lambda_max(*store["qkv"], row_blocks=mk.fused_qkv_heads(heads, head_dim), bias=True)
     out = mk.estimate_lambda_max(*store["attn_out"], col_blocks=heads)
     ffn = mk.layer_grams(*store["ffn_in"], bias=True).grams + mk.layer_grams(*store["ffn_out"], bias=True).grams
-    return torch.cat([qkv.lambda_max, out.lambda_max, mk.lambda_max(ffn)]), qkv.backend
+    return torch.cat([qkv.values, out.values, mk.lambda_max(ffn)]), qkv.backend
 
 
 def naive_lambdas(model: BertMLM, ids, labels, heads: int, head_dim: int) -> torch.Tensor:

@@ -175,7 +175,7 @@ def _prune(model, batch, fraction: float, ledger: FlopsLedger, step: int) -> dic
     finally:
         model.train()
     ledger.add_measurement(step, flops + res.gram_flops)
-    heads = mk.lowest_heads(res.lambda_max, fraction)
+    heads = mk.lowest_heads(res, fraction)
     before = sum(p.numel() for p in model.parameters())
     mk.prune_heads(model, heads)
     return {"pruned_heads": heads, "params": [before, sum(p.numel() for p in model.parameters())]}

@@ -242,8 +242,8 @@ def test_probe_sources(tmp_path, kind):
     trainer = mkhf.with_mat(trainer, probe=probe, warmup_steps=0, interval=1, lambda_kwargs={"backend": "torch"})
     trainer.train()
     assert [e["step"] for e in trainer.mat.log] == [1, 2, 3]
-    ref = mk.model_lambda_max(trainer.model.eval(), batch, specs=trainer.mat.specs, backend="torch").lambda_max
-    got = trainer.mat.measure()["lambda"].tolist()  # eval: the first 8 eval examples = the batch above
+    ref = mk.model_lambda_max(trainer.model.eval(), batch, specs=trainer.mat.specs, backend="torch").as_dict()
+    got = trainer.mat.measure().values.tolist()  # eval: the first 8 eval examples = the batch above
     assert got == pytest.approx([ref[n] for n in trainer.mat.names], rel=1e-5)
 
 
@@ -260,7 +260,7 @@ def test_bf16_autocast_training_measures_without_autocast(tmp_path):
     unpatched = lambda m, b: m._original_forward(**{k: v for k, v in b.items() if k != "labels"})  # noqa: E731
     fp32 = mk.model_lambda_max(trainer.model.eval(), batch, specs=trainer.mat.specs, backend="torch",
                                forward=unpatched)
-    assert trainer.mat.measure()["lambda"].tolist() == pytest.approx([fp32.lambda_max[n] for n in trainer.mat.names], rel=1e-5)
+    assert trainer.mat.measure().values.tolist() == pytest.approx([fp32[n] for n in trainer.mat.names], rel=1e-5)
 
 
 def test_unsupported_setups_are_refused(tmp_path):

@@ -86,7 +86,7 @@ def test_n_equal_one_works():
     x, dy = _xy(n=1)
     res = mk.estimate_lambda_max(x, dy, row_blocks=2, bias=True, backend="torch")
     lam_ref, _ = reference_lambda_max(x, dy, row_blocks=2, bias=True)
-    torch.testing.assert_close(res.lambda_max.double(), lam_ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(res.values.double(), lam_ref, rtol=1e-5, atol=0)
 
 
 def test_check_finite_can_be_disabled():
@@ -102,7 +102,7 @@ def test_inputs_requiring_grad_are_fine():
     x, dy = _xy()
     x.requires_grad_(True)
     res = mk.estimate_lambda_max(x, dy, backend="torch")
-    assert not res.lambda_max.requires_grad
+    assert not res.values.requires_grad
 
 
 def test_fused_qkv_heads_layout():
@@ -140,7 +140,7 @@ def test_gram_options_object_and_keywords():
     opts = mk.GramOptions(method="ghost", backend="torch")
     a = mk.estimate_lambda_max(x, dy, row_blocks=2, options=opts)
     b = mk.estimate_lambda_max(x, dy, row_blocks=2, method="ghost", backend="torch")
-    assert a.routes == b.routes == ("ghost",) and torch.equal(a.lambda_max, b.lambda_max)
+    assert a.routes == b.routes == ("ghost",) and torch.equal(a.values, b.values)
     with pytest.raises(ValueError, match="not both"):
         mk.layer_grams(x, dy, options=opts, method="psg")
     assert mk.GramOptions.of(opts, seed=3).seed == 3 and mk.GramOptions.of(opts) is opts

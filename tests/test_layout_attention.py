@@ -132,7 +132,7 @@ def test_own_gqa_with_stated_kv_heads_matches_the_oracle():
     model = Classifier(OwnGQA())
     x, y = torch.randn(4, 5, 12, generator=_gen(4)), torch.tensor([0, 3, 1, 4])
     res = run_and_check(model, x, y)
-    assert [n for n in res.lambda_max if "group" in n] == ["attn.group0", "attn.group1"]
+    assert [n for n in res.names if "group" in n] == ["attn.group0", "attn.group1"]
 
 
 def test_own_gqa_without_kv_heads_is_unclaimed_with_the_reason():
@@ -216,7 +216,7 @@ def test_prune_a_gqa_group_then_measure_again(family):
     assert attn.o_proj.weight.shape == (16, 8)
     model(input_ids=ids)  # the forward still runs (heads reshaped with -1, the same repeat_kv ratio)
     res = run_and_check(model, ids, ids, causal=True)  # discovery reads the counts prune_heads stated
-    assert [n for n in res.lambda_max if "group" in n] == ["model.layers.0.self_attn.group0"]
+    assert [n for n in res.names if "group" in n] == ["model.layers.0.self_attn.group0"]
 
 
 @pytest.mark.parametrize("family", ["roberta", "distilbert"])

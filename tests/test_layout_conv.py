@@ -11,7 +11,7 @@ def test_cnn_conv_layers_with_eval_batchnorm_stride_groups():
     torch.manual_seed(5)
     model = small_cnn()
     res = run_and_check(model, torch.randn(5, 2, 7, 7, generator=_gen(9)), torch.randint(0, 4, (5,)))
-    assert list(res.lambda_max) == ["0", "3"]
+    assert list(res.names) == ["0", "3"]
     assert "unrecognised layout" in res.unclaimed["6.weight"]
 
 
@@ -25,4 +25,4 @@ def test_cnn_string_padding_and_padding_modes(padding, mode):
         nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3),
     ).eval()
     res = run_and_check(model, torch.randn(4, 2, 7, 8, generator=_gen(10)), torch.tensor([0, 2, 1, 1]))
-    assert list(res.lambda_max) == ["0", "2"]
+    assert list(res.names) == ["0", "2"]

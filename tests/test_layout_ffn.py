@@ -52,6 +52,6 @@ def test_ffn_block_is_one_module(names):
     torch.manual_seed(2)
     model = Net(names)
     res = run_and_check(model, torch.randn(3, 5, 6, generator=_gen(3)), torch.tensor([0, 3, 1]))
-    assert list(res.lambda_max) == ["block.ffn"]
+    assert list(res.names) == ["block.ffn"]
     spec = res.specs[0]
     assert sorted(sl.weight for sl in spec.slices) == sorted(f"block.{n}.weight" for n in names)

@@ -27,7 +27,7 @@ def test_moe_experts_dense_dispatch():
     torch.manual_seed(8)
     model = SoftMoE().eval()
     res = run_and_check(model, torch.randn(4, 5, 6, generator=_gen(12)), torch.randint(0, 4, (4, 5)))
-    assert list(res.lambda_max) == ["experts.0", "experts.1", "experts.2"]
+    assert list(res.names) == ["experts.0", "experts.1", "experts.2"]
     assert all(s.kind == "expert" for s in res.specs)
 
 

@@ -119,7 +119,7 @@ def test_measuring_from_the_training_backward():
     with pytest.raises(ValueError, match="measure_step"):
         mat.backward(_loss(model, ids))
     opt.zero_grad()
-    ref = mk.model_lambda_max(model, ids, labels=ids, output="loss", specs=mat.specs, backend="torch").lambda_max
+    ref = mk.model_lambda_max(model, ids, labels=ids, output="loss", specs=mat.specs, backend="torch").as_dict()
     with mat.measure_step(loss_scale=1 / 4):
         loss = F.cross_entropy(model(ids).flatten(0, 1), ids.flatten(), reduction="none").view(4, -1).sum(1).mean()
         mat.backward(loss)

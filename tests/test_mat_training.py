@@ -203,11 +203,11 @@ def test_measurement_runs_the_exact_backward_under_detach():
     mat = _mat(model, frozen_backward="detach")
     _set(mat, [False] * len(mat.specs))
     plain = copy.deepcopy(model).eval()
-    got = mat.measure()["lambda"]
+    got = mat.measure().values
     # the sparse layers, frozen under detach, measure exactly inside any capture (model_lambda_max on the model)
     exact = mk.model_lambda_max(plain, mat.probe[0], labels=mat.probe[1], specs=mat.specs, backend="torch")
     for i, name in enumerate(mat.names):
-        assert abs(got[i].item() - exact.lambda_max[name]) <= 1e-5 * exact.lambda_max[name]
+        assert abs(got[i].item() - exact[name]) <= 1e-5 * exact[name]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -320,7 +320,7 @@ def test_trace_criterion_decides_on_the_trace():
         mat._decide(m)
     res = mk.model_lambda_max(model.eval(), mat.probe[0], labels=mat.probe[1], specs=mat.specs, return_grams=True,
                               backend="torch")
-    tr = torch.tensor([res.grams[n].double().trace().item() for n in mat.names], dtype=torch.float64)
+    tr = torch.tensor([res.gram(n).double().trace().item() for n in mat.names], dtype=torch.float64)
     assert torch.allclose(torch.tensor(mat.log[-1]["score"], dtype=torch.float64), tr, rtol=1e-5)
     for kind, idx in mat.groups.items():
         want = tr[idx] > tr[idx].mean()

@@ -12,65 +12,8 @@
 ``transformers`` (and ``accelerate``, which the ``Trainer`` needs) stay optional: this module imports them only
 inside functions, so ``import mat_kernels`` and ``import mat_kernels.hf`` never need them.
 
-Where each MAT action happens (``transformers`` 5.x ``Trainer``; see ``Trainer._prepare_for_training`` and
-``Trainer._run_epoch``):
-
-* :func:`with_mat`, before ``train()``: the Trainer creates its own optimizer (``trainer.create_optimizer()``:
-  ``TrainingArguments.optim``, weight-decay groups and all, or the one passed as ``optimizers=``), then
-  :class:`mat_kernels.MAT` is built on ``trainer.model`` and that optimizer. MAT swaps ``nn.Linear`` layers for
-  ``SparseUpdateLinear`` layers that share their ``Parameter`` objects, so the optimizer's ``param_groups`` still
-  hold the model's parameters. ``trainer.optimizer`` becomes a :class:`MATOptimizer`: a ``torch.optim.Optimizer``
-  whose ``param_groups``/``state`` *are* the wrapped optimizer's and whose ``step()`` is :meth:`MAT.step`.
-* ``train()``: ``create_optimizer()`` finds the optimizer set and keeps it; accelerate wraps the
-  :class:`MATOptimizer` (``AcceleratedOptimizer``, GradScaler included); the LR scheduler is created on that
-  wrapper and reads and writes the same ``param_groups`` dicts, so the learning-rate schedule is untouched. On
-  ``resume_from_checkpoint`` the Trainer loads ``optimizer.pt`` into it, which restores MAT's state too (below).
-* ``on_train_begin`` (:class:`MATCallback`): checks that the optimizer the Trainer steps is MAT's and that the model
-  is the one MAT wraps, and collates the default probe batch.
-* Micro-batches (``gradient_accumulation_steps``): forward and backward only, with the masks of the current step:
-  frozen modules skip their weight-gradient GEMMs.
-* Once per optimizer step, the Trainer's ``self.optimizer.step()`` (between ``on_pre_optimizer_step`` and
-  ``on_optimizer_step``, after gradient clipping, before ``lr_scheduler.step()``) runs :meth:`MAT.step`: the
-  frozen-slice step of the wrapped optimizer (frozen slices bit-for-bit unchanged: no update, no moment update, no
-  weight decay), then, when due, the λmax measurement on the probe batch, the new decisions and the masks pushed
-  into the sparse-update layers for the next step's backward. accelerate calls it only on gradient-synchronising
-  steps, so the schedule (``warmup_steps``, ``interval``) counts optimizer steps, never micro-batches; a step
-  skipped by the fp16 GradScaler (overflow) is not taken and not counted.
-* ``on_step_end``: ``stop_when_converged=True`` stops training (``control.should_training_stop``) once every module
-  has converged.
-* Mixed precision (``bf16=True``/``fp16=True``): training forwards run under accelerate's autocast; the measurement
-  runs the model's forward without it (``lambda_kwargs["forward"]``, :func:`_measure_forward`), in the
-  parameters' precision.
-* Checkpoints: ``optimizer.pt`` holds the wrapped optimizer's own state dict plus a ``"mat"`` entry
-  (:meth:`MAT.state_dict`: step count, decisions, temporal rule, per-block Adam step counts, log), so
-  ``trainer.train(resume_from_checkpoint=...)`` on a trainer set up with :func:`with_mat` resumes MAT exactly. A
-  plain optimizer ignores the extra entry (the checkpoint loads without MAT); ``save_only_model=True`` saves no
-  optimizer and so no MAT state; resuming MAT from a checkpoint made without it starts MAT afresh (with a warning).
-  Model weights keep their names: a checkpoint made with MAT loads into the plain model.
-
-Probe (what λ is measured on): by default (``probe="train"``) the first ``probe_size`` examples (default:
-``per_device_train_batch_size``) of the train dataloader's dataset, collated by its collator (the Trainer's
-``data_collator`` less unused columns) under a fixed seed, with the global RNG states left as they were: the same
-batch at every measurement, in a resumed run too, and the data order of training unchanged. ``probe="eval"`` does
-the same from ``trainer.eval_dataset``. The NTK output is ``output="logprob"`` of the batch's ``labels`` (``-100``
-skipped); causal language models (the classes of transformers' causal-LM auto mapping, ``GPT2LMHeadModel``,
-``*ForCausalLM``) get ``causal=True`` unless ``lambda_kwargs`` says otherwise.
-``probe=(batch, labels)`` or a callable ``probe(step) -> (batch, labels)`` are used as given (tensors moved to the
-model's device). The model's mode is left alone: :meth:`MAT.measure` switches to eval and back.
-
-Refused, with the reason: DeepSpeed and FSDP (they shard parameters and optimizer state and step them
-themselves), SageMaker model parallelism, tensor-parallel (DTensor) parameters, ``nn.DataParallel`` (several GPUs
-in one process: use DDP), ``model_init`` (``train()`` would build a new model and optimizer), an optimizer MAT
-cannot keep frozen (anything but torch's SGD, Adam and AdamW: ``optim="adafactor"``, ``"rmsprop"``, 8-bit and paged
-optimizers...), ``probe=None`` (measuring from the training backward needs the forward and backward
-inside :meth:`MAT.measure_step`, which the Trainer's ``training_step`` does not offer), and a second
-:func:`with_mat` on the same trainer. DDP (``torchrun``, accelerate) is allowed: MAT averages λ over ranks before
-deciding, so every rank applies the same masks.
-
-Why a function on the trainer rather than ``Trainer(callbacks=[...])`` alone: a callback first sees the optimizer in
-``on_train_begin``, after accelerate has wrapped it (its GradScaler path holds on to the inner ``step``) and after
-a resume has loaded ``optimizer.pt`` into it, too late both to put MAT's step under accelerate's and to restore
-MAT's state. :func:`with_mat` installs the optimizer before ``train()`` and adds the callback itself.
+Details (where each MAT action happens, the probe batch, what is refused and why a function rather than a
+callback): ``docs/hf_trainer.md``.
 """
 from __future__ import annotations
 
@@ -326,7 +269,7 @@ def with_mat(trainer, *, probe="train", probe_size: int | None = None, probe_see
     ``sgd``, or one passed as ``optimizers=``) is created now if needed and wrapped so that frozen slices stay
     frozen; its LR scheduler keeps working. The controller is ``trainer.mat`` (``trainer.mat.log``,
     ``trainer.mat.report()``). Where each MAT action happens in the Trainer's loop, checkpoints and what is
-    refused: see the module docstring.
+    refused: docs/hf_trainer.md.
 
     Args:
         trainer: a ``transformers.Trainer`` (or subclass) that has not trained yet.

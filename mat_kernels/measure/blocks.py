@@ -255,7 +255,7 @@ def layer_blocks(row_blocks: BlockSpec, col_blocks: BlockSpec, bias: bool, d_in:
     """The module layouts of one layer from the entry points' arguments: row modules, then column modules; with
     neither, the whole weight (and bias) as one module. ``bias`` with column blocks alone raises with the reason."""
     if row_blocks is None and col_blocks is None:
-        return [resolve_blocks(1, d_out, axis="rows", name="row_blocks", bias=bias)]
+        return [resolve_blocks(1, d_out, axis="rows", name="weight", bias=bias)]
     layouts = []
     if row_blocks is not None:
         layouts.append(resolve_blocks(row_blocks, d_out, axis="rows", name="row_blocks", bias=bias))

@@ -40,6 +40,7 @@ from mat_kernels.measure.layer import GramOptions, layer_grams, route_costs
 from mat_kernels.measure.discovery import group_by_weight
 from mat_kernels.measure.capture_records import Record, Site, conv_parts, ranges_in_call, samples_first
 from mat_kernels.measure.forward import check_samples_independent
+from mat_kernels.measure.result import LambdaMaxResult
 from mat_kernels.measure.specs import ModuleSpec, is_conv1d, linear_shape
 
 __all__ = ["LambdaCapture", "capture_lambda_max"]
@@ -365,7 +366,7 @@ def capture_lambda_max(model: nn.Module, specs: list[ModuleSpec] | None = None, 
         with mk.capture_lambda_max(model, loss_scale=1 / n) as cap:   # loss = mean over the batch
             loss = criterion(model(x), y)                              # per-sample terms s_i, reduction 'mean'
             loss.backward()
-        lam = cap.lambda_max()                                         # {module name: λmax}
+        lam = cap.lambda_max()                          # LambdaMaxResult: lam[name], lam.as_dict()
 
     The NTK output is then the per-sample training loss: ``loss = loss_scale · Σ_i s_i`` must hold (``1/n`` for a
     mean over samples, ``1`` for a sum, ``1/N`` for a mean over N tokens), and Θ is rescaled by ``1/loss_scale²``.
@@ -392,10 +393,13 @@ def capture_lambda_max(model: nn.Module, specs: list[ModuleSpec] | None = None, 
 
 
 class _TrainingCapture(LambdaCapture):
-    def lambda_max(self) -> dict[str, float]:
-        """``{module name: λmax}`` of what the backward inside the ``with`` block captured."""
+    def lambda_max(self) -> LambdaMaxResult:
+        """λmax of what the backward inside the ``with`` block captured: a :class:`mat_kernels.LambdaMaxResult`
+        (``level="capture"``, with the Grams; ``res[name]``, ``res.as_dict()``)."""
         from mat_kernels.measure.solvers import lambda_max as solve
 
         self.check_complete()
-        lam = solve(self.module_grams()).tolist()
-        return {s.name: v for s, v in zip(self.specs, lam)}
+        grams = self.module_grams()
+        return LambdaMaxResult(tuple(s.name for s in self.specs), solve(grams, check_finite=self.options.check_finite),
+                               grams, self.n, "capture", self.backend, specs=self.specs, output="loss",
+                               peak_held_bytes=self.peak_held_bytes, gram_flops=self.gram_flops)

@@ -8,40 +8,8 @@ map ``[O, C·kh·kw]`` on unfolded patches.)
 
 :func:`discover_modules` walks ``model.named_modules()`` and asks each registered layout, in registration order,
 whether it recognises the module. Layouts are registered with :func:`register_layout`; the built-in ones live in
-:mod:`mat_kernels.layouts`, one file per family:
-
-==================  =========================================================================================
-layout              recognises
-==================  =========================================================================================
-``moe_experts``     a child list/dict ``experts`` of sub-networks: one module per expert (all its linears)
-``mha``             ``torch.nn.MultiheadAttention`` (fused ``in_proj_weight`` or separate q/k/v weights)
-``separate_qkv``    three linears ``query/key/value``, ``q_proj/k_proj/v_proj``, ``q_lin/k_lin/v_lin`` (Hugging
-                    Face BERT, RoBERTa, ViT, DistilBERT, Llama, Mistral, Qwen2, Gemma, ...), with grouped-query
-                    attention when the module or its config states ``num_key_value_heads``
-``fused_qkv``       one linear (or ``Conv1D``) ``qkv``/``qkv_proj``/``Wqkv``/``in_proj``/``c_attn``/
-                    ``query_key_value`` whose layout is known from the class (GPT-2 and its cross-attention,
-                    GPT-NeoX, Bloom, Falcon (all three layouts), Phi-3, timm's ViT) or stated by the module's
-                    ``qkv_layout`` attribute: ``"qkv"`` ([Q; K; V]) or ``"per_head"`` ([q_h; k_h; v_h] per head;
-                    with key/value groups [q_g1..q_gr; k_g; v_g] per group, as Falcon's new decoder)
-``ffn``             a pair of linears: ``intermediate.dense``+``output.dense`` (BERT, RoBERTa), ``fc1``/``fc2``
-                    (ViT), ``c_fc``/``c_proj`` (GPT-2), ``linear1``/``linear2`` (``nn.TransformerEncoderLayer``),
-                    ``ffn_in``/``ffn_out``, ``w1``/``w2`` (+``w3``), ``up_proj``/``down_proj`` (+``gate_proj``),
-                    ``gate_up_proj``/``down_proj``, ``wi``/``wo``, ``lin1``/``lin2``, ``dense_h_to_4h``/``dense_4h_to_h``
-``conv2d``          every ``nn.Conv2d``: one module (weight + bias)
-==================  =========================================================================================
-
-Attention layouts give one module per head: its Q, K and V rows and their bias entries. Under grouped-query
-attention (``heads`` query heads sharing ``kv`` key/value heads, query head h reading key/value head
-``h // (heads / kv)`` as Hugging Face's ``repeat_kv`` does) the module is the *group* ``<attn>.group<g>`` (kind
-``head_group``): its K and V rows and the Q rows of the query heads that read them, since a K/V row cannot be
-frozen for one of its query heads and trained for another. The head's columns of the output projection are, by
-``out_proj=``: ``"separate"`` (default) their own module ``<attn>.head<h>.out`` (one per *query* head),
-``"merge"`` part of the head's (group's) module, ``"none"`` not a module (always trained).
-
-Head counts, key/value-head counts and fused layouts come from the module's attributes (``num_heads``-like,
-``num_key_value_heads``-like, ``head_dim``, ``qkv_layout``), its ``config`` or its class, never from shape
-divisibility alone: when they do not say, or the widths disagree with them, the weights are left unclaimed and
-:attr:`Discovery.unclaimed` says why.
+:mod:`mat_kernels.measure.layouts`, one file per family. The layouts (which module names and classes each recognises), grouped-query attention and the output
+projection's heads (``out_proj=``): ``docs/discovery.md``.
 
 Parameters claimed by no layout are *reported*, never silently dropped: :attr:`Discovery.unclaimed` maps each to
 the reason (embeddings and norms are "always trained"; a linear no layout recognised is "unrecognised layout").

@@ -34,6 +34,7 @@ import torch
 from mat_kernels import _backend
 from mat_kernels.measure.blocks import BlockSpec, LayerBlocks, layer_blocks
 from mat_kernels.ops import segment_grams
+from mat_kernels.measure.result import LambdaMaxResult, layer_names
 from mat_kernels.measure.solvers import lambda_max as _solve
 
 __all__ = [
@@ -63,16 +64,10 @@ class GramResult(NamedTuple):
     backend: str
     blocks: tuple[LayerBlocks, ...]
 
-
-class LambdaMaxResult(NamedTuple):
-    """λmax per module (fp32 ``[M]``), the Grams if asked for (else None), and how they were computed."""
-
-    lambda_max: torch.Tensor
-    grams: torch.Tensor | None
-    routes: tuple[str, ...]
-    backend: str
-    solver: str
-    blocks: tuple[LayerBlocks, ...]
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The modules' names in ``grams`` order, as in :class:`mat_kernels.LambdaMaxResult`."""
+        return layer_names(self.blocks)
 
 
 def route_costs(n: int, T: int, shared: int, segmented: int, sketch_size: int | None = None) -> dict[str, int]:
@@ -358,8 +353,9 @@ def estimate_lambda_max(
         options: the settings above as one :class:`GramOptions` (then leave their keywords at the defaults).
 
     Returns:
-        :class:`LambdaMaxResult`: ``lambda_max`` fp32 ``[M]`` (row modules, then column modules), ``grams`` or
-        None, ``routes`` per layout, ``backend`` and ``solver`` used, the resolved ``blocks``.
+        :class:`mat_kernels.LambdaMaxResult`: ``values`` fp32 ``[M]`` (row modules ``rows<k>``, then column
+        modules ``cols<k>``; ``weight`` for the whole weight), ``grams`` or None, ``routes`` per layout,
+        ``backend`` and ``solver`` used, the resolved ``blocks``.
 
     Raises:
         TypeError: non-tensor input or unsupported/mismatched dtype.
@@ -367,7 +363,7 @@ def estimate_lambda_max(
 
     Example:
         >>> res = estimate_lambda_max(x, dy, row_blocks=fused_qkv_heads(12, 64), bias=True)
-        >>> res.lambda_max  # one value per head
+        >>> res.values  # one value per head; res.as_dict() -> {"rows0": ..., ...}
     """
     opts = _resolve(options, method=method, allow_tf32=allow_tf32, sketch_size=sketch_size, seed=seed,
                     backend=backend, check_finite=check_finite, scratch_bytes=scratch_bytes)
@@ -375,4 +371,5 @@ def estimate_lambda_max(
     n = gr.grams.shape[-1]
     solver_used = solver if solver != "auto" else ("eigvalsh" if n < 256 else "subspace")
     lam = _solve(gr.grams, solver=solver, tol=solver_tol, check_finite=False)  # the Grams were checked
-    return LambdaMaxResult(lam, gr.grams if return_grams else None, gr.routes, gr.backend, solver_used, gr.blocks)
+    return LambdaMaxResult(layer_names(gr.blocks), lam, gr.grams if return_grams else None, n, "layer", gr.backend,
+                           solver_used, gr.routes, gr.blocks)

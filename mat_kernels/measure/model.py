@@ -17,7 +17,6 @@ arrives (:mod:`mat_kernels.measure.capture`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -28,6 +27,7 @@ from mat_kernels.measure.capture import LambdaCapture
 from mat_kernels.measure.layer import GramOptions
 from mat_kernels.measure.forward import batch_size, check_samples_independent, default_forward
 from mat_kernels.measure.discovery import ModuleSpec, discover_modules
+from mat_kernels.measure.result import LambdaMaxResult
 from mat_kernels.measure.solvers import lambda_max as _solve
 
 __all__ = ["model_lambda_max", "ModelLambdaMax", "projection_vectors", "per_sample_output"]
@@ -35,29 +35,7 @@ __all__ = ["model_lambda_max", "ModelLambdaMax", "projection_vectors", "per_samp
 _OUTPUTS = ("logprob", "loss", "projection")
 
 
-@dataclass
-class ModelLambdaMax:
-    """Result of :func:`model_lambda_max`.
-
-    Attributes:
-        lambda_max: ``{module name: λmax}`` (float), in ``specs`` order.
-        specs: the measured modules.
-        unclaimed: parameters no module owns, with the reason (from discovery; empty when ``specs`` were given).
-        grams: ``{module name: [n, n] fp32 Gram}`` if ``return_grams``, else None.
-        output: the NTK output used; ``n``: number of samples; ``backend``: implementation of the Gram kernels.
-        peak_held_bytes: the most output-gradient bytes the capture held at once (one layer's worth).
-        gram_flops: 2 × multiply-adds of the Gram routes run (``route_costs``), over all projections.
-    """
-
-    lambda_max: dict[str, float]
-    specs: list[ModuleSpec]
-    unclaimed: dict[str, str]
-    grams: dict[str, torch.Tensor] | None
-    output: str
-    n: int
-    backend: str | None
-    peak_held_bytes: int
-    gram_flops: int = 0
+ModelLambdaMax = LambdaMaxResult  # model_lambda_max's result type before 0.2 had this name; kept until 0.3
 
 
 def _logits(out) -> torch.Tensor:
@@ -153,7 +131,7 @@ def model_lambda_max(
     return_grams: bool = False,
     options: GramOptions | None = None,
     **gram_settings,
-) -> ModelLambdaMax:
+) -> LambdaMaxResult:
     """λmax of every MAT module of ``model`` on one batch.
 
     Args:
@@ -172,13 +150,15 @@ def model_lambda_max(
         out_proj: passed to discovery.
         sample_dim: 0 if plain linear layers see ``[n, T, d]`` (default), 1 if sequence-first ``[T, n, d]`` (layers
             inside ``nn.TransformerEncoderLayer``/``DecoderLayer`` follow its ``batch_first`` by themselves).
-        return_grams: also return each module's ``[n, n]`` Gram.
+        return_grams: also return the Grams ``[M, n, n]`` (``res.gram(name)``: one module's ``[n, n]``).
         options, **gram_settings: the Gram settings, a :class:`mat_kernels.GramOptions` and/or its fields as
             keywords (``method``, ``allow_tf32``, ``backend``, ``sketch_size``, ``check_finite``, ...), validated
             once here and passed down as one object.
 
     Returns:
-        :class:`ModelLambdaMax`.
+        :class:`mat_kernels.LambdaMaxResult` (``level="model"``): ``names`` (the specs' names), ``values`` fp32
+        ``[M]``, ``as_dict()``, and ``specs``, ``unclaimed``, ``grams``, ``output``, ``n``, ``backend``,
+        ``peak_held_bytes``, ``gram_flops``.
 
     Raises:
         ValueError: unknown output, empty batch, train-mode BatchNorm, missing labels, bad specs.
@@ -226,9 +206,8 @@ def model_lambda_max(
         backend, peak = cap.backend, max(peak, cap.peak_held_bytes)
         gram_flops += cap.gram_flops
     grams = total / passes
-    lam = _solve(grams, check_finite=opts.check_finite).tolist()
-    names = [s.name for s in specs]
-    return ModelLambdaMax(
-        dict(zip(names, lam)), list(specs), unclaimed,
-        {nm: g for nm, g in zip(names, grams)} if return_grams else None, output, n, backend, peak, gram_flops,
+    lam = _solve(grams, check_finite=opts.check_finite)
+    return LambdaMaxResult(
+        tuple(s.name for s in specs), lam, grams if return_grams else None, n, "model", backend, specs=specs,
+        unclaimed=unclaimed, output=output, peak_held_bytes=peak, gram_flops=gram_flops,
     )

@@ -15,35 +15,8 @@ threshold trainable, and make sure frozen modules are truly frozen.
             mat.backward(criterion(model(x), y))
         mat.step()
 
-What it does (defaults and their provenance in PAPER.md and python/README.md):
-
-* **Modules**: :func:`mat_kernels.discover_modules` (or ``specs=``). Parameters no module owns are trained at every
-  step; ``always_trained`` declares them: ``"rest"`` (default: all of them, listed in :attr:`MAT.always_trained`)
-  or regular expressions that must cover every one of them (an uncovered parameter is an error). Entries of a
-  weight that no module owns (e.g. the heads left out by ``discover_modules(include=...)``) and a bias no module
-  owns (an output projection's bias, shared by its heads' column blocks) are trained at every step too.
-* **Frozen modules skip their weight-gradient GEMMs**: sparse-update layers swapped in for ``nn.Linear``, GPT-2's
-  ``Conv1D`` and ``nn.MultiheadAttention``'s projections, ``requires_grad`` gates for whole weights of other layers;
-  what cannot be skipped is reported (``masked_weights``): :mod:`mat_kernels.train.freezing`.
-* **Partial backpropagation** (``frozen_backward="detach"``): no gradient flows through a frozen module either
-  (its input-gradient work is skipped too): gradients are those of the model with its frozen branches detached;
-  measurements always run the exact backward. ``"dw"`` (default): exact gradients, frozen modules skip only dW.
-* **Truly frozen**: :class:`mat_kernels.optim.FrozenSliceOptimizer`: no update, no moment update, no weight decay
-  for frozen slices; per-block Adam step counts.
-* **Schedule**: measure at step ``warmup_steps`` and every ``interval`` steps after; no gating before
-  ``gate_after`` measurements (all modules train). ``probe``: None measures from the training backward of that step
-  (NTK output = per-sample training loss; forward and backward inside :meth:`measure_step`), else a
-  ``(batch, labels)`` pair or a callable ``probe(step) -> (batch, labels)`` measured with
-  :func:`mat_kernels.model_lambda_max` in eval mode (``output``: ``"logprob"`` by default).
-* **Decisions** (:mod:`mat_kernels.train.policy`): a score per module from its Gram (``criterion``), optionally
-  smoothed (``smoothing``), thresholded per kind (``policy``, ``alpha``; ``"random"``: the ablation at the same
-  budget), with a ``hysteresis`` band; ``active = threshold & ~converged`` (temporal rule: ``beta``, ``patience``).
-* **Distributed**: scores are averaged over ranks (``all_reduce``) before any decision; ``requires_grad`` gates
-  leave parameters without a gradient while frozen: ``DistributedDataParallel(..., find_unused_parameters=True)``.
-* **Ledger**: :attr:`ledger` (:class:`mat_kernels.flops.FlopsLedger`) receives every measurement's FLOPs and
-  seconds; a training loop adds its steps with ``ledger.count_step(mat.flops_key(...), fn)``.
-* :meth:`state_dict` / :meth:`load_state_dict`: a resumed run makes the same decisions. :attr:`log` holds one entry
-  per measurement (step, λ and score per module, thresholds, active set, kinds left with nothing active).
+What it does (modules, frozen-skipping, partial backpropagation, schedule, decisions, distributed, ledger,
+state): ``docs/mat_controller.md``; defaults and their provenance: PAPER.md and python/README.md.
 """
 from __future__ import annotations
 
@@ -59,6 +32,7 @@ from mat_kernels.train.flops import FlopsLedger
 from mat_kernels.measure.forward import check_samples_independent
 from mat_kernels.measure.layer import GramOptions
 from mat_kernels.measure.model import model_lambda_max
+from mat_kernels.measure.result import LambdaMaxResult
 from mat_kernels.measure.discovery import discover_modules, validate_specs
 from mat_kernels.measure.specs import ModuleSpec
 from mat_kernels.train.freezing import frozen_optimizer, install_sparse
@@ -73,7 +47,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 class MAT:
-    """Modular Adaptive Training controller. See the module docstring.
+    """Modular Adaptive Training controller (module docstring; what it does: docs/mat_controller.md).
 
     Args:
         model: the model (a ``DistributedDataParallel`` wrapper is unwrapped for discovery and probes).
@@ -248,7 +222,7 @@ class MAT:
             t0 = time.perf_counter()
             cap.check_complete()
             grams = cap.module_grams()
-            self._pending = self._scores(grams)
+            self._pending = self._scores(grams, backend=cap.backend, output="loss", gram_flops=cap.gram_flops)
             seconds = cap.gram_seconds + time.perf_counter() - t0
         finally:
             self._in_measure = False
@@ -291,17 +265,18 @@ class MAT:
     def _solve_flops(self, n: int) -> int:
         return len(self.specs) * (4 * n ** 3) // 3  # eigvalsh ~ (4/3)·n³ per module (an estimate)
 
-    def _scores(self, grams: torch.Tensor) -> dict:
+    def _scores(self, grams: torch.Tensor, **fields) -> LambdaMaxResult:
         from mat_kernels.measure.solvers import lambda_max
 
-        lam = lambda_max(grams, check_finite=self.gram_options.check_finite).double().cpu()
-        score = module_scores(grams, self.criterion, lam=lam)
-        return {"lambda": lam, "score": score}
+        lam = lambda_max(grams, check_finite=self.gram_options.check_finite)
+        score = module_scores(grams, self.criterion, lam=lam.double().cpu())
+        return LambdaMaxResult(tuple(self.names), lam, grams, grams.shape[-1], "mat", specs=self.specs, scores=score,
+                               **fields)
 
-    def measure(self) -> dict:
+    def measure(self) -> LambdaMaxResult:
         """Measure every module on the probe batch (eval mode, restored after; exact backward, no weight
-        gradients): ``{"lambda": float64 [M], "score": float64 [M]}`` (the score under ``criterion``). The
-        measurement's FLOPs and seconds go to :attr:`ledger`."""
+        gradients): a :class:`mat_kernels.LambdaMaxResult` (``level="mat"``) whose ``scores`` (float64 ``[M]``)
+        are what ``criterion`` thresholds. The measurement's FLOPs and seconds go to :attr:`ledger`."""
         from mat_kernels.train.flops import count_flops
 
         t0 = time.perf_counter()
@@ -316,8 +291,7 @@ class MAT:
         finally:
             for m, t in was:
                 m.train(t)
-        grams = torch.stack([res.grams[nm] for nm in self.names])
-        out = self._scores(grams)
+        out = self._scores(res.grams, backend=res.backend, output=res.output, gram_flops=res.gram_flops)
         # Grams (Triton or behind a custom op) and eigvalsh are invisible to FlopCounterMode
         self.last_measure_extra_flops = res.gram_flops + self._solve_flops(res.n)
         self.measure_counted.append(counted)
@@ -327,8 +301,9 @@ class MAT:
 
     def _decide(self, measured) -> None:
         if isinstance(measured, torch.Tensor):  # λ given directly (tests, external measurements)
-            measured = {"lambda": measured.double().cpu(), "score": measured.double().cpu()}
-        lam, score = measured["lambda"], measured["score"]
+            lam = score = measured.double().cpu()
+        else:
+            lam, score = measured.values.double().cpu(), measured.scores
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
             dev = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
