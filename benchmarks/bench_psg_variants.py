@@ -2,7 +2,8 @@
 """Benchmark: the psg Gram kernels side by side, to check ``psg_plan``'s choice on a GPU (NOTES.md §7).
 
 Providers, each computing the module Grams of one linear layer of BERT-base (n samples, T tokens):
-``fused`` (the fused per-sample-gradient + Gram kernel), ``two_kernel`` (per-sample gradients to a scratch, then
+``fused`` (the fused per-sample-gradient + Gram kernel, n ≤ 32), ``local`` (the tile-local one, n ≤ 64),
+``two_kernel`` (per-sample gradients to a scratch, then
 the Gram kernel), ``ghost``. Rows: shape, dtype, provider, median / 20% / 80% ms, what ``psg_plan`` predicted and
 chose, the max relative difference to ``two_kernel``.
 
@@ -38,6 +39,7 @@ SHAPES = {
 QUICK = {"tiny_n5_t7": (5, 7, 24, 36, ((0, 12, 24), (12, 12, 12), (0, 1, 0)), True)}
 PROVIDERS = {
     "fused": lambda a, b, s, bias, tf32: tf.fused_segment_grams(a, b, *s, add_one=bias, allow_tf32=tf32),
+    "local": lambda a, b, s, bias, tf32: tf.local_segment_grams(a, b, *s, add_one=bias, allow_tf32=tf32),
     "two_kernel": lambda a, b, s, bias, tf32: tg.psg_segment_grams(a, b, s[0], s[1], add_one=bias, allow_tf32=tf32,
                                                                    seg_owners=s[2]),
     "ghost": lambda a, b, s, bias, tf32: tg.ghost_segment_grams(a, b, s[0], s[1], add_one=bias, allow_tf32=tf32,
@@ -67,7 +69,7 @@ def main(argv=None) -> list[dict]:
             plan = tf.psg_plan(n, T, d_in + int(bias), d_out, a.element_size())
             ref = PROVIDERS["two_kernel"](a, b, segs, bias, tf32)
             for prov, fn in PROVIDERS.items():
-                if prov == "fused" and n > tf.FUSED_MAX_N:
+                if (prov == "fused" and n > tf.FUSED_MAX_N) or (prov == "local" and n > tf.LOCAL_MAX_N):
                     continue
                 out = fn(a, b, segs, bias, tf32)
                 err = float((out - ref).abs().max() / ref.abs().max())
@@ -76,6 +78,7 @@ def main(argv=None) -> list[dict]:
                 row = {**env, "shape": shape, "dtype": dname,
                        "provider": prov, "ms": round(med, 4), "ms_p20": round(lo, 4), "ms_p80": round(hi, 4),
                        "plan": plan["kernel"], "plan_fused_us": round(1e6 * (plan["fused_s"] or 0), 1),
+                       "plan_local_us": round(1e6 * (plan["local_s"] or 0), 1),
                        "plan_two_kernel_us": round(1e6 * (plan["two_kernel_s"] or 0), 1),
                        "max_rel_diff_to_two_kernel": f"{err:.2e}"}
                 rows.append(row)

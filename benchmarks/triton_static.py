@@ -40,6 +40,8 @@ import mat_kernels as mk  # noqa: E402
 # KINDS.md); TF32 and fp32 datasheet; L2 bandwidth an assumed ~5.5 TB/s (published microbenchmarks, not measured
 # here).
 CEILINGS = {"bf16": 790e12, "tf32": 400e12, "fp32": 60e12, "hbm": 3.0e12, "l2": 5.5e12}
+# live tile-local slots beyond this are counted in HBM too (the library's byte model uses the same figure)
+from mat_kernels.kernels.triton_segment_grams_fused import L2_RESIDENT_BYTES  # noqa: E402
 DTYPES = {"fp32": (torch.float32, False), "tf32": (torch.float32, True), "bf16": (torch.bfloat16, False)}
 
 
@@ -132,6 +134,14 @@ def _work(launch: dict) -> tuple[float, float, float]:
         flops = programs * (2 * NP * BR * BC * T + 2 * NP * NP * BR * BC)
         l2 = programs * (NP * BR * T + NP * T * BC) * esize
         return flops, 0.0, l2
+    if name == "_psg_gram_local_kernel":  # per work item: n per-sample tiles, written to the slot and read back
+        NP, BR, BC, BT = kw["NP"], kw["BR"], kw["BC"], kw["BT"]
+        n, T, work = a["n"], triton.cdiv(a["T"], BT) * BT, a["n_work"]
+        esize, wsize = a["a_ptr"].element_size(), a["work_ptr"].element_size()
+        flops = work * (2 * n * BR * BC * T + 2 * NP * NP * BR * BC)
+        slots = 2 * work * n * BR * BC * wsize
+        live = programs * NP * BR * BC * wsize  # slots held at once: beyond half the L2, counted in HBM too
+        return flops, (slots if live > L2_RESIDENT_BYTES else 0.0), work * n * T * (BR + BC) * esize + slots
     if name == "_psg_fwd_kernel":  # per-sample gradient tiles to the fp32 scratch (written to HBM)
         BR, BC, BT = kw["BR"], kw["BC"], kw["BT"]
         T = triton.cdiv(a["T"], BT) * BT
@@ -152,14 +162,15 @@ def _work(launch: dict) -> tuple[float, float, float]:
 
 def analyse(arch: int, dtype_name: str, n: int, T: int, method: str = "auto", psg: str = "auto") -> dict:
     """Compile one BERT-base layer's λ kernels for ``arch`` as launched; figures per kernel and per layer.
-    ``psg="two-kernel"`` forces the two-kernel psg route at any n (``FUSED_MAX_N = 0`` for the call)."""
+    ``psg`` other than ``"auto"`` forces that psg variant (``"two-kernel"``, ``"local"``, ``"fused"``) in place of
+    ``psg_plan``'s choice."""
     dtype, tf32 = DTYPES[dtype_name]
     from mat_kernels import _backend
     from mat_kernels.kernels import triton_segment_grams_fused as tg
 
-    fused_max = tg.FUSED_MAX_N
-    if psg == "two-kernel":
-        tg.FUSED_MAX_N = 0
+    plan = tg.psg_plan
+    if psg != "auto":
+        tg.psg_plan = lambda *a, **k: {**plan(*a, **k), "kernel": psg}
 
     prev_driver, prev_pick = getattr(triton.runtime.driver, "_active", None), _backend.pick_backend
     triton.runtime.driver.set_active(_StandInDriver(arch))
@@ -185,7 +196,7 @@ def analyse(arch: int, dtype_name: str, n: int, T: int, method: str = "auto", ps
     finally:
         _jit.JITFunction.run = _ORIG_RUN
         _backend.pick_backend = prev_pick
-        tg.FUSED_MAX_N = fused_max
+        tg.psg_plan = plan
         triton.runtime.driver._active = prev_driver
     kernels, seen = [], {}
     flops = l2 = scratch = 0.0
@@ -240,7 +251,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--T", type=int, default=128)
     p.add_argument("--method", default="auto")
-    p.add_argument("--psg", default="auto", choices=["auto", "two-kernel"])
+    p.add_argument("--psg", default="auto", choices=["auto", "two-kernel", "local", "fused"])
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
     out = []

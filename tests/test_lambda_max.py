@@ -120,9 +120,57 @@ def test_fused_two_kernel_and_ghost_agree(device, backend, n, bias):
     seg = tg.psg_segment_grams(x, dy, starts, sizes, add_one=bias, allow_tf32=False)
     two = tg.psg_segment_grams(x, dy, starts, sizes, add_one=bias, allow_tf32=False, seg_owners=owners)
     ghost = tg.ghost_segment_grams(x, dy, starts, sizes, add_one=bias, allow_tf32=False, seg_owners=owners)
-    for got in (two, ghost, torch.stack([seg[0] + seg[2], seg[1]])):
+    local = tf.local_segment_grams(x, dy, starts, sizes, owners, add_one=bias, allow_tf32=False)
+    for got in (two, ghost, local, torch.stack([seg[0] + seg[2], seg[1]])):
         assert rel_err(fused, got.double()) <= FP32_RTOL
     _check(x, dy, route="psg", device=device, backend=backend, row_blocks=[[(0, 4), (9, 5)], [(4, 5)]], bias=bias)
+
+
+@pytest.mark.parametrize("device,backend", TRITON_BACKENDS)
+@pytest.mark.parametrize("variant,n,T,d_in,d_out,blocks", [
+    ("local", 64, 2, 70, 9, {"row_blocks": [[(0, 3), (6, 2)], [(3, 3)]], "bias": True}),  # n = LOCAL_MAX_N, 2 col tiles
+    ("local", 3, 5, 6, 75, {"row_blocks": [(0, 40), (40, 35)], "bias": True}),  # a segment over two row tiles
+    ("local", 17, 3, 66, 8, {"col_blocks": [(0, 30), (30, 36)]}),  # column blocks: shared side dy, 2 row tiles
+    ("fused", 7, 4, 5, 12, {"row_blocks": 3, "bias": True}),
+    ("two-kernel", 9, 3, 7, 10, {"row_blocks": [[(0, 3), (6, 2)], [(3, 3)]], "bias": True}),
+])
+def test_each_psg_variant_against_the_oracle(device, backend, variant, n, T, d_in, d_out, blocks, monkeypatch):
+    """Each psg variant, forced in place of psg_plan's choice, through the whole layer path: float64 oracle."""
+    from mat_kernels.kernels import triton_segment_grams_fused as tf
+
+    plan = tf.psg_plan
+    monkeypatch.setattr(tf, "psg_plan", lambda *a, **k: {**plan(*a, **k), "kernel": variant})
+    x, dy = _inputs(n, T, d_in, d_out, seed=n + T, device=device)
+    _check(x, dy, route="psg", device=device, backend=backend, **blocks)
+
+
+@pytest.mark.parametrize("device,backend", TRITON_BACKENDS)
+def test_tile_local_kernel_reuses_its_slots(device, backend):
+    """With a scratch budget of one slot, one persistent program takes every work item in turn, rewriting its
+    slot: the same Grams as with a program per work item."""
+    from mat_kernels.kernels import triton_segment_grams_fused as tf
+
+    x, dy = _inputs(6, 3, 70, 75, seed=21, device=device)
+    args = (x, dy, (0, 40, 70), (40, 30, 5), (0, 1, 0))
+    one = tf.local_segment_grams(*args, add_one=True, allow_tf32=False, scratch_bytes=1)
+    many = tf.local_segment_grams(*args, add_one=True, allow_tf32=False)
+    _, ref = reference_lambda_max(x.cpu(), dy.cpu(), row_blocks=[[(0, 40), (70, 5)], [(40, 30)]], bias=True)
+    assert rel_err(one, ref) <= FP32_RTOL and rel_err(many, ref) <= FP32_RTOL
+    with pytest.raises(ValueError, match="at most 64 samples"):
+        tf.local_segment_grams(torch.zeros(65, 1, 2), torch.zeros(65, 1, 2), (0,), (2,), (0,), add_one=False,
+                               allow_tf32=False)
+
+
+def test_psg_plan_names_its_choice():
+    """psg_plan predicts each variant that can run and says why; n > 64 leaves the two-kernel route alone."""
+    from mat_kernels.kernels.triton_segment_grams_fused import psg_plan
+
+    small = psg_plan(8, 32, 769, 2304, 4)
+    assert small["kernel"] in ("fused", "local", "two-kernel") and "fused" in small["reason"]
+    assert all(small[k] > 0 for k in ("fused_s", "local_s", "two_kernel_s"))
+    big = psg_plan(65, 128, 769, 2304, 2)
+    assert big["kernel"] == "two-kernel" and big["fused_s"] is None and big["local_s"] is None
+    assert "LOCAL_MAX_N" in big["reason"]
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)

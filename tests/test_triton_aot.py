@@ -7,8 +7,11 @@ copies of a steady-state call. A change that makes a kernel spill, drops tensor 
 the host per call or adds launches fails here.
 
 Workloads (n samples, T tokens of one BERT-base layer: fused QKV with bias, output projection columns, FFN):
-* ``default``: n = 32, T = 128, ``method="auto"``: the two-kernel psg route (psg_plan predicts it faster there);
-* ``fused``: n = 32, T = 32, ``method="psg"``: the fused per-sample-gradient + Gram kernel;
+* ``default``: n = 32, T = 128, ``method="auto"``: psg_plan's choice, the tile-local kernel for bf16 and the
+  two-kernel route for fp32 and TF32 (predicted faster there despite its launches);
+* ``local``: the same layer with the tile-local kernel forced for every dtype;
+* ``fused``: n = 32, T = 32, ``method="psg"``, the fused per-sample-gradient + Gram kernel forced (psg_plan takes
+  it for fp32/TF32 there; for bf16 it predicts the tile-local kernel about as fast);
 * ``ghost``: n = 8, T = 32, ``method="ghost"``: the ghost kernel with its segments spread over the grid.
 """
 import json
@@ -27,11 +30,14 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CUOBJDUMP), reason="no cuobjd
 
 WORKLOADS = {
     "default": ["--arch", "90", "80", "--n", "32", "--T", "128"],
-    "fused": ["--arch", "90", "80", "--n", "32", "--T", "32", "--method", "psg"],
+    "local": ["--arch", "90", "80", "--n", "32", "--T", "128", "--psg", "local"],
+    "fused": ["--arch", "90", "80", "--n", "32", "--T", "32", "--method", "psg", "--psg", "fused"],
     "ghost": ["--arch", "90", "--n", "8", "--T", "32", "--method", "ghost"],
 }
+TWO_KERNEL = {"_psg_fwd_kernel", "_segment_gram_fwd_kernel"}
 KERNELS = {
-    "default": {"_psg_fwd_kernel", "_segment_gram_fwd_kernel"},
+    "default": {"fp32": TWO_KERNEL, "tf32": TWO_KERNEL, "bf16": {"_psg_gram_local_kernel"}},
+    "local": {"_psg_gram_local_kernel"},
     "fused": {"_psg_gram_fused_kernel"},
     "ghost": {"_ghost_gram_fwd_kernel"},
 }
@@ -71,17 +77,28 @@ def test_tensor_cores_for_tf32_and_bf16(figures, workload):
 @pytest.mark.parametrize("workload", list(WORKLOADS))
 def test_launch_code_takes_the_planned_kernels(figures, workload):
     for r in figures[workload]:
-        assert {k["name"] for k in r["kernels"]} == KERNELS[workload], r["kernels"]
+        want = KERNELS[workload]
+        want = want[r["dtype"]] if isinstance(want, dict) else want
+        assert {k["name"] for k in r["kernels"]} == want, r["kernels"]
+
+
+def test_tile_local_kernel_runs_wgmma_on_sm90(figures):
+    """The tile-local kernel's per-sample dot (64 x 64 tiles) lowers to wgmma (HGMMA) on sm_90 for TF32 and bf16;
+    its small [n, n] Gram dot stays HMMA."""
+    for r in figures["local"]:
+        if r["arch"] == 90 and r["dtype"] in ("tf32", "bf16"):
+            assert all(k["hgmma"] > 0 and k["hmma"] > 0 for k in r["kernels"]), r["kernels"]
 
 
 @pytest.mark.parametrize("workload", list(WORKLOADS))
 def test_no_host_copies_and_few_launches(figures, workload):
     """Steady state: index tensors are cached per (layout, device); per linear one zero-fill and one finiteness
-    reduction besides the Triton kernels. The fused and ghost routes launch one kernel per linear: 12 per layer."""
+    reduction besides the Triton kernels. The fused, tile-local and ghost kernels are one launch per linear: 12 per
+    layer (the two-kernel route launches two kernels per scratch chunk)."""
     for r in figures[workload]:
         assert r["host_copies"] == 0, r["torch_ops"]
         assert r["torch_launches"] <= 8, r["torch_ops"]
-        if workload in ("fused", "ghost"):
+        if workload in ("local", "fused", "ghost") or r["dtype"] == "bf16":
             assert r["triton_launches"] == 4 and r["launches"] <= 12, r
 
 

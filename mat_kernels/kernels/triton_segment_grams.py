@@ -52,7 +52,7 @@ def _lower_pairs(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tens
 
 
 @functools.lru_cache(maxsize=8)
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 132  # an H100 SXM (ahead-of-time analysis on a machine without a GPU)
@@ -132,7 +132,7 @@ def ghost_segment_grams(a, b, seg_starts, seg_sizes, *, add_one: bool, allow_tf3
     BK = _tile(DA)
     BR = _tile(max(seg_sizes))
     tiles = pi.numel() * triton.cdiv(T, BT) * triton.cdiv(T, BS)
-    groups = 1 if interpreter_enabled() else max(1, min(S, triton.cdiv(2 * _sm_count(a.device), tiles)))
+    groups = 1 if interpreter_enabled() else max(1, min(S, triton.cdiv(2 * sm_count(a.device), tiles)))
     grid = (pi.numel() * groups, triton.cdiv(T, BT), triton.cdiv(T, BS))
     _ghost_gram_fwd_kernel[grid](
         a, b, pi, pj, starts, sizes, _device_ints(owners, a.device), out,

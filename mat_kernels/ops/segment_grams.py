@@ -31,20 +31,24 @@ def segment_grams(
     and its Gram adds into module ``seg_owners[s]`` (M = 1 + max owner).
 
     ``a``: ``[n, T, DA]``, ``b``: ``[n, T, DB]`` (same dtype and device). ``route`` is ``"ghost"`` or ``"psg"``,
-    ``backend`` ``"triton"`` or ``"torch"``. On Triton, ``psg`` runs the fused
-    per-sample-gradient + Gram kernel (one launch, the owners summed in the kernel) where
-    :func:`mat_kernels.kernels.triton_segment_grams_fused.psg_plan` predicts it faster (n ≤ ``FUSED_MAX_N``, short sequences), else the
-    two-kernel route with its bounded scratch. See :mod:`mat_kernels.kernels.triton_segment_grams` for the maths.
+    ``backend`` ``"triton"`` or ``"torch"``. On Triton, ``psg`` runs the variant that
+    :func:`mat_kernels.kernels.triton_segment_grams_fused.psg_plan` predicts fastest: the fused or the tile-local
+    per-sample-gradient + Gram kernel (one launch each, the owners summed in the kernel; n ≤ 32 and n ≤ 64), or the
+    two-kernel route with its chunked scratch. The maths: :mod:`mat_kernels.kernels.triton_segment_grams`.
     """
     if backend == "triton":
         from mat_kernels.kernels import triton_segment_grams as tg
         from mat_kernels.kernels import triton_segment_grams_fused as tf
 
         n, T, DA = a.shape
-        if route == "psg" and tf.psg_plan(n, T, DA + int(add_one), sum(seg_sizes), a.element_size(),
-                                          scratch_bytes)["kernel"] == "fused":
-            return tf.fused_segment_grams(a, b, tuple(seg_starts), tuple(seg_sizes), tuple(seg_owners),
-                                          add_one=add_one, allow_tf32=allow_tf32)
+        if route == "psg":
+            kernel = tf.psg_plan(n, T, DA + int(add_one), sum(seg_sizes), a.element_size(), scratch_bytes)["kernel"]
+            if kernel == "fused":
+                return tf.fused_segment_grams(a, b, tuple(seg_starts), tuple(seg_sizes), tuple(seg_owners),
+                                              add_one=add_one, allow_tf32=allow_tf32)
+            if kernel == "local":
+                return tf.local_segment_grams(a, b, tuple(seg_starts), tuple(seg_sizes), tuple(seg_owners),
+                                              add_one=add_one, allow_tf32=allow_tf32, scratch_bytes=scratch_bytes)
         fn = tg.ghost_segment_grams if route == "ghost" else tg.psg_segment_grams
         kwargs = {} if route == "ghost" else {"scratch_bytes": scratch_bytes}
         # the kernels add each segment's Gram into its module themselves
