@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import mat_kernels as mk
+from mat_kernels.testing.tolerances import MODEL_RTOL
 from models import TinyLM
 
 
@@ -52,7 +53,7 @@ def test_model_capture_and_mat_results_agree():
     cap_res = cap.lambda_max()
     _check_common(cap_res, "capture", 4)
     assert cap_res.names == model_res.names
-    torch.testing.assert_close(cap_res.values, model_res.values, rtol=1e-4, atol=0)
+    torch.testing.assert_close(cap_res.values, model_res.values, rtol=MODEL_RTOL, atol=0)
 
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     mat = mk.MAT(model, opt, warmup_steps=0, interval=1, probe=(ids, ids), output="loss",
@@ -60,7 +61,7 @@ def test_model_capture_and_mat_results_agree():
     mat_res = mat.measure()
     _check_common(mat_res, "mat", 4)
     assert mat_res.names == tuple(mat.names) and mat_res.scores.dtype == torch.float64
-    torch.testing.assert_close(mat_res.values, model_res.values, rtol=1e-5, atol=0)
+    torch.testing.assert_close(mat_res.values, model_res.values, rtol=MODEL_RTOL, atol=0)
     mat.close()
 
 

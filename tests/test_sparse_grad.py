@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import SMALL_LAYOUT, COPY_OPS, GEMM_OPS, aten_counts, devices, rel_err, requires_cuda
+from sparse_grad_samples import sample_inputs, segments
 from torch import nn
 
 import mat_kernels as mk
@@ -207,13 +208,7 @@ def test_needs_input_grad_is_respected(device):
 # ---------------------------------------------------------------------------------------------------------------
 def _layout_args(layout_name):
     axis, modules, *_ = LAYOUTS[layout_name]
-    starts, sizes, owners = [], [], []
-    for m, ranges in enumerate(modules):
-        for start, size in ranges:
-            starts.append(start)
-            sizes.append(size)
-            owners.append(m)
-    return starts, sizes, owners, 0 if axis == "rows" else 1
+    return (*segments(modules), 0 if axis == "rows" else 1)
 
 
 def _strided_variants(t: torch.Tensor):
@@ -348,38 +343,63 @@ def test_gemm_plan_columns_and_single_copy_for_stride0():
 # torch.library: opcheck and autograd formulas of the ops
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("three_d", [False, True], ids=["2d", "3d"])
-def test_opcheck_every_op(device, three_d):
-    starts, sizes, owners, _ = _layout_args("rows_fused_qkv")
-    act = torch.tensor([True, False, True, True, False])
-    x, w, b, dy = _data("rows_fused_qkv", three_d=three_d, device=device, seed=9)
-    xg, dyg = x.clone().requires_grad_(True), dy.clone().requires_grad_(True)
-    torch.library.opcheck(OPS.sparse_weight_grad.default, (dyg, xg, act, starts, sizes, owners, 0))
-    torch.library.opcheck(OPS.sparse_bias_grad.default, (dyg, act, starts, sizes, owners))
-    torch.library.opcheck(OPS.sparse_weight_grad_accumulate.default,
-                          (torch.randn_like(w), dy, x, act, starts, sizes, owners, 0))
-    torch.library.opcheck(OPS.sparse_bias_grad_accumulate.default,
-                          (torch.randn_like(b), dy, act, starts, sizes, owners))
-    cs, cz, co, _ = _layout_args("cols_uneven")
-    xc, _, _, dyc = _data("cols_uneven", three_d=three_d, device=device, seed=10)
-    actc = torch.tensor([False, True, True, False])
-    torch.library.opcheck(OPS.sparse_weight_grad.default,
-                          (dyc.requires_grad_(True), xc.requires_grad_(True), actc, cs, cz, co, 1))
+def test_ops_against_the_oracle_on_sample_inputs(device):
+    """Every op of the family on every sample: dW, db (row layouts), dX against dense float64 autograd with the
+    frozen entries zeroed; the accumulate forms add exactly that and leave frozen entries bit-for-bit."""
+    for s in sample_inputs(device):
+        rdx_dense, rdw, rdb = _oracle(s.x, s.w, s.b, s.dy)
+        del rdx_dense  # the input gradient of partial backpropagation flows through the active entries only
+        rdx = s.dy.detach().double().cpu() @ (s.mask * s.w.detach().double().cpu())
+        assert rel_err(OPS.sparse_weight_grad(*s.weight_args()), rdw * s.mask) <= FP32_RTOL, s.name
+        assert rel_err(OPS.sparse_input_grad(*s.input_args()), rdx) <= FP32_RTOL, s.name
+        g0 = torch.randn(s.w.shape, device=device)
+        gw = g0.clone()
+        OPS.sparse_weight_grad_accumulate(gw, *s.weight_args())
+        assert torch.equal(gw.cpu()[s.mask == 0], g0.cpu()[s.mask == 0]), s.name
+        assert rel_err(gw, g0.double().cpu() + rdw * s.mask) <= FP32_RTOL, s.name
+        if s.axis == 0:
+            rows = s.mask[:, 0]
+            assert rel_err(OPS.sparse_bias_grad(*s.bias_args()), rdb * rows) <= FP32_RTOL, s.name
+            b0 = torch.randn(s.b.shape, device=device)
+            gb = b0.clone()
+            OPS.sparse_bias_grad_accumulate(gb, *s.bias_args())
+            assert torch.equal(gb.cpu()[rows == 0], b0.cpu()[rows == 0]), s.name
+            assert rel_err(gb, b0.double().cpu() + rdb * rows) <= FP32_RTOL, s.name
 
 
-@pytest.mark.parametrize("axis_layout", ["rows_partial_uneven", "cols_uneven"])
-def test_op_autograd_formulas_gradcheck(axis_layout):
-    """The registered backward of the functional ops (double backward) against finite differences."""
-    starts, sizes, owners, axis = _layout_args(axis_layout)
-    n = len(LAYOUTS[axis_layout][1])
-    act = torch.tensor([m % 2 == 1 for m in range(n)])
-    x, _, _, dy = _data(axis_layout, three_d=False, device="cpu", dtype=torch.float64, seed=11)
-    x.requires_grad_(True)
-    dy.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda d, a: OPS.sparse_weight_grad(d, a, act, starts, sizes, owners, axis),
-                                    (dy, x))
-    if axis == 0:
-        assert torch.autograd.gradcheck(lambda d: OPS.sparse_bias_grad(d, act, starts, sizes, owners), (dy,))
+# ---------------------------------------------------------------------------------------------------------------
+# torch.library: opcheck and autograd formulas of the ops, on the same sample inputs
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", devices())
+def test_opcheck_every_op(device):
+    for s in sample_inputs(device):
+        dy, x, w = (t.clone().requires_grad_(True) for t in (s.dy, s.x, s.w))
+        rest = (s.active, s.starts, s.sizes, s.owners)
+        torch.library.opcheck(OPS.sparse_weight_grad.default, (dy, x, *rest, s.axis))
+        torch.library.opcheck(OPS.sparse_input_grad.default, (dy, w, *rest, s.axis))
+        torch.library.opcheck(OPS.sparse_weight_grad_accumulate.default, (torch.randn_like(s.w), *s.weight_args()))
+        if s.axis == 0:
+            torch.library.opcheck(OPS.sparse_bias_grad.default, (dy, *rest))
+            torch.library.opcheck(OPS.sparse_bias_grad_accumulate.default, (torch.randn_like(s.b), *s.bias_args()))
+
+
+def test_op_autograd_formulas_gradcheck():
+    """The registered backward of the functional ops, and the input-gradient op's own backward (double backward),
+    against finite differences on the sample inputs in float64 (2 tokens: small Jacobians). Double backward in
+    full on three 3-D layouts, by random projections (``fast_mode``) on the others (full on all: 19 s)."""
+    full_gradgrad = {"rows_multi_range-3d", "cols_uneven_gap-3d", "rows_fused_qkv-3d"}
+    for s in sample_inputs("cpu", torch.float64, tokens=2):
+        dy, x, w = (t.clone().requires_grad_(True) for t in (s.dy, s.x, s.w))
+        rest = (s.active, s.starts, s.sizes, s.owners)
+        assert torch.autograd.gradcheck(lambda d, a: OPS.sparse_weight_grad(d, a, *rest, s.axis), (dy, x)), s.name
+        if s.axis == 0:
+            assert torch.autograd.gradcheck(lambda d: OPS.sparse_bias_grad(d, *rest), (dy,)), s.name
+
+        def input_grad(d, ww):
+            return OPS.sparse_input_grad(d, ww, *rest, s.axis)
+
+        assert torch.autograd.gradcheck(input_grad, (dy, w)), s.name
+        assert torch.autograd.gradgradcheck(input_grad, (dy, w), fast_mode=s.name not in full_gradgrad), s.name
 
 
 # ---------------------------------------------------------------------------------------------------------------

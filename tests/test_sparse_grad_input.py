@@ -240,36 +240,8 @@ def test_stride0_dy_is_copied_once():
 # ---------------------------------------------------------------------------------------------------------------
 # torch.library: opcheck, autograd formula (double backward), FLOPs, torch.compile
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize(
-    "name,mask_name,three_d",
-    [("rows_fused_qkv", "random", False), ("rows_uneven_gap", "alternating", True),
-     ("cols_fused_qkv", "alternating", True), ("cols_uneven_gap", "none", False)],
-)
-def test_opcheck(name, mask_name, three_d, device):
-    starts, sizes, owners, axis = _layout_args(name)
-    active = torch.tensor(_mask(mask_name, len(LAYOUTS[name][1]), seed=9))
-    dy, w = _data(name, three_d=three_d, device=device, seed=9)
-    torch.library.opcheck(OPS.sparse_input_grad.default,
-                          (dy.requires_grad_(True), w.requires_grad_(True), active, starts, sizes, owners, axis))
-
-
-@pytest.mark.parametrize("name", ["rows_multi_range", "cols_uneven_gap", "rows_fused_qkv"])
-def test_autograd_formula_gradcheck(name):
-    """The registered backward (∂/∂dY = G (M ⊙ W)ᵀ, ∂/∂W = M ⊙ (dYᵀ G)) and its own backward, by finite differences."""
-    starts, sizes, owners, axis = _layout_args(name)
-    active = torch.tensor(_mask("alternating", len(LAYOUTS[name][1])))
-    dy, w = _data(name, three_d=True, dtype=torch.float64, seed=10)
-    dy = dy[:, :2].clone().requires_grad_(True)  # 6 tokens: small finite-difference Jacobians
-    w.requires_grad_(True)
-
-    def fn(d, ww):
-        return OPS.sparse_input_grad(d, ww, active, starts, sizes, owners, axis)
-
-    assert torch.autograd.gradcheck(fn, (dy, w))
-    assert torch.autograd.gradgradcheck(fn, (dy, w))
-
-
+# opcheck and gradcheck of this op run on the op family's sample inputs (tests/sparse_grad_samples.py) in
+# tests/test_sparse_grad.py: test_opcheck_every_op, test_op_autograd_formulas_gradcheck.
 def test_autograd_formula_matches_dense_autograd():
     """Double backward against autograd of the dense formula dy @ (M ⊙ W)."""
     name = "cols_fused_qkv"

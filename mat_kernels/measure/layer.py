@@ -27,7 +27,6 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
@@ -55,7 +54,8 @@ DEFAULT_SKETCH_SIZE = 128
 _METHODS = ("auto", "gram", "ghost", "psg", "sketch")
 
 
-class GramResult(NamedTuple):
+@dataclass(frozen=True, eq=False)
+class GramResult:
     """Grams of one layer's modules. ``grams``: fp32 ``[M, n, n]``; ``routes``: route per layout (rows, cols);
     ``backend``: ``"triton"``, ``"triton-interpreter"`` or ``"torch"``; ``blocks``: the resolved module layouts."""
 
