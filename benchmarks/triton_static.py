@@ -89,6 +89,7 @@ class _CountOps(TorchDispatchMode):
         super().__init__()
         self.ops = collections.Counter()
         self.host_copies = 0
+        self.syncs = 0  # device-to-host reads (.item(), float(t)): a host sync each, not capturable in a CUDA graph
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
@@ -99,6 +100,8 @@ class _CountOps(TorchDispatchMode):
                 return op._init_fn(*args, **(kwargs or {}))
         if name == "lift_fresh":  # torch.tensor(list, ...): a host copy on a GPU
             self.host_copies += 1
+        elif name == "_local_scalar_dense":
+            self.syncs += 1
         elif name not in _NO_KERNEL:
             self.ops[name] += 1
         return func(*args, **(kwargs or {}))
@@ -184,11 +187,15 @@ def analyse(arch: int, dtype_name: str, n: int, T: int, method: str = "auto", ps
             dy = torch.randn(n, T, d_out, generator=g).to(dtype)
             calls.append((name, x, dy, kw))
 
-        def layer():
+        def layer(check_finite=True):
             for _, x, dy, kw in calls:
-                mk.layer_grams(x, dy, method=method, allow_tf32=tf32, backend="triton", **kw)
+                mk.layer_grams(x, dy, method=method, allow_tf32=tf32, backend="triton", check_finite=check_finite,
+                               **kw)
 
         layer()  # first call: compiles, fills the caches
+        unchecked = _CountOps()
+        with unchecked:
+            layer(check_finite=False)  # what a CUDA-graph capture would see: no host sync may remain
         _LAUNCHES.clear()
         counter = _CountOps()
         with counter:
@@ -221,7 +228,8 @@ def analyse(arch: int, dtype_name: str, n: int, T: int, method: str = "auto", ps
         "arch": arch, "dtype": dtype_name, "n": n, "T": T, "method": method, "psg": psg,
         "triton_launches": len(_LAUNCHES), "torch_launches": torch_launches,
         "launches": len(_LAUNCHES) + torch_launches, "torch_ops": dict(counter.ops),
-        "host_copies": counter.host_copies, "kernels": kernels,
+        "host_copies": counter.host_copies, "syncs": counter.syncs, "syncs_unchecked": unchecked.syncs,
+        "host_copies_unchecked": unchecked.host_copies, "kernels": kernels,
         "flops": flops, "hbm_bytes": hbm, "l2_bytes": l2,
         "floor_ms": {"compute": 1e3 * flops / peak, "hbm": 1e3 * hbm / CEILINGS["hbm"],
                      "l2": 1e3 * l2 / CEILINGS["l2"]},
@@ -231,7 +239,7 @@ def analyse(arch: int, dtype_name: str, n: int, T: int, method: str = "auto", ps
 def _table(r: dict) -> str:
     lines = [f"sm_{r['arch']} {r['dtype']} n={r['n']} T={r['T']} method={r['method']} psg={r['psg']}: {r['launches']} launches "
              f"({r['triton_launches']} Triton + {r['torch_launches']} PyTorch {r['torch_ops']}), "
-             f"{r['host_copies']} host copies",
+             f"{r['host_copies']} host copies, {r['syncs']} host syncs ({r['syncs_unchecked']} with check_finite=False)",
              "| kernel | grid | warps | stages | regs | spill bytes | shared KB | HGMMA | HMMA | FFMA |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for k in r["kernels"]:

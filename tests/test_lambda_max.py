@@ -310,9 +310,16 @@ def test_low_precision_inputs(device, backend, dtype):
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("route", EXACT_ROUTES)
-def test_gpu_low_precision_vs_pytorch(route, dtype):
-    """flash-attention's rule: error vs the fp64 reference ≤ 2× that of plain PyTorch at the same dtype."""
+@pytest.mark.parametrize("route", EXACT_ROUTES + ["psg:fused", "psg:local", "psg:two-kernel"])
+def test_gpu_low_precision_vs_pytorch(route, dtype, monkeypatch):
+    """flash-attention's rule: error vs the fp64 reference ≤ 2× that of plain PyTorch at the same dtype.
+    ``psg:<variant>`` forces that psg variant (the tile-local one keeps its per-sample tiles in 16 bits)."""
+    if ":" in route:
+        from mat_kernels.kernels import triton_segment_grams_fused as tf
+
+        route, variant = route.split(":")
+        plan = tf.psg_plan
+        monkeypatch.setattr(tf, "psg_plan", lambda *a, **k: {**plan(*a, **k), "kernel": variant})
     x, dy = _inputs(8, 64, 96, 192, seed=14, device="cuda", dtype=dtype)
     blocks = dict(row_blocks=mk.fused_qkv_heads(2, 32), bias=True)
     lam_ref, _ = reference_lambda_max(x.cpu(), dy.cpu(), **blocks)
@@ -324,6 +331,35 @@ def test_gpu_low_precision_vs_pytorch(route, dtype):
                                    [gb[:, r0:r0 + s] for r0, s in m], 1) for m in blocks["row_blocks"]])
     lam_pt = torch.linalg.eigvalsh((grams @ grams.transpose(1, 2)).float())[..., -1]
     assert rel_err(res.values, lam_ref) <= 2 * max(rel_err(lam_pt, lam_ref), 1e-6)
+
+
+@requires_cuda
+@pytest.mark.parametrize("variant", ["fused", "local", "two-kernel", "ghost"])
+def test_gpu_layer_call_captures_in_a_cuda_graph(variant, monkeypatch):
+    """With check_finite=False one layer call has no host sync or copy (tests/test_triton_aot.py checks that
+    statically): it is captured in a CUDA graph and replayed on new values in the same buffers."""
+    route = "ghost" if variant == "ghost" else "psg"
+    if route == "psg":
+        from mat_kernels.kernels import triton_segment_grams_fused as tf
+
+        plan = tf.psg_plan
+        monkeypatch.setattr(tf, "psg_plan", lambda *a, **k: {**plan(*a, **k), "kernel": variant})
+    x, dy = _inputs(8, 32, 96, 192, seed=15, device="cuda")
+    kw = dict(row_blocks=mk.fused_qkv_heads(2, 32), bias=True, method=route, backend="triton", check_finite=False)
+    eager = mk.layer_grams(x, dy, **kw).grams.double()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile, tune and fill the caches before capturing
+        for _ in range(2):
+            mk.layer_grams(x, dy, **kw)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mk.layer_grams(x, dy, **kw).grams
+    x.mul_(2)  # new values in the captured buffer: every Gram scales by exactly 4
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, 4 * eager) <= FP32_RTOL
 
 
 # --------------------------------------------------------------------------------------------------------------

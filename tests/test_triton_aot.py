@@ -96,10 +96,20 @@ def test_no_host_copies_and_few_launches(figures, workload):
     reduction besides the Triton kernels. The fused, tile-local and ghost kernels are one launch per linear: 12 per
     layer (the two-kernel route launches two kernels per scratch chunk)."""
     for r in figures[workload]:
-        assert r["host_copies"] == 0, r["torch_ops"]
+        assert r["host_copies"] == 0 and r["host_copies_unchecked"] == 0, r["torch_ops"]
         assert r["torch_launches"] <= 8, r["torch_ops"]
         if workload in ("local", "fused", "ghost") or r["dtype"] == "bf16":
             assert r["triton_launches"] == 4 and r["launches"] <= 12, r
+
+
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def test_host_syncs(figures, workload):
+    """With check_finite=False a layer call reads nothing back to the host (no .item(), no float(t)): the
+    precondition for capturing it in a CUDA graph (the capture itself needs a GPU: benchmarks/gpu_check.sh). The
+    default check_finite=True costs one sync per linear (the sum of its Grams)."""
+    for r in figures[workload]:
+        assert r["syncs_unchecked"] == 0, r
+        assert r["syncs"] == 4, r
 
 
 def test_floors_are_reported(figures):
