@@ -12,7 +12,8 @@ from mat_kernels.testing.reference import reference_lambda_max
 
 def sample_inputs(device: str) -> list[tuple]:
     """Arguments ``(a, b, seg_starts, seg_sizes, seg_owners, add_one, route)`` of ``mat_kernels::segment_grams`` on
-    fresh random data: odd shapes, n = 1 and n > 16, modules made of several segments, bias on and off, both routes.
+    fresh random data: odd shapes, n = 1 and n > 16, modules made of several segments, unsorted, overlapping and
+    far-apart segments, bias on and off, both routes.
     One list feeding the op's correctness and opcheck tests (the pattern of extension-cpp's test_extension.py)."""
     g = torch.Generator().manual_seed(0)
     cases = [  # n, T, DA, DB, starts, sizes, owners, add_one
@@ -20,6 +21,8 @@ def sample_inputs(device: str) -> list[tuple]:
         (1, 1, 5, 6, [0], [6], [0], False),
         (5, 3, 11, 12, [0, 3, 6, 9], [3, 3, 3, 3], [0, 1, 0, 1], True),
         (17, 2, 4, 8, [0, 5], [5, 3], [0, 0], False),
+        # unsorted segments, far apart, and overlapping segments of two modules
+        (4, 3, 6, 40, [30, 0, 3, 33], [6, 5, 4, 5], [1, 0, 1, 2], True),
     ]
     out = []
     for n, T, da, db, starts, sizes, owners, add_one in cases:
@@ -85,3 +88,4 @@ def test_fuzz_shapes_torch_backend(n, T, d_in, heads, head_dim, bias, route, see
                                  return_grams=True)
     lam_ref, grams_ref = reference_lambda_max(x, dy, row_blocks=heads, bias=bias)
     assert rel_err(res.grams, grams_ref) <= FP32_RTOL
+
