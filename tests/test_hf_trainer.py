@@ -71,7 +71,7 @@ def _trainer(tmp_path, callbacks=None, model=None, **kw):
 def _parts(spec, params):
     """(name, view) of every parameter part a module owns (weights and bias entries)."""
     for sl in spec.slices:
-        w, b = params[sl.weight], params[sl.bias] if sl.bias is not None else None
+        b = params[sl.bias] if sl.bias is not None else None
         if sl.axis == "all":
             yield sl.weight, lambda t: t
             if b is not None:
@@ -297,7 +297,7 @@ def test_ledger_counts_steps_and_measurements(tmp_path):
     backward kept apart (a measuring step counts what a plain step with the same masks counts)."""
     trainer = mkhf.with_mat(_trainer(tmp_path), count_flops=True, **MAT_KW)
     trainer.train()
-    mat, ledger = trainer.mat, trainer.mat.ledger
+    ledger = trainer.mat.ledger
     assert len(ledger.train) == len(ledger.train_seconds) == STEPS and all(f > 0 for f in ledger.train)
     assert [s for s, _ in ledger.measure] == [s - 1 for s in MEASURED] and all(f > 0 for _, f in ledger.measure)
     # masks change only after the 2nd measurement: before, every step (measuring or not) counts the same

@@ -1,7 +1,5 @@
 """MAT decisions (threshold policies, temporal rule) on scripted λ sequences, and the optimizer step that keeps
 frozen slices bit-for-bit unchanged."""
-import math
-
 import pytest
 import torch
 
