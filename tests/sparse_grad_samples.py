@@ -88,3 +88,15 @@ def sample_inputs(device, dtype=torch.float32, *, tokens: int = 5) -> list[Spars
             out.append(SparseGradSample(f"{name}-{'3d' if three_d else '2d'}", x.to(**to), w.to(**to), b.to(**to),
                                         dy.to(**to), active, starts, sizes, owners, axis, mask))
     return out
+
+
+def strided_variants(t: torch.Tensor):
+    """(name, the same values as t in another memory layout): contiguous, column-major, a strided slice and, for
+    3-D, token-major (batch and token dims not mergeable into one view: the ops must reshape with a copy)."""
+    yield "contiguous", t
+    yield "column_major", t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    big = torch.zeros(*t.shape[:-1], 2 * t.shape[-1] + 1, dtype=t.dtype, device=t.device)
+    big[..., 1::2] = t
+    yield "strided_slice", big[..., 1::2]
+    if t.dim() == 3:
+        yield "token_major_3d", t.transpose(0, 1).contiguous().transpose(0, 1)

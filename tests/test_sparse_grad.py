@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import SMALL_LAYOUT, COPY_OPS, GEMM_OPS, aten_counts, devices, rel_err, requires_cuda
-from sparse_grad_samples import sample_inputs, segments
+from sparse_grad_samples import sample_inputs, segments, strided_variants
 from torch import nn
 
 import mat_kernels as mk
@@ -211,17 +211,6 @@ def _layout_args(layout_name):
     return (*segments(modules), 0 if axis == "rows" else 1)
 
 
-def _strided_variants(t: torch.Tensor):
-    """The same values as t with different memory layouts."""
-    yield "contiguous", t
-    yield "column_major", t.transpose(-1, -2).contiguous().transpose(-1, -2)
-    big = torch.zeros(*t.shape[:-1], 2 * t.shape[-1] + 1, dtype=t.dtype, device=t.device)
-    big[..., 1::2] = t
-    yield "strided_slice", big[..., 1::2]
-    if t.dim() == 3:  # batch and token dims not mergeable into one view: the op must reshape with a copy
-        yield "token_major_3d", t.transpose(0, 1).contiguous().transpose(0, 1)
-
-
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("layout_name", ["rows_fused_qkv", "cols_uneven"])
 @pytest.mark.parametrize("three_d", [False, True], ids=["2d", "3d"])
@@ -232,8 +221,8 @@ def test_ops_arbitrary_strides(layout_name, three_d, device):
     _, rdw, rdb = _oracle(x, w, b, dy)
     mw, mb = _expected_masks(layout_name, active)
     act = torch.tensor(active)
-    for (nx, xv) in _strided_variants(x):
-        for (ndy, dyv) in _strided_variants(dy):
+    for (nx, xv) in strided_variants(x):
+        for (ndy, dyv) in strided_variants(dy):
             assert torch.equal(xv, x) and torch.equal(dyv, dy)
             dw = OPS.sparse_weight_grad(dyv, xv, act, starts, sizes, owners, axis)
             assert rel_err(dw, rdw * mw) <= FP32_RTOL, (nx, ndy)

@@ -13,6 +13,7 @@ out in this file (fused QKV layouts: the ranges of ``mk.fused_qkv_heads``; the o
 import pytest
 import torch
 from helpers import SMALL_LAYOUT, COPY_OPS, GEMM_OPS, aten_counts, devices, rel_err
+from sparse_grad_samples import strided_variants
 
 import mat_kernels as mk
 from mat_kernels.testing.tolerances import SPARSE_GRAD_RTOL
@@ -161,17 +162,6 @@ def test_no_tokens():
 # ---------------------------------------------------------------------------------------------------------------
 # Strides: stride-0 gradients, non-contiguous dy and weight
 # ---------------------------------------------------------------------------------------------------------------
-def _strided_variants(t: torch.Tensor):
-    """The same values as t with different memory layouts."""
-    yield "contiguous", t
-    yield "column_major", t.transpose(-1, -2).contiguous().transpose(-1, -2)
-    big = torch.zeros(*t.shape[:-1], 2 * t.shape[-1] + 1, dtype=t.dtype, device=t.device)
-    big[..., 1::2] = t
-    yield "strided_slice", big[..., 1::2]
-    if t.dim() == 3:  # batch and token dims not mergeable into one view
-        yield "token_major_3d", t.transpose(0, 1).contiguous().transpose(0, 1)
-
-
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("three_d", [False, True], ids=["2d", "3d"])
 @pytest.mark.parametrize("name", ["rows_fused_qkv", "cols_fused_qkv"])
@@ -179,8 +169,8 @@ def test_non_contiguous_dy_and_weight(name, three_d, device):
     active = _mask("alternating", len(LAYOUTS[name][1]))
     dy, w = _data(name, three_d=three_d, device=device, seed=6)
     ref = _oracle(dy, w, _dense_mask(name, active))
-    for ndy, dyv in _strided_variants(dy):
-        for nw, wv in _strided_variants(w):
+    for ndy, dyv in strided_variants(dy):
+        for nw, wv in strided_variants(w):
             assert torch.equal(dyv, dy) and torch.equal(wv, w)
             dx = _call(name, dyv, wv, active)
             assert dx.is_contiguous() and dx.shape == (*dy.shape[:-1], w.shape[1])

@@ -164,18 +164,16 @@ def local_candidates(prec: str) -> list[Config]:
 _HBM_BYTES_PER_S = 3.0e12
 _L2_BYTES_PER_S = 5.5e12
 _LAUNCH_S = 4e-6
+_SMS = 132
 
 
 L2_RESIDENT_BYTES = 25 << 20  # half an H100's L2 (one partition): live slots beyond it are counted in HBM
 
 
-def local_programs(n: int, DA1: int, DB: int, wsize: int, scratch_bytes: int, sm: int = 132) -> tuple[int, int]:
-    """(programs, work items) of the tile-local kernel at its default tiles: one per work item, at most two per SM
-    and at most ``scratch_bytes`` of slots."""
-    c = dict(local_candidates("tf32")[0].tiles)  # the same tiles for every precision
-    NP = max(16, triton.next_power_of_2(n))
-    work = triton.cdiv(DB, c["BR"]) * triton.cdiv(DA1, c["BC"])
-    return min(work, max(1, scratch_bytes // (NP * c["BR"] * c["BC"] * wsize)), 2 * sm), work
+def local_programs(work: int, slot_bytes: int, scratch_bytes: int, sm: int) -> int:
+    """Programs of the tile-local kernel: one per work item, at most two per SM, and as many slots as
+    ``scratch_bytes`` holds (at least one, even when one slot exceeds it)."""
+    return min(work, max(1, scratch_bytes // slot_bytes), 2 * sm)
 
 
 def psg_plan(n: int, T: int, DA1: int, DB: int, esize: int, scratch_bytes: int = 48 << 20) -> dict:
@@ -202,14 +200,14 @@ def psg_plan(n: int, T: int, DA1: int, DB: int, esize: int, scratch_bytes: int =
         fused_l2 = (triton.cdiv(DB, BR) * n * T * DA1 + triton.cdiv(DA1, BC) * n * T * DB) * esize
         fused_s = fused_l2 / _L2_BYTES_PER_S + _LAUNCH_S
     if n <= LOCAL_MAX_N:
-        c = dict(local_candidates("tf32")[0].tiles)
-        wsize = 4 if esize == 4 else esize
-        programs, work = local_programs(n, DA1, DB, wsize, scratch_bytes)
-        slots = 2 * work * n * c["BR"] * c["BC"] * wsize
+        c = dict(local_candidates("tf32")[0].tiles)  # the same tiles for every precision
+        work = triton.cdiv(DB, c["BR"]) * triton.cdiv(DA1, c["BC"])
+        slot_bytes = max(16, triton.next_power_of_2(n)) * c["BR"] * c["BC"] * esize  # slots in the inputs' dtype
+        programs = local_programs(work, slot_bytes, scratch_bytes, _SMS)
+        slots = 2 * work * n * c["BR"] * c["BC"] * esize
         l2 = work * n * T * (c["BR"] + c["BC"]) * esize + slots
-        live = programs * max(16, triton.next_power_of_2(n)) * c["BR"] * c["BC"] * wsize
-        hbm = slots if live > L2_RESIDENT_BYTES else 0
-        local_s = max(l2 / _L2_BYTES_PER_S, hbm / _HBM_BYTES_PER_S) * max(1.0, 132 / programs) + _LAUNCH_S
+        hbm = slots if programs * slot_bytes > L2_RESIDENT_BYTES else 0
+        local_s = max(l2 / _L2_BYTES_PER_S, hbm / _HBM_BYTES_PER_S) * max(1.0, _SMS / programs) + _LAUNCH_S
     options = {"fused": fused_s, "local": local_s, "two-kernel": two_s}
     kernel = min((v, k) for k, v in options.items() if v is not None)[1]
     shown = ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in options.items() if v is not None)
@@ -231,11 +229,11 @@ def _fused_tiles(seg_starts: tuple, seg_sizes: tuple, seg_owners: tuple, BR: int
     return tuple(src), tuple(cnt), tuple(own)
 
 
-def _prologue(kind: str, a, seg_owners, out, allow_tf32: bool, max_n: int, verb: str, where: str):
+def _prologue(kind: str, a, seg_owners, out, allow_tf32: bool, max_n: int):
     """(n, T, DA, padded n, the zeroed or given output, dot precision) of a one-launch kernel; n checked."""
     n, T, DA = a.shape
     if n > max_n:
-        raise ValueError(f"the {kind} kernel {verb} at most {max_n} samples {where}, got n = {n}")
+        raise ValueError(f"the {kind} kernel serves at most {max_n} samples, got n = {n}")
     if out is None:
         out = torch.zeros(1 + max(seg_owners), n, n, dtype=torch.float32, device=a.device)
     return n, T, DA, max(16, triton.next_power_of_2(n)), out, precision(a.dtype, allow_tf32)
@@ -262,7 +260,7 @@ def fused_segment_grams(a, b, seg_starts, seg_sizes, seg_owners, *, add_one: boo
     """Module Grams ``[M, n, n]`` (fp32, M = 1 + max owner) by the fused kernel, for n ≤ :data:`FUSED_MAX_N`:
     one launch, no scratch, the segments of a module summed by the kernel itself. ``out`` (zeros ``[M, n, n]``,
     fp32) is accumulated into when given (results written in place)."""
-    n, T, DA, NP, out, prec = _prologue("fused", a, seg_owners, out, allow_tf32, FUSED_MAX_N, "holds", "in registers")
+    n, T, DA, NP, out, prec = _prologue("fused", a, seg_owners, out, allow_tf32, FUSED_MAX_N)
     dev = a.device
 
     def launch(cfg: Config, warmup: bool, target=None):
@@ -284,13 +282,12 @@ def fused_segment_grams(a, b, seg_starts, seg_sizes, seg_owners, *, add_one: boo
 def local_segment_grams(a, b, seg_starts, seg_sizes, seg_owners, *, add_one: bool, allow_tf32: bool,
                         scratch_bytes: int = 48 << 20, out: torch.Tensor | None = None) -> torch.Tensor:
     """Module Grams ``[M, n, n]`` (fp32, M = 1 + max owner) by the tile-local kernel, for n ≤ :data:`LOCAL_MAX_N`:
-    one launch; a scratch of one ``[NP, BR·BC]`` slot per program (fp32, or the inputs' dtype for bf16/fp16),
-    at most ``scratch_bytes`` (fewer programs if needed). ``out`` (zeros ``[M, n, n]``, fp32) is accumulated into
-    when given."""
-    n, T, DA, NP, out, prec = _prologue("tile-local", a, seg_owners, out, allow_tf32, LOCAL_MAX_N, "keeps", "per slot")
+    one launch; a scratch of one ``[NP, BR·BC]`` slot per program in the inputs' dtype, at most ``scratch_bytes``
+    (fewer programs if needed; one slot even when that exceeds it). ``out`` (zeros ``[M, n, n]``, fp32) is
+    accumulated into when given."""
+    n, T, DA, NP, out, prec = _prologue("tile-local", a, seg_owners, out, allow_tf32, LOCAL_MAX_N)
     dev = a.device
-    work_dtype = torch.float32 if a.dtype == torch.float32 else a.dtype
-    programs_cap = 2 * sm_count(dev)
+    work_dtype = a.dtype  # fp32 slots for fp32 inputs, 16-bit slots for bf16/fp16 (the Gram accumulates in fp32)
 
     def launch(cfg: Config, warmup: bool, target=None):
         c = cfg.kwargs()
@@ -299,8 +296,7 @@ def local_segment_grams(a, b, seg_starts, seg_sizes, seg_owners, *, add_one: boo
         n_ctiles = triton.cdiv(DA + int(add_one), c["BC"])
         n_work = len(src) * n_ctiles
         slot_elems = NP * c["BR"] * c["BC"]
-        by_budget = max(1, scratch_bytes // (slot_elems * torch.finfo(work_dtype).bits // 8))
-        programs = min(n_work, by_budget, programs_cap)
+        programs = local_programs(n_work, slot_elems * a.element_size(), scratch_bytes, sm_count(dev))
         work = torch.empty(programs * slot_elems, dtype=work_dtype, device=dev)  # caching allocator: no cudaMalloc
         args = (a, b, _device_ints(src, dev), _device_ints(cnt, dev), _device_ints(own, dev), work, dst,
                 n, T, DA, n_work, n_ctiles, *a.stride(), *b.stride(), *dst.stride())
@@ -310,4 +306,3 @@ def local_segment_grams(a, b, seg_starts, seg_sizes, seg_owners, *, add_one: boo
         return _psg_gram_local_kernel[(programs,)](*args, **kw)
 
     return _tuned_launch("local", launch, local_candidates(prec), a, seg_sizes, add_one, NP, prec, out)
-

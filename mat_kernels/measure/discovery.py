@@ -8,8 +8,8 @@ map ``[O, C·kh·kw]`` on unfolded patches.)
 
 :func:`discover_modules` walks ``model.named_modules()`` and asks each registered layout, in registration order,
 whether it recognises the module. Layouts are registered with :func:`register_layout`; the built-in ones live in
-:mod:`mat_kernels.measure.layouts`, one file per family. The layouts (which module names and classes each recognises), grouped-query attention and the output
-projection's heads (``out_proj=``): ``docs/discovery.md``.
+:mod:`mat_kernels.measure.layouts`, one file per family. Which module names and classes each layout recognises,
+grouped-query attention and the output projection's heads (``out_proj=``): ``docs/discovery.md``.
 
 Parameters claimed by no layout are *reported*, never silently dropped: :attr:`Discovery.unclaimed` maps each to
 the reason (embeddings and norms are "always trained"; a linear no layout recognised is "unrecognised layout").

@@ -35,7 +35,7 @@ __all__ = ["model_lambda_max", "ModelLambdaMax", "projection_vectors", "per_samp
 _OUTPUTS = ("logprob", "loss", "projection")
 
 
-ModelLambdaMax = LambdaMaxResult  # model_lambda_max's result type before 0.2 had this name; kept until 0.3
+ModelLambdaMax = LambdaMaxResult  # the former name of model_lambda_max's result type, kept until 0.3
 
 
 def _logits(out) -> torch.Tensor:

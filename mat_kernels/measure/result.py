@@ -120,7 +120,7 @@ class LambdaMaxResult:
     # ---------------------------------------------------------------------- old field (removed in 0.3)
     @property
     def lambda_max(self) -> Any:
-        """Deprecated (removed in 0.3): ``values`` (layer level: the fp32 tensor) or ``as_dict()`` (model level: the dict)."""
+        """Deprecated (removed in 0.3): ``values`` at layer level (the fp32 tensor), else ``as_dict()``."""
         warnings.warn("LambdaMaxResult.lambda_max is deprecated: use .values (fp32 tensor [M]) or .as_dict() "
                       "({name: λmax})", DeprecationWarning, stacklevel=2)
         return self.values if self.level == "layer" else self.as_dict()
