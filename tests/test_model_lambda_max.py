@@ -388,14 +388,16 @@ def test_hooks_removed_and_linear_restored_even_when_forward_raises():
     assert _hook_count(model) == before and F.linear is torch._C._nn.linear
 
 
-def test_two_backwards_in_one_capture_are_refused():
-    """Gradient accumulation inside one capture would add Grams of different samples as if they were the same."""
+def test_two_backwards_through_one_forward_are_refused():
+    """A second backward through the same graph would add a Gram of the same samples twice. (Micro-batches, a
+    forward after a backward, are accepted: tests/test_training_setups.py.)"""
     model = TinyLM(layers=1).eval()
     ids = torch.randint(0, 23, (3, 4), generator=_gen(20))
-    with pytest.raises(RuntimeError, match="one capture per batch"):
+    with pytest.raises(RuntimeError, match="second backward through the same forward"):
         with mk.capture_lambda_max(model, backend="torch"):
-            for _ in range(2):
-                F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+            loss = F.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
+            loss.backward(retain_graph=True)
+            loss.backward()
 
 
 # --------------------------------------------------------------------------------------------------------------

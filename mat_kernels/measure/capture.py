@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 from mat_kernels.measure.layer import GramOptions, layer_grams, route_costs
 from mat_kernels.measure.discovery import group_by_weight
-from mat_kernels.measure.capture_records import Record, Site, conv_parts, ranges_in_call, samples_first
+from mat_kernels.measure.capture_records import (GEMM_DTYPES, Record, Site, conv_parts, ranges_in_call, samples_first,
+                                                 stack_samples)
 from mat_kernels.measure.forward import check_samples_independent
 from mat_kernels.measure.result import LambdaMaxResult
 from mat_kernels.measure.specs import ModuleSpec, is_conv1d, linear_shape
@@ -48,6 +49,8 @@ __all__ = ["LambdaCapture", "capture_lambda_max"]
 _ORIG_LINEAR = F.linear
 _ACTIVE: list["LambdaCapture"] = []  # captures whose MHA patch is in force (innermost last)
 _PATCH_DEPTH = [0]
+# what a capture's Grams are over when one step accumulates gradients over several micro-batches
+MICRO_BATCHES = ("first", "all")
 
 
 def recording() -> bool:
@@ -59,17 +62,23 @@ class LambdaCapture:
     """Context manager that captures what the given modules need during a forward and backward pass, and builds
     their Grams layer by layer. See :func:`capture_lambda_max` (the public constructor) for the arguments."""
 
-    def __init__(self, model: nn.Module, specs: list[ModuleSpec], *, n: int | None = None, loss_scale: float = 1.0,
-                 tap: bool = False, sample_dim: int = 0, options: GramOptions | None = None, **gram_settings):
+    def __init__(self, model: nn.Module, specs: list[ModuleSpec], *, n: int | None = None,
+                 loss_scale: float | str = 1.0,
+                 tap: bool = False, sample_dim: int = 0, micro_batches: str = "first",
+                 options: GramOptions | None = None, **gram_settings):
+        if micro_batches not in MICRO_BATCHES:
+            raise ValueError(f"micro_batches must be one of {MICRO_BATCHES}, got {micro_batches!r}")
         self._by_weight = group_by_weight(model, specs)  # validates the specs
         if sample_dim not in (0, 1):
             raise ValueError(f"sample_dim must be 0 (inputs [n, ...]) or 1 (sequence-first [T, n, ...]), got {sample_dim!r}")
         self.sample_dim = sample_dim
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n <= 0):
             raise ValueError(f"n must be a positive int (the number of samples), got {n!r}")
-        if not isinstance(loss_scale, (int, float)) or not loss_scale > 0:
-            raise ValueError(f"loss_scale must be a positive number, got {loss_scale!r}")
-        self.model, self.specs, self.n, self.loss_scale, self.tap = model, list(specs), n, float(loss_scale), tap
+        if loss_scale != "mean" and (isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float))
+                                     or not loss_scale > 0):
+            raise ValueError(f"loss_scale must be a positive number or 'mean', got {loss_scale!r}")
+        self.model, self.specs, self.n, self.tap = model, list(specs), n, tap
+        self.loss_scale = loss_scale if loss_scale == "mean" else float(loss_scale)
         self.options = GramOptions.of(options, **gram_settings)  # validated here, before any forward
         self.sites: dict[str, Site] = {}
         self._by_id: dict[int, Site] = {}
@@ -86,6 +95,10 @@ class LambdaCapture:
         self._stack = contextlib.ExitStack()
         self._z = torch.zeros((), requires_grad=True) if tap else None
         self._tapped = 0
+        self.micro_batches = micro_batches
+        self.micro_n: int | None = n  # samples per micro-batch (the first one's; all must match)
+        self._micro = 0  # index of the micro-batch whose forward runs (a forward after a backward starts the next)
+        self._after_backward = False
 
     # ------------------------------------------------------------------------------------------------ sites
     def _build_sites(self) -> None:
@@ -201,13 +214,19 @@ class LambdaCapture:
         if not isinstance(out, torch.Tensor) or not out.requires_grad:
             site.no_grad_calls += 1
             return None
-        if self.n is None:
-            self.n = x.shape[1] if site.kind == "mha" or site.sample_dim == 1 else x.shape[0]
         # A call made while autograd executes a node is a recomputation (gradient checkpointing). Non-reentrant
         # checkpointing recomputes before the layer's own output gradient is known; its recomputed outputs never
         # receive one, so they must not hold back the forward call's record.
         in_backward = torch._C._current_autograd_node() is not None
-        rec = Record(site, x.detach(), r0, rows, has_bias, in_backward)
+        if not in_backward and self._after_backward:  # a forward after a backward: the next micro-batch
+            self._next_micro(site, x)
+        if self.n is None:
+            self.n = self.micro_n = self._samples_in(site, x)
+        if self._micro > 0 and self.micro_batches == "first":  # the Gram is over the first micro-batch's samples;
+            out.register_hook(self._saw_backward)  # only where the next micro-batch starts is still watched
+            return None
+        rec = Record(site, x.detach(), r0, rows, has_bias, in_backward, micro=self._micro,
+                     dtype=self._gemm_dtype(site, x, out))
         self._records.setdefault((site.weight, r0, rows), []).append(rec)
         if self.tap and not in_backward:
             out = out + self._z
@@ -217,7 +236,36 @@ class LambdaCapture:
         out.register_hook(functools.partial(self._on_dy, rec))
         return None
 
+    def _samples_in(self, site: Site, x: torch.Tensor) -> int:
+        return x.shape[1] if site.kind == "mha" or site.sample_dim == 1 else x.shape[0]
+
+    def _next_micro(self, site: Site, x: torch.Tensor) -> None:
+        self._micro += 1
+        self._after_backward = False
+        n = self._samples_in(site, x)
+        if self.micro_n is not None and n != self.micro_n:
+            raise ValueError(
+                f"micro_batches: micro-batch {self._micro} of this step has {n} samples, the first had {self.micro_n}; "
+                "one capture needs micro-batches of equal size, so that loss_scale weighs every sample alike "
+                "(loss = loss_scale · Σ_i s_i over all micro-batches)")
+
+    @staticmethod
+    def _gemm_dtype(site: Site, x: torch.Tensor, out: torch.Tensor) -> torch.dtype | None:
+        """The dtype the layer's GEMM ran in when it differs from the stored input's (autocast), else None."""
+        if x.dtype == out.dtype:
+            return None
+        if out.dtype not in GEMM_DTYPES or x.dtype not in (torch.float32, *GEMM_DTYPES):
+            raise TypeError(
+                f"{site.weight}: the layer's input is {x.dtype} and its output {out.dtype}; under autocast the Grams "
+                f"are built from what the GEMM multiplied, which must be bfloat16 or float16 (autocast dtype "
+                f"{out.dtype} is not supported)")
+        return out.dtype
+
+    def _saw_backward(self, grad):
+        self._after_backward = True
+
     def _on_dy(self, rec: Record, grad: torch.Tensor | None):
+        self._after_backward = True
         if grad is None:
             raise RuntimeError(
                 f"{rec.site.weight}: no gradient reached this layer's output in the backward; a measurement needs "
@@ -226,11 +274,15 @@ class LambdaCapture:
         self.held_bytes += rec.dy.numel() * rec.dy.element_size()
         self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
         key = (rec.site.weight, rec.r0, rec.rows)
+        if self.micro_batches == "all":
+            self.held_bytes += rec.x.numel() * rec.x.element_size()  # held past the backward: built at the end
+            self.peak_held_bytes = max(self.peak_held_bytes, self.held_bytes)
+            return None
         if key in self._done:
             raise RuntimeError(
                 f"{rec.site.weight}: a second forward call's gradient arrived after the Gram of the first was "
-                "built: several forward/backward passes inside one capture (use one capture per batch), or "
-                "shared weights under reentrant gradient checkpointing (use use_reentrant=False)"
+                "built: a second backward through the same forward (retain_graph=True; run one backward per "
+                "micro-batch), or shared weights under reentrant gradient checkpointing (use use_reentrant=False)"
             )
         if rec.backward_phase:
             group = [rec]
@@ -238,7 +290,7 @@ class LambdaCapture:
             group = [r for r in self._records[key] if not r.backward_phase]
             if any(r.dy is None for r in group):
                 return None  # wait for the other calls of this weight
-        self._build(rec.site, group)
+        self._build(rec.site, [group])
         for r in group:
             self.held_bytes -= r.dy.numel() * r.dy.element_size()
             r.x = r.dy = None
@@ -247,27 +299,36 @@ class LambdaCapture:
         return None
 
     # ------------------------------------------------------------------------------------------------ Grams
-    def _build(self, site: Site, group: list[Record]) -> None:
+    def _build(self, site: Site, micro_groups: list[list[Record]]) -> None:
         t0 = time.perf_counter()
         try:
-            self._build_grams(site, group)
+            self._build_grams(site, micro_groups)
         finally:
             self.gram_seconds += time.perf_counter() - t0
 
-    def _build_grams(self, site: Site, group: list[Record]) -> None:
+    def _build_grams(self, site: Site, micro_groups: list[list[Record]]) -> None:
+        """Grams of one weight from its calls: the calls of one micro-batch are one per-sample gradient (their
+        tokens concatenated), micro-batches add samples."""
+        rec0 = micro_groups[0][0]
         if self.grams is None:
-            dev = group[0].x.device
-            self.grams = torch.zeros(len(self.specs), self.n, self.n, dtype=torch.float32, device=dev)
-        rec0 = group[0]
+            self.grams = torch.zeros(len(self.specs), self.n, self.n, dtype=torch.float32, device=rec0.x.device)
+        n = self.micro_n
         if site.kind == "conv2d":
-            per_rec = [conv_parts(site, r, self.n) for r in group]
-            chunks = [(torch.cat([p[g][0] for p in per_rec], 1), torch.cat([p[g][1] for p in per_rec], 1), off)
-                      for g, (_, _, off) in enumerate(per_rec[0])]
+            per_micro = []
+            for group in micro_groups:
+                per_rec = [conv_parts(site, r, n) for r in group]
+                per_micro.append([(torch.cat([p[g][0] for p in per_rec], 1), torch.cat([p[g][1] for p in per_rec], 1))
+                                  for g in range(len(per_rec[0]))])
+            og = site.d_out // site.owner.groups
+            chunks = [(*stack_samples([m[g] for m in per_micro]), g * og) for g in range(site.owner.groups)]
             width = chunks[0][1].shape[-1]
         else:
-            pairs = [samples_first(site, r, self.n) for r in group]
-            x3 = torch.cat([p[0] for p in pairs], 1) if len(pairs) > 1 else pairs[0][0]
-            dy3 = torch.cat([p[1] for p in pairs], 1) if len(pairs) > 1 else pairs[0][1]
+            per_micro = []
+            for group in micro_groups:
+                pairs = [samples_first(site, r, n) for r in group]
+                per_micro.append((torch.cat([p[0] for p in pairs], 1), torch.cat([p[1] for p in pairs], 1))
+                                 if len(pairs) > 1 else pairs[0])
+            x3, dy3 = stack_samples(per_micro)
             chunks = [(x3, dy3, 0)]
             width = rec0.rows
         for axis, bias, entries in site.groups:
@@ -322,6 +383,8 @@ class LambdaCapture:
 
     def check_complete(self) -> None:
         """Raise if a module's layer never ran in the forward pass (nothing would be measured for it)."""
+        if self.micro_batches == "all" and self._records:
+            self._build_deferred()
         for site in self.sites.values():
             if site.calls == 0:
                 users = [self.specs[m].name for _, _, entries in site.groups for m, _ in entries]
@@ -336,12 +399,39 @@ class LambdaCapture:
     def _done_for(self, site: Site) -> bool:
         return any(k[0] == site.weight for k in self._done)
 
+    def _build_deferred(self) -> None:
+        """``micro_batches="all"``: every weight's Gram over the samples of all micro-batches, from the records held
+        through the step (calls that got no output gradient, e.g. non-reentrant checkpointing's recomputations, are
+        skipped)."""
+        if self._micro > 0:
+            self.n = self.micro_n * (self._micro + 1)
+        for key, recs in list(self._records.items()):
+            got = [r for r in recs if r.dy is not None]
+            if not got:
+                continue
+            by_micro: dict[int, list[Record]] = {}
+            for r in got:
+                by_micro.setdefault(r.micro, []).append(r)
+            if len(by_micro) != self._micro + 1:
+                raise RuntimeError(f"{key[0]}: the layer ran in {len(by_micro)} of the step's {self._micro + 1} "
+                                   "micro-batches; micro_batches='all' needs it in every one")
+            self._build(got[0].site, [by_micro[k] for k in sorted(by_micro)])
+            self._done.add(key)
+        self._records.clear()
+        self.held_bytes = 0
+
     def module_grams(self) -> torch.Tensor:
-        """``[M, n, n]`` fp32 Grams (module order of ``specs``), divided by ``loss_scale²``."""
+        """``[M, n, n]`` fp32 Grams (module order of ``specs``), divided by ``loss_scale²``. With
+        ``micro_batches="all"`` the Grams are built here, over the samples of every micro-batch."""
+        if self.micro_batches == "all" and self._records:
+            self._build_deferred()
         if self.grams is None:
             raise RuntimeError("no output gradient reached any captured layer: run the backward inside the capture")
         self._records.clear()
-        return self.grams / (self.loss_scale ** 2)
+        scale = self.loss_scale
+        if scale == "mean":  # the loss is the mean over every sample of the step: micro_n per micro-batch
+            scale = 1.0 / (self.micro_n * (self._micro + 1))
+        return self.grams / (scale ** 2)
 
 
 def _recording_linear(input, weight, bias=None):
@@ -357,8 +447,8 @@ def _recording_linear(input, weight, bias=None):
 
 
 def capture_lambda_max(model: nn.Module, specs: list[ModuleSpec] | None = None, *, n: int | None = None,
-                       loss_scale: float = 1.0, sample_dim: int = 0, options: GramOptions | None = None,
-                       **gram_settings) -> LambdaCapture:
+                       loss_scale: float | str = 1.0, sample_dim: int = 0, micro_batches: str = "first",
+                       options: GramOptions | None = None, **gram_settings) -> LambdaCapture:
     """Capture the modules' Grams from a backward you run yourself (e.g. the training step's own backward).
 
     ::
@@ -370,13 +460,25 @@ def capture_lambda_max(model: nn.Module, specs: list[ModuleSpec] | None = None, 
 
     The NTK output is then the per-sample training loss: ``loss = loss_scale · Σ_i s_i`` must hold (``1/n`` for a
     mean over samples, ``1`` for a sum, ``1/N`` for a mean over N tokens), and Θ is rescaled by ``1/loss_scale²``.
+    ``loss_scale="mean"``: the loss is the mean over all the samples the capture saw, ``1/(n·k)`` with k
+    micro-batches of n (each micro-batch's mean loss divided by k, as accumulating loops and Lightning do).
     Samples must not interact in the model (train-mode BatchNorm couples them).
+
+    Under autocast (bf16/fp16, CPU or CUDA) each layer's Gram is built from what its GEMM multiplied: the input as
+    autocast cast it and the 16-bit output gradient, accumulated in fp32.
+
+    Several forward/backward passes inside one capture are the micro-batches of one optimizer step (gradient
+    accumulation; all of the same size): ``micro_batches="first"`` (default) measures the first micro-batch's
+    samples and records nothing after it (no memory beyond one layer's output gradient at a time);
+    ``"all"`` measures the Gram over the samples of every micro-batch, which holds every captured layer's input and
+    output gradient of every micro-batch until the Grams are built at the end (``peak_held_bytes`` says how much).
 
     Args:
         model: the model; ``specs`` default to :func:`mat_kernels.discover_modules`'s.
         specs: modules to measure.
         n: number of samples (default: the leading dimension of the first captured layer input).
         loss_scale: see above.
+        micro_batches: ``"first"`` or ``"all"``, see above.
         sample_dim: where the samples are in the inputs of plain linears: 0 (``[n, T, d]``, default) or 1
             (sequence-first ``[T, n, d]``). Layers inside ``nn.TransformerEncoderLayer``/``DecoderLayer`` follow
             that layer's ``batch_first``; ``nn.MultiheadAttention`` projections are handled internally.
@@ -389,7 +491,7 @@ def capture_lambda_max(model: nn.Module, specs: list[ModuleSpec] | None = None, 
     if specs is None:
         specs = discover_modules(model).specs
     return _TrainingCapture(model, specs, n=n, loss_scale=loss_scale, tap=False, sample_dim=sample_dim,
-                            options=GramOptions.of(options, **gram_settings))
+                            micro_batches=micro_batches, options=GramOptions.of(options, **gram_settings))
 
 
 class _TrainingCapture(LambdaCapture):

@@ -9,7 +9,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Site", "Record", "ranges_in_call", "conv_padding", "samples_first", "conv_parts"]
+__all__ = ["Site", "Record", "ranges_in_call", "conv_padding", "samples_first", "conv_parts", "stack_samples",
+           "GEMM_DTYPES"]
+
+# dtypes an autocast GEMM may run in (the Gram kernels take them; fp32 accumulation)
+GEMM_DTYPES = (torch.bfloat16, torch.float16)
 
 
 @dataclass(eq=False)
@@ -40,6 +44,13 @@ class Record:
     has_bias: bool
     backward_phase: bool
     dy: torch.Tensor | None = None
+    micro: int = 0  # which micro-batch of the step (gradient accumulation) made the call
+    dtype: torch.dtype | None = None  # the dtype autocast ran the GEMM in, when x was stored in another one
+
+    def gemm_input(self) -> torch.Tensor:
+        """The input the layer's GEMM multiplied: under autocast the stored ``x`` cast as autocast casts it (a
+        deterministic rounding, so casting here, when the Gram is built, holds no second copy through the step)."""
+        return self.x if self.dtype is None else self.x.to(self.dtype)
 
 
 def ranges_in_call(ranges, axis: str, r0: int, rows: int, d_out: int):
@@ -72,7 +83,7 @@ def conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
 
 def samples_first(site: Site, rec: Record, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A linear record's ``(x, dy)`` as ``[n, tokens, width]`` (sequence-first and MHA layouts handled)."""
-    x, dy = rec.x, rec.dy
+    x, dy = rec.gemm_input(), rec.dy
     d_in = x.shape[-1]
     if site.kind == "mha":  # [T, n, E] or [T·n, E]
         if x.numel() % (n * d_in) or (x.dim() == 3 and x.shape[1] != n):
@@ -93,10 +104,22 @@ def samples_first(site: Site, rec: Record, n: int) -> tuple[torch.Tensor, torch.
         )
     return x.reshape(n, -1, d_in), dy.reshape(n, -1, dy.shape[-1])
 
+
+def stack_samples(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, dy)`` pairs of several micro-batches (``[n_k, T_k, ·]``) as one ``[Σ n_k, max T_k, ·]`` pair. Shorter
+    micro-batches are padded with zero tokens, which add nothing to a per-sample gradient Σ_t δ_t x_tᵀ (nor to a
+    bias column Σ_t δ_t)."""
+    if len(parts) == 1:
+        return parts[0]
+    T = max(x.shape[1] for x, _ in parts)
+    pad = [(F.pad(x, (0, 0, 0, T - x.shape[1])), F.pad(d, (0, 0, 0, T - d.shape[1]))) for x, d in parts]
+    return torch.cat([x for x, _ in pad]), torch.cat([d for _, d in pad])
+
+
 def conv_parts(site: Site, rec: Record, n: int):
     """Per group of the convolution: (patches [n, L, C_g·kh·kw], dy [n, L, O_g], output-channel offset)."""
     conv = site.owner
-    x, dy = rec.x, rec.dy
+    x, dy = rec.gemm_input(), rec.dy
     if x.dim() != 4 or x.shape[0] != n:
         raise ValueError(f"{site.weight}: Conv2d input must be [n, C, H, W] with n={n}, got {tuple(x.shape)}")
     G = conv.groups

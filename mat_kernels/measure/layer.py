@@ -221,7 +221,10 @@ def layer_grams(
     n, T, d_in = x.shape
     d_out = dy.shape[-1]
     layouts = layer_blocks(row_blocks, col_blocks, bias, d_in, d_out)
-    result = _layer_grams(x, dy, layouts, opts)
+    # the Grams accumulate in fp32 by design: an enclosing autocast (a measurement inside a mixed-precision step)
+    # must not run their GEMMs in 16 bits
+    with torch.autocast(x.device.type, enabled=False):
+        result = _layer_grams(x, dy, layouts, opts)
     if opts.check_finite:
         _check_finite_grams(result.grams, x, dy)
     return result
