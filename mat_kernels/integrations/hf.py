@@ -49,8 +49,9 @@ def _transformers():
 def _without_accelerate_autocast(module):
     """Under ``bf16``/``fp16`` mixed precision accelerate replaces ``module.forward`` by an autocast wrapper (an
     instance attribute; the forward it wrapped is kept as ``module._original_forward``). λ is measured with that
-    original forward, in the parameters' precision: the Gram capture needs a layer's input and output gradient in
-    one dtype, which autocast breaks (fp32 input, bf16 output gradient)."""
+    original forward, in the parameters' precision: the probe batch is measured on the weights, not on a training
+    step, and fp32 GEMM inputs measure them more exactly (a measurement under autocast is supported too: it agrees
+    with fp32 to ``mat_kernels.testing.tolerances.AUTOCAST_RTOL``)."""
     original = module.__dict__.get("_original_forward")  # (also keeps the module's own __call__ and hooks)
     patched = module.__dict__.get("forward")
     if original is None or patched is None:

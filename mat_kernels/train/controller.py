@@ -23,11 +23,12 @@ from __future__ import annotations
 import contextlib
 import re
 import time
+import warnings
 
 import torch
 import torch.nn as nn
 
-from mat_kernels.measure.capture import capture_lambda_max
+from mat_kernels.measure.capture import MICRO_BATCHES, capture_lambda_max
 from mat_kernels.train.flops import FlopsLedger
 from mat_kernels.measure.forward import check_samples_independent
 from mat_kernels.measure.layer import GramOptions
@@ -43,7 +44,24 @@ __all__ = ["MAT"]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    """The model inside ``DistributedDataParallel`` and ``torch.compile`` wrappers (in any order)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is (or wraps) a ``torch.compile``d module: ``torch.compile(model)`` or ``model.compile()``."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module) or getattr(model, "_compiled_call_impl", None):
+            return True
+        if not isinstance(model, nn.parallel.DistributedDataParallel):
+            return False
+        model = model.module
 
 
 class MAT:
@@ -153,6 +171,7 @@ class MAT:
         self.should_stop = False
         self.log: list[dict] = []
         self._pending: torch.Tensor | None = None
+        self._captured = None  # (capture, seconds) of this step's training backward, committed by step()
         self._in_measure = False
         self.last_measure_extra_flops = 0  # FLOPs of the last measurement that FlopCounterMode cannot see
         self.measure_counted: list[int] = []  # per measurement: the FLOPs FlopCounterMode saw (probe passes)
@@ -161,6 +180,7 @@ class MAT:
         self.closed = False
         self.sparse_layers, self.gated, self.masked_weights = install_sparse(
             self.module, self.specs, wanted=sparse_backward, frozen_backward=self.frozen_backward, swapped=self._swapped)
+        self.compiled = _is_compiled(model)
         self._apply_masks()
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -200,35 +220,62 @@ class MAT:
             yield
 
     @contextlib.contextmanager
-    def measure_step(self, *, loss_scale: float):
-        """Context for one training step's forward and backward. When this step measures from the training
-        backward (``probe=None``), the module Grams are captured from it (the step then runs the exact backward);
-        otherwise it does nothing. ``loss = loss_scale · Σ_i s_i`` (``1/n`` for a mean over the n samples)::
+    def measure_step(self, *, loss_scale: float | str, micro_batches: str = "first"):
+        """Context for one optimizer step's forwards and backwards. When this step measures from the training
+        backward (``probe=None``), the module Grams are captured from it (the step then runs the exact backward,
+        eagerly under ``torch.compile``); otherwise it does nothing. ``loss = loss_scale · Σ_i s_i`` over all the
+        step's samples (``1/n`` for a mean over the n samples; ``1/(n·k)`` for k accumulated micro-batches of n;
+        ``"mean"`` says that and lets the capture count n and k)::
 
             with mat.measure_step(loss_scale=1 / n):
                 loss = criterion(model(x), y)
-                mat.backward(loss)
-            mat.step()
-        """
+                mat.backward(loss)                  # under a GradScaler: mat.backward(scaler.scale(loss))
+            mat.step()                              # and mat.step(scaler=scaler)
+
+        Several forwards and backwards inside the context are micro-batches of one step (gradient accumulation,
+        equal sizes): ``micro_batches="first"`` measures the first one's samples (no extra memory), ``"all"`` the
+        Gram over all of them (holds every captured layer's input and output gradient until the end of the step).
+        The measurement is taken (λ, the decision, the ledger) by the :meth:`step` that follows, and dropped if a
+        ``GradScaler`` skips that step."""
+        if micro_batches not in MICRO_BATCHES:
+            raise ValueError(f"micro_batches must be one of {MICRO_BATCHES}, got {micro_batches!r}")
         if self.probe is not None or not self.measuring_now():
             yield
             return
         self._in_measure = True
+        self._captured = None
+        # NaN/Inf is checked when step() takes the measurement: a GradScaler's overflowing step is dropped there
+        options = GramOptions.of(self.gram_options, check_finite=False)
         try:
-            with self._exact(weight_grad=True):
-                with capture_lambda_max(self.module, self.specs, loss_scale=loss_scale,
-                                        options=self.gram_options) as cap:
+            # a compiled model runs this step eagerly: the capture's hooks would otherwise be traced and guarded on
+            # (one recompilation per measurement); the compiled graphs are used again from the next step on
+            with self._exact(weight_grad=True), torch.compiler.set_stance("force_eager"):
+                with capture_lambda_max(self.module, self.specs, loss_scale=loss_scale, micro_batches=micro_batches,
+                                        options=options) as cap:
                     yield
             t0 = time.perf_counter()
             cap.check_complete()
             grams = cap.module_grams()
-            self._pending = self._scores(grams, backend=cap.backend, output="loss", gram_flops=cap.gram_flops)
-            seconds = cap.gram_seconds + time.perf_counter() - t0
+            self._captured = (cap, grams, cap.gram_seconds + time.perf_counter() - t0)
         finally:
             self._in_measure = False
+
+    def _take_capture(self, scale: float) -> LambdaMaxResult:
+        """The measurement of this step's training backward, its loss unscaled by ``scale`` (a GradScaler's)."""
+        cap, grams, seconds = self._captured
+        self._captured = None
+        t0 = time.perf_counter()
+        if scale != 1.0:
+            grams = grams / scale ** 2
+        if self.gram_options.check_finite and not bool(torch.isfinite(grams).all()):
+            raise ValueError("the Grams of this measuring step hold NaN/Inf: its loss or output gradients are not "
+                             "finite (under fp16 loss scaling, pass the GradScaler: mat.step(scaler=scaler))")
+        res = self._scores(grams, backend=cap.backend, output="loss", gram_flops=cap.gram_flops)
         self.last_measure_extra_flops = cap.gram_flops + self._solve_flops(cap.n)
         self.measure_counted.append(0)
-        self.ledger.add_measurement(self.step_count, self.last_measure_extra_flops, seconds)
+        self.ledger.add_measurement(self.step_count, self.last_measure_extra_flops,
+                                    seconds + time.perf_counter() - t0)
+        return res
 
     def backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()``. When this step measures from the training backward (``probe=None``), it must run
@@ -239,10 +286,30 @@ class MAT:
                              "backward inside `with mat.measure_step(loss_scale=...)`")
         loss.backward()
 
-    def step(self, closure=None):
-        """Optimizer step keeping frozen slices frozen, then (if due) measurement and new masks."""
+    def step(self, closure=None, *, scaler: torch.amp.GradScaler | None = None, grad_scale: float | None = None):
+        """Optimizer step keeping frozen slices frozen, then (if due) measurement and new masks.
+
+        ``scaler``: the ``torch.amp.GradScaler`` whose scaled loss the backward ran on
+        (``mat.backward(scaler.scale(loss))``); it unscales the gradients (unless ``scaler.unscale_(mat.optimizer)``
+        already did, e.g. for clipping) and skips the step if they hold inf/NaN. A skipped step takes no
+        measurement, no decision and no ledger entry, and is not counted (the measurement due is taken at the next
+        step); λ from a scaled loss is unscaled by the scale in force. Call ``scaler.update()`` afterwards, as
+        usual. ``grad_scale``: instead of ``scaler``, the scale of a loss scaler that steps MAT from outside (it
+        calls this method only for finite gradients: Lightning's ``16-mixed``, accelerate).
+        ``closure`` (re-evaluates the loss, with its backward) runs first, before the frozen slices are set aside."""
         self._check_open()
-        loss = self.optimizer.step(self.active, closure)
+        if scaler is not None and grad_scale is not None:
+            raise ValueError("give scaler (a GradScaler MAT steps through) or grad_scale (a scale applied outside), "
+                             "not both")
+        if grad_scale is not None:
+            grad_scale = check_number("grad_scale", grad_scale, lo=0, lo_open=True)
+        loss, stepped = self._optimizer_step(closure, scaler)
+        if not stepped:
+            self._captured = None
+            return loss
+        if self._captured is not None:
+            enabled = scaler is not None and scaler.is_enabled()
+            self._pending = self._take_capture(scaler.get_scale() if enabled else grad_scale or 1.0)
         if self.probe is not None and self.measuring_now():
             self._pending = self.measure()
         self.step_count += 1
@@ -250,6 +317,29 @@ class MAT:
             self._decide(self._pending)
             self._pending = None
         return loss
+
+    def _optimizer_step(self, closure, scaler) -> tuple:
+        """``(loss, whether the step was taken)``: the frozen-slice step, through ``scaler`` if given."""
+        if scaler is None:
+            return self.optimizer.step(self.active, closure), True
+        if not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        if closure is not None and scaler.is_enabled():
+            raise ValueError("scaler: a GradScaler does not support closures (torch.amp.GradScaler.step)")
+        # GradScaler keeps its per-optimizer stages privately; an optimizer other than MAT's that was unscaled or
+        # stepped by it this iteration means gradients unscaled twice, or a step that bypassed the frozen slices
+        from torch.amp.grad_scaler import OptState
+
+        states = getattr(scaler, "_per_optimizer_states", {})
+        others = [k for k, st in states.items() if k != id(self.optimizer) and st.get("stage") is not OptState.READY]
+        if others:
+            raise ValueError(
+                "scaler: this GradScaler unscaled or stepped another optimizer than MAT's in this iteration (the one "
+                "you built MAT with?); call scaler.unscale_(mat.optimizer) (e.g. before clipping) and "
+                "mat.step(scaler=scaler), never scaler.step(optimizer)")
+        before = self.optimizer.steps_taken
+        loss = scaler.step(self.optimizer, self.active)  # -> self.optimizer.step(self.active) unless inf/NaN
+        return loss, self.optimizer.steps_taken != before
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -259,8 +349,16 @@ class MAT:
             for layer, order, extra in self.sparse_layers:
                 mask = self.active[order]
                 layer.set_active(torch.cat([mask, torch.ones(extra, dtype=torch.bool)]) if extra else mask)
+        compiled = self.compiled or _is_compiled(self.model)
+        if compiled and self.gated and not getattr(self, "_warned_compiled", False):
+            self._warned_compiled = True
+            warnings.warn(
+                f"mat_kernels.MAT: the model is compiled, so the {sum(len(g.tensors) for g in self.gated)} weight(s) "
+                "that are gated by requires_grad elsewhere keep requiring grad (flipping it would recompile the "
+                "model at every decision): their frozen weight gradients are computed and discarded. "
+                f"{[n for g in self.gated for n in g.names][:4]}", UserWarning, stacklevel=3)
         for gate in self.gated:
-            gate.apply(bool(self.active[gate.modules].any()))
+            gate.apply(bool(self.active[gate.modules].any()), keep_requires_grad=compiled)
 
     def _solve_flops(self, n: int) -> int:
         return len(self.specs) * (4 * n ** 3) // 3  # eigvalsh ~ (4/3)·n³ per module (an estimate)

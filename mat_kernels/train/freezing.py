@@ -161,6 +161,7 @@ class Gate:
     def __init__(self, owner: nn.Module, tensors: list[torch.Tensor], modules: list[int]):
         self.owner, self.tensors, self.modules = owner, tensors, modules
         self.frozen = False
+        self._keep = False
         self._open = 0
         self._detach = False
         self.names: list[str] = []
@@ -185,11 +186,14 @@ class Gate:
             return (args[0].detach(), *args[1:])
         return None
 
-    def apply(self, active: bool) -> None:
+    def apply(self, active: bool, *, keep_requires_grad: bool = False) -> None:
+        """Freeze or unfreeze; ``keep_requires_grad`` (compiled models): the tensors keep requiring grad, the
+        frozen-slice optimizer discards their gradients."""
         self.frozen = not active
+        self._keep = keep_requires_grad
         if not self._open:
             for t in self.tensors:
-                t.requires_grad_(active)
+                t.requires_grad_(active or keep_requires_grad)
 
     @contextlib.contextmanager
     def open(self):
@@ -202,4 +206,4 @@ class Gate:
         finally:
             self._open -= 1
             if not self._open:
-                self.apply(not self.frozen)
+                self.apply(not self.frozen, keep_requires_grad=self._keep)

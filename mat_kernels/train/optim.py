@@ -130,6 +130,7 @@ class FrozenSliceOptimizer:
             if any(not 0 <= b.module < num_modules for b in parts):
                 raise ValueError(f"a block's module index is outside [0, {num_modules}) (num_modules)")
         self.block_steps = torch.zeros(num_modules, dtype=torch.long)
+        self.steps_taken = 0  # steps run (a GradScaler skips the call on inf/NaN gradients)
         self._group = {p: g for g in optimizer.param_groups for p in g["params"]}
 
     # --------------------------------------------------------------------------------------------------------
@@ -150,8 +151,14 @@ class FrozenSliceOptimizer:
 
     @torch.no_grad()
     def step(self, active: torch.Tensor, closure=None):
-        """One optimizer step with modules ``active`` (bool ``[num_modules]``); inactive modules' blocks are frozen."""
+        """One optimizer step with modules ``active`` (bool ``[num_modules]``); inactive modules' blocks are frozen.
+        ``closure`` (recomputes the loss and its gradients) runs first: the frozen blocks are set aside from the
+        gradients it leaves."""
         active = torch.as_tensor(active, dtype=torch.bool).cpu()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         # live groups: the optimizer's load_state_dict replaces the dicts an LR scheduler writes lr into
         self.refresh_param_groups()
         if active.shape != (self.num_modules,):
@@ -178,7 +185,7 @@ class FrozenSliceOptimizer:
                 st = {k: _part(state[k], b, tr).clone() for k in _STATE_KEYS
                       if isinstance(state.get(k), torch.Tensor) and state[k].shape == p.shape}
                 saved.append((p, b, is_frozen, _part(p, b, tr).clone(), st if state else None))
-        loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        self.optimizer.step()
         for p, b, is_frozen, p0, st in saved:
             tr = id(p) in self.transposed
             state = self.optimizer.state.get(p, {})
@@ -194,6 +201,7 @@ class FrozenSliceOptimizer:
             elif isinstance(self.optimizer, (torch.optim.Adam, torch.optim.AdamW)):
                 self._adam_block_fix(p, b, tr, p0)
         self.block_steps += active.long()
+        self.steps_taken += 1
         return loss
 
     def _adam_block_fix(self, p: torch.Tensor, b: Block, tr: bool, p0: torch.Tensor) -> None:
@@ -221,6 +229,16 @@ class FrozenSliceOptimizer:
         self._group = {p: g for g in self.optimizer.param_groups for p in g["params"]}
 
     # --------------------------------------------------------------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict]:
+        """The wrapped optimizer's ``param_groups`` (``torch.amp.GradScaler.unscale_`` reads the gradients there)."""
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        """The wrapped optimizer's ``state``."""
+        return self.optimizer.state
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
