@@ -140,6 +140,7 @@ class _SparseUpdateLinearFunction(torch.autograd.Function):
         # Save only what the requested gradients need: X for dW, W for dX. The mask is copied (a few bytes on the
         # CPU) so that the backward uses the mask of its own forward even if set_active runs in between.
         ctx.save_for_backward(x if needs_w and mode[1] else None, weight if needs_x else None, active.clone())
+        ctx.summary = None if torch.compiler.is_compiling() else _mask_summary(active)
         return ORIGINAL_LINEAR(x, weight, bias)  # not F.linear: it is rerouted while an nn.MultiheadAttention runs
 
     @staticmethod
@@ -151,8 +152,7 @@ class _SparseUpdateLinearFunction(torch.autograd.Function):
         compiling = torch.compiler.is_compiling()
         # Eager: decisions on the mask's values are free (it lives on the CPU). Compiled: the graph cannot depend on
         # them, so the ops run (no GEMM inside for frozen blocks) and return zeros.
-        any_active = compiling or bool(active.any())
-        all_active = not compiling and bool(active.all())
+        any_active, all_active = (True, False) if compiling or ctx.summary is None else ctx.summary
         dx = dw = db = None
         if needs_x:
             if not detach or all_active:
@@ -179,6 +179,17 @@ class _SparseUpdateLinearFunction(torch.autograd.Function):
                     if want_b:
                         db = _bias_grad(dy2, active, starts, sizes, owners, shared_bias)
         return dx, dw, db, None, None, None, None, None, None, None
+
+
+def _mask_summary(active: torch.Tensor) -> tuple[bool, bool]:
+    """``(any, all)`` of a mask, read on the host once per change of the mask (kept on the tensor with its version
+    counter, which every in-place write advances), not once per backward."""
+    version = active._version
+    cached = getattr(active, "_mat_summary", None)
+    if cached is None or cached[0] != version:
+        cached = (version, bool(active.any()), bool(active.all()))
+        active._mat_summary = cached
+    return cached[1], cached[2]
 
 
 def _bias_grad(dy2, active, starts, sizes, owners, shared_bias):
