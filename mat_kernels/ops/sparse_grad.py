@@ -331,12 +331,13 @@ if _C is not None:
 
 
 def _active_width(active, sizes, owners) -> int:
+    # the mask is a CPU tensor (a graph input under torch.compile, a real tensor when the op runs): read on the host
     act = active.bool().tolist() if isinstance(active, torch.Tensor) else list(active)
     return sum(s for s, o in zip(sizes, owners) if act[o])
 
 
 def _weight_grad_flops(dy, x, active, starts, sizes, owners, axis, *args, out_val=None, **kwargs) -> int:
-    tokens = dy.numel() // dy.shape[-1]
+    tokens = math.prod(dy.shape[:-1])  # (not numel // d_out: d_out may be 0)
     width = _active_width(active, sizes, owners)
     return 2 * tokens * (width * x.shape[-1] if axis == 0 else dy.shape[-1] * width)
 

@@ -24,6 +24,7 @@ import contextlib
 import re
 import time
 import warnings
+import weakref
 
 import torch
 import torch.nn as nn
@@ -175,12 +176,17 @@ class MAT:
         self._in_measure = False
         self.last_measure_extra_flops = 0  # FLOPs of the last measurement that FlopCounterMode cannot see
         self.measure_counted: list[int] = []  # per measurement: the FLOPs FlopCounterMode saw (probe passes)
+        _refuse_open_controller(self.module)
         self.optimizer = frozen_optimizer(self.module, self.specs, optimizer)  # validates before any layer is swapped
         self._swapped: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, child, original layer), for close()
         self.closed = False
         self.sparse_layers, self.gated, self.masked_weights = install_sparse(
             self.module, self.specs, wanted=sparse_backward, frozen_backward=self.frozen_backward, swapped=self._swapped)
         self.compiled = _is_compiled(model)
+        self._marked = [self.module] + [layer if isinstance(layer, nn.Module) else layer.attention
+                                        for layer, _, _ in self.sparse_layers] + [g.owner for g in self.gated]
+        for mod in self._marked:  # a second MAT on any of these is refused while this one is open
+            mod.__dict__["_mat_controller"] = weakref.ref(self)
         self._apply_masks()
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -463,7 +469,9 @@ class MAT:
             setattr(parent, child, original)
         for gate in self.gated:
             gate.remove()
-        self.sparse_layers, self.gated, self._swapped = [], [], []
+        for mod in self._marked:
+            mod.__dict__.pop("_mat_controller", None)
+        self.sparse_layers, self.gated, self._swapped, self._marked = [], [], [], []
         self.closed = True
 
     # ------------------------------------------------------------------------------------------------ info
@@ -510,6 +518,16 @@ class MAT:
     def check_probe_model(self) -> None:
         """Raise if samples interact in the model (train-mode BatchNorm) when measuring from the training backward."""
         check_samples_independent(self.module)
+
+
+def _refuse_open_controller(module: nn.Module) -> None:
+    """A model part that an open MAT controls (its sparse-update layers, routing, gates) cannot get a second one."""
+    for name, mod in module.named_modules():
+        ref = mod.__dict__.get("_mat_controller")
+        other = ref() if ref is not None else None
+        if other is not None and not other.closed:
+            raise ValueError(f"{name or 'the model'} ({type(mod).__name__}) is controlled by another MAT that is still "
+                             f"open ({other!r}, {len(other.specs)} modules); call its close() first")
 
 
 def _layer_groups(specs: list[ModuleSpec]) -> list[str]:
