@@ -155,15 +155,18 @@ def test_active_blocks_are_what_torch_gives_each_block_alone(name, cls, kw):
     b = torch.nn.Parameter(torch.randn(9, generator=g))
     whole = torch.nn.Parameter(torch.randn(7, 3, generator=g))
     other = torch.nn.Parameter(torch.randn(4, generator=g))
-    params = [w, wt, b, whole, other]
+    wr = torch.nn.Parameter(torch.randn(5, 9, generator=g))     # transposed, row blocks: strided storage columns
+    params = [w, wt, b, whole, other, wr]
     opt = cls(params, **kw)
     heads = WeightBlocks("rows", [[(3 * h, 3)] for h in range(3)], (9, 5), bias_name="b")
     fso = FrozenSliceOptimizer(opt, {w: heads, b: heads.for_bias(), whole: WeightBlocks("all", [()], index=[3]),
-                                     wt: WeightBlocks("cols", [[(2 * h, 2)] for h in range(2)], (6, 4))},
-                               transposed={wt}, num_modules=4)
+                                     wt: WeightBlocks("cols", [[(2 * h, 2)] for h in range(2)], (6, 4)),
+                                     wr: WeightBlocks("rows", [[(3 * h, 3)] for h in range(3)], (9, 5))},
+                               transposed={wt, wr}, num_modules=4)
     # (tensor, index into it, module or None = always trained); columns of wt's linear view [6, 4] are stored rows
     pieces = [(w, slice(3 * h, 3 * h + 3), h) for h in range(3)] + [(b, slice(3 * h, 3 * h + 3), h) for h in range(3)]
     pieces += [(wt, slice(2 * h, 2 * h + 2), h) for h in range(2)]
+    pieces += [(wr, (slice(None), slice(3 * h, 3 * h + 3)), h) for h in range(3)]
     pieces += [(whole, slice(None), 3), (other, slice(None), None)]
     refs = [torch.nn.Parameter(t.detach()[ix].clone()) for t, ix, _ in pieces]
     ref_opts = [cls([r], **kw) for r in refs]
