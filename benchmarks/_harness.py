@@ -55,16 +55,19 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, quick: bool = Fal
     return _quantiles(times), "perf_counter"
 
 
-def interleaved_ms(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+def interleaved_ms(fns: dict[str, Callable[[], object]], rounds: int, *, rotate: bool = False
+                   ) -> dict[str, list[float]]:
     """CPU: one call of every provider per round, ``rounds`` rounds after a warm-up round; ``{name: [median, p20,
-    p80] ms}``."""
+    p80] ms}``. ``rotate``: each round starts one provider later (no provider always runs first)."""
     for f in fns.values():
         f()
+    names = list(fns)
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)] if rotate else names
+        for k in order:
             t0 = time.perf_counter()
-            f()
+            fns[k]()
             times[k].append((time.perf_counter() - t0) * 1e3)
     return {k: _quantiles(v) for k, v in times.items()}
 

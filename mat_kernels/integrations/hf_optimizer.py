@@ -62,11 +62,9 @@ class MATOptimizer(torch.optim.Optimizer):
         sd = dict(state_dict)
         mat_sd = sd.pop("mat", None)
         self.optimizer.load_state_dict(sd)
-        # torch's load_state_dict replaces the param_group dicts (accelerate reloads the state when it wraps this
-        # optimizer, the Trainer when it resumes); FrozenSliceOptimizer caches each parameter's group for the
-        # per-block Adam correction: point it at the live groups, whose lr the scheduler sets
-        if hasattr(self.mat.optimizer, "refresh_param_groups"):
-            self.mat.optimizer.refresh_param_groups()
+        # torch's load_state_dict replaces the state tensors (accelerate reloads the state when it wraps this
+        # optimizer, the Trainer when it resumes): FrozenSliceOptimizer's plan holds views of the old ones
+        self.mat.optimizer.refresh_from_optimizer()
         if mat_sd is not None:
             # accelerate moves every tensor of an optimizer state dict to the device; MAT's state lives on the CPU
             self.mat.load_state_dict(to_device(mat_sd, "cpu"))

@@ -405,8 +405,6 @@ class FrozenSliceOptimizer:
         self._run_steps = {p: [self._steps[m] if m >= 0 else _steps_in_state(self.optimizer, p)
                                for _, m in runs.runs] for p, runs in self._runs.items()}
 
-    refresh_param_groups = refresh_from_optimizer  # the name MATOptimizer.load_state_dict calls
-
     # --------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, active: torch.Tensor, closure=None):
