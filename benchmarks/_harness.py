@@ -4,8 +4,9 @@ Each ``bench_<op>.py`` holds only its setup and providers and calls these (the p
 ``benchmark/scripts/utils.py``):
 
 * :func:`time_ms`: median, 20% and 80% quantiles in ms (``triton.testing.do_bench`` on CUDA, a ``perf_counter``
-  loop on CPU) and the timer's name; :func:`interleaved_ms`: several providers side by side in rounds (CPU
-  comparisons, so a change in the machine's load hits every provider alike);
+  loop on CPU) and the timer's name; :func:`interleaved_ms` / :func:`interleaved_times`: several providers side by
+  side in rounds (CPU comparisons, so a change in the machine's load hits every provider alike), summarised or raw;
+  :func:`bootstrap_ci`: a percentile bootstrap interval over rounds;
 * :func:`peak_extra_mib`: peak device memory of one call above what was allocated before it (CUDA; None on CPU);
 * :func:`env_row`: date (UTC), device, commit (``-dirty`` with uncommitted changes), torch, triton, mat_kernels;
 * :func:`upsert_csv`: write rows into a CSV, replacing earlier rows with the same key (op, provider, shape, dtype,
@@ -55,10 +56,11 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, quick: bool = Fal
     return _quantiles(times), "perf_counter"
 
 
-def interleaved_ms(fns: dict[str, Callable[[], object]], rounds: int, *, rotate: bool = False
-                   ) -> dict[str, list[float]]:
-    """CPU: one call of every provider per round, ``rounds`` rounds after a warm-up round; ``{name: [median, p20,
-    p80] ms}``. ``rotate``: each round starts one provider later (no provider always runs first)."""
+def interleaved_times(fns: dict[str, Callable[[], object]], rounds: int, *, rotate: bool = False
+                      ) -> dict[str, list[float]]:
+    """CPU: one call of every provider per round, ``rounds`` rounds after a warm-up round; ``{name: [ms per round]}``
+    (round ``r`` of every provider ran side by side: paired ratios). ``rotate``: each round starts one provider
+    later (no provider always runs first)."""
     for f in fns.values():
         f()
     names = list(fns)
@@ -69,7 +71,26 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], rounds: int, *, rotate:
             t0 = time.perf_counter()
             fns[k]()
             times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: _quantiles(v) for k, v in times.items()}
+    return times
+
+
+def interleaved_ms(fns: dict[str, Callable[[], object]], rounds: int, *, rotate: bool = False
+                   ) -> dict[str, list[float]]:
+    """:func:`interleaved_times` summarised: ``{name: [median, p20, p80] ms}``."""
+    return {k: _quantiles(v) for k, v in interleaved_times(fns, rounds, rotate=rotate).items()}
+
+
+def bootstrap_ci(values, stat: Callable, *, reps: int = 2000, level: float = 0.9, seed: int = 0
+                 ) -> tuple[float, float, float]:
+    """``(stat(values), low, high)``: a percentile bootstrap interval of ``stat`` over resamples of ``values`` (a
+    list of per-round records, resampled whole so paired quantities stay paired)."""
+    import random
+
+    rng = random.Random(seed)
+    n = len(values)
+    boots = sorted(stat([values[rng.randrange(n)] for _ in range(n)]) for _ in range(reps))
+    lo, hi = boots[int((1 - level) / 2 * reps)], boots[min(reps - 1, int((1 + level) / 2 * reps))]
+    return stat(values), lo, hi
 
 
 def peak_extra_mib(fn: Callable[[], object], device: torch.device) -> float | None:

@@ -7,6 +7,12 @@
 // progression (interleaved heads; head h of a fused QKV weight, rows h·hd + p·H·hd) become one batched GEMM on
 // as_strided views; the shared operand is expanded with batch stride 0.
 //
+// CPU, several runs: one GEMM over a gathered operand instead. CPU BLAS packs both operands of every GEMM (and ATen
+// turns a bmm on CPU into one mm per batch entry), so R runs repack the shared operand (X for row blocks) R times;
+// copying the active rows/columns into one workspace (one copy per run) and issuing one GEMM costs T·A + A·K
+// element copies instead of ·T·K. `prefer_gather` compares the two; CUDA keeps the strided GEMMs (cuBLAS reads
+// strided operands in place, and each copy would be a launch).
+//
 // Input gradient of partial backpropagation (sparse_input_grad): dX = dY (M ⊙ W), M the 0/1 mask of the active
 // blocks. Row blocks: dX = Σ over active row runs [r0, r1) of dY[:, r0:r1] W[r0:r1, :] (a sum of GEMMs into the
 // same output: the first writes, the others accumulate with beta = 1). Column blocks: dX[:, c0:c1] = dY W[:, c0:c1]
@@ -14,8 +20,12 @@
 #include "sparse_grad.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <numeric>
+#include <string>
+#include <unordered_map>
 
 #include "checks.h"
 
@@ -117,6 +127,45 @@ std::vector<RunGroup> group_runs(const std::vector<std::pair<int64_t, int64_t>>&
   return out;
 }
 
+// Whether one GEMM over gathered operands beats one GEMM per run: CPU only (see the header), and only when the copies
+// (`width` active rows/columns of the `gathered_rows`-long operand, and the result of `other` columns) cost less
+// than repacking the `shared_elems`-element shared operand once per extra run.
+// MAT_KERNELS_GEMM_PLAN=strided|gather forces one plan on any device (tests of both on CPU; docs/sparse_update.md),
+// anything else (default "auto") lets the cost model choose.
+bool prefer_gather(const at::Tensor& t, const RunPlan& plan, int64_t gathered_rows, int64_t other,
+                   int64_t shared_elems) {
+  const int64_t R = static_cast<int64_t>(plan.active_runs.size());
+  if (R <= 1) return false;  // one run is a view: nothing to gather
+  const char* forced = std::getenv("MAT_KERNELS_GEMM_PLAN");
+  if (forced != nullptr && std::strcmp(forced, "strided") == 0) return false;
+  if (forced != nullptr && std::strcmp(forced, "gather") == 0) return true;
+  return t.device().is_cpu() && plan.active_width * (gathered_rows + other) < (R - 1) * shared_elems;
+}
+
+// The active columns of a 2-D tensor (along dim 1) or rows (dim 0), in run order, as one contiguous tensor.
+at::Tensor gather_runs(const at::Tensor& t, const RunPlan& plan, int64_t dim) {
+  std::vector<int64_t> shape{t.size(0), t.size(1)};
+  shape[dim] = plan.active_width;
+  at::Tensor out = at::empty(shape, t.options());
+  int64_t off = 0;
+  for (const auto& r : plan.active_runs) {
+    out.narrow(dim, off, r.second).copy_(t.narrow(dim, r.first, r.second));
+    off += r.second;
+  }
+  return out;
+}
+
+// Scatter (or add) a gathered result back into the runs of `dst` along `dim`.
+void scatter_runs(const at::Tensor& dst, const at::Tensor& src, const RunPlan& plan, int64_t dim, bool accumulate) {
+  int64_t off = 0;
+  for (const auto& r : plan.active_runs) {
+    at::Tensor o = dst.narrow(dim, r.first, r.second);
+    const at::Tensor v = src.narrow(dim, off, r.second);
+    accumulate ? (void)o.add_(v) : (void)o.copy_(v);
+    off += r.second;
+  }
+}
+
 void check_matrices(const at::Tensor& dy, const at::Tensor& x, const char* op) {
   check_defined(dy, op, "dy");
   check_defined(x, op, "x");
@@ -142,9 +191,20 @@ void check_out(const at::Tensor& out, const char* name, const at::Tensor& dy, at
   check_no_internal_overlap(out, op, name);
 }
 
-void weight_gemms(const at::Tensor& dw, const at::Tensor& dy2, const at::Tensor& x2,
-                  const std::vector<RunGroup>& groups, int64_t axis, bool accumulate) {
-  for (const auto& g : groups) {
+void weight_gemms(const at::Tensor& dw, const at::Tensor& dy2, const at::Tensor& x2, const RunPlan& plan,
+                  int64_t axis, bool accumulate) {
+  const int64_t T = dy2.size(0);
+  if (axis == 0 && prefer_gather(dy2, plan, T, x2.size(1), T * x2.size(1))) {
+    // dW[runs] = (dY[:, runs])ᵀ X: dY's active columns gathered, one GEMM, rows scattered
+    scatter_runs(dw, at::mm(gather_runs(dy2, plan, 1).t(), x2), plan, 0, accumulate);
+    return;
+  }
+  if (axis == 1 && prefer_gather(dy2, plan, T, dy2.size(1), T * dy2.size(1))) {
+    // dW[:, runs] = dYᵀ X[:, runs]: X's active columns gathered, one GEMM, columns scattered
+    scatter_runs(dw, at::mm(dy2.t(), gather_runs(x2, plan, 1)), plan, 1, accumulate);
+    return;
+  }
+  for (const auto& g : plan.active) {
     at::Tensor o = group_view(dw, g, axis);
     at::Tensor a, b;
     if (axis == 0) {  // dW[rows] = dY[:, rows]ᵀ X
@@ -183,11 +243,17 @@ void zero_groups(const at::Tensor& t, const std::vector<RunGroup>& groups, int64
 // than one batched GEMM: the batch outputs would all be [T, d_in] partial products of the same dX, so a bmm would
 // need a [count, T, d_in] reduction buffer plus a sum over it (count x the memory of dX, and a second pass), while
 // the per-run GEMMs accumulate straight into dX (beta = 1) and do the same multiply-adds.
-void input_row_gemms(const at::Tensor& dx2, const at::Tensor& dy2, const at::Tensor& w2,
-                     const std::vector<RunGroup>& groups) {
+void input_row_gemms(const at::Tensor& dx2, const at::Tensor& dy2, const at::Tensor& w2, const RunPlan& plan) {
   at::Tensor o = dx2;  // a handle on the same storage: the out= overloads take a non-const reference
+  const int64_t T = dy2.size(0), K = w2.size(1);
+  // per extra run: one more pass over dX (read and write) and one more packing of a T x len slice
+  if (prefer_gather(dy2, plan, T, K, 2 * T * K)) {
+    // dX = dY[:, runs] W[runs, :]: both operands gathered (dY's columns, W's rows), one GEMM with K = active width
+    at::mm_out(o, gather_runs(dy2, plan, 1), gather_runs(w2, plan, 0));
+    return;
+  }
   bool first = true;
-  for (const auto& g : groups) {
+  for (const auto& g : plan.active) {
     for (int64_t i = 0; i < g.count; ++i) {
       const RunGroup run{g.start + i * g.stride, g.len, g.len, 1};
       const at::Tensor a = group_view(dy2, run, 1);  // dY[:, run]: [T, len]
@@ -204,9 +270,14 @@ void input_row_gemms(const at::Tensor& dx2, const at::Tensor& dy2, const at::Ten
 
 // dX[:, cols] = dY W[:, cols] over the active column runs: disjoint outputs, so one GEMM per group (a batched GEMM
 // on as_strided views of dX and W for count > 1, dY expanded with batch stride 0), as in weight_gemms.
-void input_col_gemms(const at::Tensor& dx2, const at::Tensor& dy2, const at::Tensor& w2,
-                     const std::vector<RunGroup>& groups) {
-  for (const auto& g : groups) {
+void input_col_gemms(const at::Tensor& dx2, const at::Tensor& dy2, const at::Tensor& w2, const RunPlan& plan) {
+  const int64_t T = dy2.size(0), N = dy2.size(1);
+  if (prefer_gather(dy2, plan, w2.size(0), T, T * N)) {
+    // dX[:, runs] = dY W[:, runs]: W's active columns gathered, one GEMM, columns scattered
+    scatter_runs(dx2, at::mm(dy2, gather_runs(w2, plan, 1)), plan, 1, /*accumulate=*/false);
+    return;
+  }
+  for (const auto& g : plan.active) {
     at::Tensor o = group_view(dx2, g, 1);  // [T, len] or [count, T, len]
     const at::Tensor a = g.count == 1 ? dy2 : dy2.unsqueeze(0).expand({g.count, dy2.size(0), dy2.size(1)});
     const at::Tensor b = group_view(w2, g, 1);  // [d_out, len] or [count, d_out, len]
@@ -214,11 +285,8 @@ void input_col_gemms(const at::Tensor& dx2, const at::Tensor& dy2, const at::Ten
   }
 }
 
-}  // namespace
-
-RunPlan plan_runs(const at::Tensor& active, at::IntArrayRef starts, at::IntArrayRef sizes, at::IntArrayRef owners,
-                  int64_t dim, const char* op, const char* dim_name) {
-  check_active(active, op);
+RunPlan compute_plan(const at::Tensor& active, at::IntArrayRef starts, at::IntArrayRef sizes, at::IntArrayRef owners,
+                     int64_t dim, const char* op, const char* dim_name) {
   const size_t S = starts.size();
   TORCH_CHECK_VALUE(sizes.size() == S && owners.size() == S, op,
               ": starts, sizes and owners must have the same length (one entry per block range), got ", S, ", ",
@@ -240,7 +308,7 @@ RunPlan plan_runs(const at::Tensor& active, at::IntArrayRef starts, at::IntArray
   std::iota(order.begin(), order.end(), 0);
   std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return starts[a] < starts[b]; });
 
-  const at::Tensor act = active.contiguous();
+  const at::Tensor& act = active;  // contiguous (plan_runs)
   auto is_active = [&](int64_t m) {
     return act.scalar_type() == at::kBool ? act.const_data_ptr<bool>()[m]
                                           : act.const_data_ptr<uint8_t>()[m] != 0;
@@ -265,7 +333,41 @@ RunPlan plan_runs(const at::Tensor& active, at::IntArrayRef starts, at::IntArray
     covered = starts[s] + sizes[s];
   }
   push(off, covered, dim - covered);
-  return RunPlan{group_runs(on), group_runs(off)};
+  int64_t width = 0;
+  for (const auto& r : on) width += r.second;
+  return RunPlan{group_runs(on), group_runs(off), on, width};
+}
+
+}  // namespace
+
+const RunPlan& plan_runs(const at::Tensor& active, at::IntArrayRef starts, at::IntArrayRef sizes,
+                         at::IntArrayRef owners, int64_t dim, const char* op, const char* dim_name) {
+  check_active(active, op);
+  // The key is everything the plan depends on: the blocked length, the layout lists and the mask's values (a few
+  // hundred bytes for a BERT layer). A hit skips validation (the same key was valid), sorting and grouping.
+  const at::Tensor act = active.contiguous();
+  const int64_t M = act.numel();
+  std::string key;
+  key.reserve(sizeof(int64_t) * (3 + 3 * starts.size()) + M);
+  auto put = [&key](int64_t v) { key.append(reinterpret_cast<const char*>(&v), sizeof(v)); };
+  put(dim);
+  put(static_cast<int64_t>(starts.size()));
+  put(static_cast<int64_t>(sizes.size()));
+  for (int64_t v : starts) put(v);
+  for (int64_t v : sizes) put(v);
+  for (int64_t v : owners) put(v);
+  key.push_back('|');
+  const uint8_t* bits = act.scalar_type() == at::kBool ? reinterpret_cast<const uint8_t*>(act.const_data_ptr<bool>())
+                                                        : act.const_data_ptr<uint8_t>();
+  for (int64_t m = 0; m < M; ++m) key.push_back(bits[m] != 0 ? '1' : '0');
+  // Per thread (autograd runs backwards on its own threads), bounded: a training run sees a handful of masks per
+  // layer; a sweep over thousands of masks just starts the cache over.
+  thread_local std::unordered_map<std::string, RunPlan> cache;
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  RunPlan plan = compute_plan(act, starts, sizes, owners, dim, op, dim_name);  // throws before caching
+  if (cache.size() >= 4096) cache.clear();
+  return cache.emplace(std::move(key), std::move(plan)).first->second;
 }
 
 at::Tensor sparse_weight_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& active,
@@ -274,14 +376,14 @@ at::Tensor sparse_weight_grad(const at::Tensor& dy, const at::Tensor& x, const a
   check_matrices(dy, x, op);
   check_axis(axis, op);
   const int64_t N = dy.size(-1), K = x.size(-1);
-  const RunPlan plan = plan_runs(active, starts, sizes, owners, axis == 0 ? N : K, op,
+  const RunPlan& plan = plan_runs(active, starts, sizes, owners, axis == 0 ? N : K, op,
                                  axis == 0 ? "d_out = dy.size(-1)" : "d_in = x.size(-1)");
   at::Tensor dw = at::empty({N, K}, dy.options());
   if (plan.active.empty()) {
     return dw.zero_();  // nothing active: no GEMM, no reshape, no copy
   }
   zero_groups(dw, plan.frozen, axis);
-  weight_gemms(dw, as_blas_matrix(dy), as_blas_matrix(x), plan.active, axis, /*accumulate=*/false);
+  weight_gemms(dw, as_blas_matrix(dy), as_blas_matrix(x), plan, axis, /*accumulate=*/false);
   return dw;
 }
 
@@ -293,10 +395,10 @@ void sparse_weight_grad_accumulate(const at::Tensor& grad_weight, const at::Tens
   check_axis(axis, op);
   const int64_t N = dy.size(-1), K = x.size(-1);
   check_out(grad_weight, "grad_weight", dy, {N, K}, op);
-  const RunPlan plan = plan_runs(active, starts, sizes, owners, axis == 0 ? N : K, op,
+  const RunPlan& plan = plan_runs(active, starts, sizes, owners, axis == 0 ? N : K, op,
                                  axis == 0 ? "d_out = dy.size(-1)" : "d_in = x.size(-1)");
   if (plan.active.empty()) return;
-  weight_gemms(grad_weight, as_blas_matrix(dy), as_blas_matrix(x), plan.active, axis, /*accumulate=*/true);
+  weight_gemms(grad_weight, as_blas_matrix(dy), as_blas_matrix(x), plan, axis, /*accumulate=*/true);
 }
 
 at::Tensor sparse_bias_grad(const at::Tensor& dy, const at::Tensor& active, at::IntArrayRef starts,
@@ -306,7 +408,7 @@ at::Tensor sparse_bias_grad(const at::Tensor& dy, const at::Tensor& active, at::
   check_dims_2_or_3(dy, op, "dy");
   check_float_dtype(dy, op, "dy");
   const int64_t N = dy.size(-1);
-  const RunPlan plan = plan_runs(active, starts, sizes, owners, N, op, "d_out = dy.size(-1)");
+  const RunPlan& plan = plan_runs(active, starts, sizes, owners, N, op, "d_out = dy.size(-1)");
   at::Tensor db = at::empty({N}, dy.options());
   if (plan.active.empty()) return db.zero_();
   zero_groups(db, plan.frozen, 0);
@@ -322,7 +424,7 @@ void sparse_bias_grad_accumulate(const at::Tensor& grad_bias, const at::Tensor& 
   check_float_dtype(dy, op, "dy");
   const int64_t N = dy.size(-1);
   check_out(grad_bias, "grad_bias", dy, {N}, op);
-  const RunPlan plan = plan_runs(active, starts, sizes, owners, N, op, "d_out = dy.size(-1)");
+  const RunPlan& plan = plan_runs(active, starts, sizes, owners, N, op, "d_out = dy.size(-1)");
   if (plan.active.empty()) return;
   bias_sums(grad_bias, as_blas_matrix(dy), plan.active, /*accumulate=*/true);
 }
@@ -341,7 +443,7 @@ at::Tensor sparse_input_grad(const at::Tensor& dy, const at::Tensor& weight, con
               dy.sizes(), " and weight ", weight.sizes());
   check_axis(axis, op);
   const int64_t N = weight.size(0), K = weight.size(1);
-  const RunPlan plan = plan_runs(active, starts, sizes, owners, axis == 0 ? N : K, op,
+  const RunPlan& plan = plan_runs(active, starts, sizes, owners, axis == 0 ? N : K, op,
                                  axis == 0 ? "d_out = weight.size(0)" : "d_in = weight.size(1)");
   std::vector<int64_t> shape(dy.sizes().begin(), dy.sizes().end());
   shape.back() = K;
@@ -353,10 +455,10 @@ at::Tensor sparse_input_grad(const at::Tensor& dy, const at::Tensor& weight, con
   const at::Tensor dx2 = dx.view({tokens, K});  // dx is contiguous: always a view
   const at::Tensor dy2 = as_blas_matrix(dy), w2 = as_blas_matrix(weight);
   if (axis == 0) {
-    input_row_gemms(dx2, dy2, w2, plan.active);
+    input_row_gemms(dx2, dy2, w2, plan);
   } else {
     zero_groups(dx2, plan.frozen, 1);
-    input_col_gemms(dx2, dy2, w2, plan.active);
+    input_col_gemms(dx2, dy2, w2, plan);
   }
   return dx;
 }

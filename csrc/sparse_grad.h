@@ -24,12 +24,15 @@ struct RunGroup {
 struct RunPlan {
   std::vector<RunGroup> active;  // maximal runs of active rows/columns, grouped
   std::vector<RunGroup> frozen;  // the complement in [0, dim): frozen blocks and indices in no block
+  std::vector<std::pair<int64_t, int64_t>> active_runs;  // the maximal active runs (start, len), ungrouped
+  int64_t active_width = 0;                              // Σ len over active_runs
 };
 
 // Validates the layout (segments (starts[s], sizes[s]) owned by module owners[s]; in range, non-overlapping,
 // every owner < active.numel() == 1 + max(owner)) and the mask, reads the mask on the host and returns the
-// grouped runs. `dim` is the length of the blocked axis, `dim_name` how to call it in errors.
-RunPlan plan_runs(const at::Tensor& active, at::IntArrayRef starts, at::IntArrayRef sizes, at::IntArrayRef owners,
+// grouped runs. `dim` is the length of the blocked axis, `dim_name` how to call it in errors. Plans are cached
+// (per thread) by layout and mask: a call with a layout and mask seen before only looks its plan up.
+const RunPlan& plan_runs(const at::Tensor& active, at::IntArrayRef starts, at::IntArrayRef sizes, at::IntArrayRef owners,
                   int64_t dim, const char* op, const char* dim_name);
 
 // dW = dyᵀ x restricted to active blocks, frozen blocks zero. axis 0: blocks of rows (output features),

@@ -8,6 +8,7 @@ Shared helpers and tolerances live in tests/helpers.py (``from helpers import ..
 """
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -17,8 +18,6 @@ if not torch.cuda.is_available():
 def pytest_collection_modifyitems(config, items):
     """Mark every test that runs on CUDA ``gpu`` (``pytest -m gpu``, benchmarks/gpu_check.sh): tests parametrised
     with a ``cuda`` device and tests skipped without a CUDA device."""
-    import pytest
-
     for item in items:
         spec = getattr(item, "callspec", None)
         on_cuda = spec is not None and any(str(v).startswith("cuda") for v in spec.params.values())
@@ -26,3 +25,17 @@ def pytest_collection_modifyitems(config, items):
                          for m in item.iter_markers())
         if on_cuda or needs_cuda:
             item.add_marker(pytest.mark.gpu)
+
+
+@pytest.fixture(params=["auto", "gather", "strided"])
+def gemm_plan(request, monkeypatch):
+    """The sparse ops' GEMM plans (csrc/sparse_grad.cpp): the cost model's choice, and each plan forced (CUDA takes
+    `strided`; the CPU gathers when several runs would repack the shared operand)."""
+    monkeypatch.setenv("MAT_KERNELS_GEMM_PLAN", request.param)
+    return request.param
+
+
+@pytest.fixture
+def strided_plan(monkeypatch):
+    """The strided-view plan (one GEMM per group of runs, no copies), what CUDA runs, forced on the CPU."""
+    monkeypatch.setenv("MAT_KERNELS_GEMM_PLAN", "strided")

@@ -2,31 +2,20 @@
 (``aten._local_scalar_dense``, a device synchronisation on a GPU) counted with a ``TorchDispatchMode`` over one
 whole step (forward, backward, ``mat.step()``, ``zero_grad``), against the same dense step with the same
 optimizer settings, for every mask; and plans are built when the mask changes, not per step."""
-import collections
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from models import TinyLM
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import mat_kernels as mk
+from mat_kernels.testing.counting import OpCounter
 
 transformers = pytest.importorskip("transformers")
 
 OPS_RATIO = 1.1  # MAT's aten ops per step <= OPS_RATIO x the dense step's (+ OPS_CONSTANT)
 OPS_CONSTANT = 0  # per model: nothing needed (measured: MAT dispatches 0.45-1.06x the dense step's ops)
-
-
-class _Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _bert():
@@ -53,7 +42,7 @@ OPTIMIZERS = {"loop": dict(foreach=False), "foreach": dict(foreach=True), "fused
 
 
 def _counted_step(model, opt, mat, ids):
-    with _Count() as c:
+    with OpCounter() as c:
         loss = _loss(model, ids)
         if mat is None:
             loss.backward()
@@ -100,9 +89,9 @@ def test_a_non_measuring_step_dispatches_no_more_than_dense(name, impl):
                 assert got[op] <= want[op], (where, op)
 
 
-def test_mask_snapshot_is_the_only_clone():
-    """The sparse layers copy their (CPU, a few bytes) mask at each forward so that a backward uses the mask of its
-    own forward: the only clones a MAT step adds to the dense step's."""
+def test_a_non_measuring_step_clones_nothing_dense_does_not():
+    """The sparse layers snapshot their (CPU) mask once per change of the mask, not at every forward: a step with the
+    same mask adds no clone to the dense step's; a mask change costs one clone per sparse layer, once."""
     ids = torch.randint(0, 50, (3, 8), generator=torch.Generator().manual_seed(1))
     counts = []
     for with_mat in (False, True):
@@ -113,7 +102,11 @@ def test_mask_snapshot_is_the_only_clone():
         for _ in range(2):
             _counted_step(model, opt, mat, ids)
         counts.append(_counted_step(model, opt, mat, ids)["clone"])
-    assert counts[1] == counts[0] + len(mat.sparse_layers)
+    assert counts[1] == counts[0]
+    mat.active = torch.arange(len(mat.specs)) % 2 == 0
+    mat._apply_masks()
+    assert _counted_step(model, opt, mat, ids)["clone"] == counts[0] + len(mat.sparse_layers)
+    assert _counted_step(model, opt, mat, ids)["clone"] == counts[0]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -174,3 +167,24 @@ def test_a_second_mat_on_an_open_one_is_refused(kind):
     first.close()
     second = mk.MAT(target, torch.optim.SGD(target.parameters(), lr=0.1), warmup_steps=10)
     second.close()
+
+
+def test_benchmark_quick_mode(tmp_path):
+    """benchmarks/bench_frozen_step.py end to end at tiny shapes: every row has its R columns, and no MAT step reads
+    a tensor value back."""
+    import csv
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import bench_frozen_step as bench
+
+    out = tmp_path / "frozen.csv"
+    assert bench.main(["--quick", "--csv", str(out)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert {r["op"] for r in rows} == {"frozen_step_layer", "frozen_step_model"}
+    assert len([r for r in rows if r["op"] == "frozen_step_model"]) == 3 * len(bench.STEP_PROVIDERS)
+    for r in rows:
+        assert int(r["scalar_reads"]) == 0, r
+        assert float(r["flops_ratio"]) <= 1.0 and float(r["ms"]) > 0
+        assert (r["R"] == "nan") == (float(r["flops_ratio"]) == 1.0), r

@@ -126,7 +126,7 @@ def _run_functional(x, w, b, dy, active, spec):
 @pytest.mark.parametrize("three_d", [False, True], ids=["2d", "3d"])
 @pytest.mark.parametrize("mask_name", MASK_NAMES)
 @pytest.mark.parametrize("layout_name", list(LAYOUTS))
-def test_functional_matches_dense_autograd_fp32(layout_name, mask_name, three_d, device):
+def test_functional_matches_dense_autograd_fp32(layout_name, mask_name, three_d, device, gemm_plan):
     spec = LAYOUTS[layout_name][4]
     active = _masks(len(LAYOUTS[layout_name][1]))[mask_name]
     x, w, b, dy = _data(layout_name, three_d=three_d, device=device)
@@ -214,7 +214,7 @@ def _layout_args(layout_name):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("layout_name", ["rows_fused_qkv", "cols_uneven"])
 @pytest.mark.parametrize("three_d", [False, True], ids=["2d", "3d"])
-def test_ops_arbitrary_strides(layout_name, three_d, device):
+def test_ops_arbitrary_strides(layout_name, three_d, device, gemm_plan):
     starts, sizes, owners, axis = _layout_args(layout_name)
     active = _masks(len(LAYOUTS[layout_name][1]))["alternating"]
     x, w, b, dy = _data(layout_name, three_d=three_d, device=device, seed=6)
@@ -232,7 +232,7 @@ def test_ops_arbitrary_strides(layout_name, three_d, device):
 
 
 @pytest.mark.parametrize("device", devices())
-def test_ops_expanded_stride0_dy(device):
+def test_ops_expanded_stride0_dy(device, gemm_plan):
     """loss.sum().backward() hands over a stride-0 dY; contiguous-only kernels silently got this wrong before."""
     starts, sizes, owners, axis = _layout_args("rows_fused_qkv")
     act = torch.tensor(_masks(5)["random"])
@@ -250,7 +250,7 @@ def test_ops_expanded_stride0_dy(device):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("mask_name", MASK_NAMES)
 @pytest.mark.parametrize("layout_name", ["rows_fused_qkv", "rows_partial_uneven", "cols_uneven", "whole"])
-def test_accumulate_leaves_frozen_blocks_untouched(layout_name, mask_name, device):
+def test_accumulate_leaves_frozen_blocks_untouched(layout_name, mask_name, device, gemm_plan):
     starts, sizes, owners, axis = _layout_args(layout_name)
     active = _masks(len(LAYOUTS[layout_name][1]), seed=7)[mask_name]
     x, w, b, dy = _data(layout_name, three_d=True, device=device, seed=8)
@@ -299,7 +299,7 @@ def test_uint8_mask_and_empty_tokens(device):
     ],
     ids=["all_on", "all_off", "interleaved", "contiguous_half", "random", "one_head"],
 )
-def test_gemm_plan_fused_qkv_no_copies(mask, expect):
+def test_gemm_plan_fused_qkv_no_copies(mask, expect, strided_plan):
     """One GEMM per group of runs on strided views: count the ATen calls inside the op (CPU profiler)."""
     heads = mk.fused_qkv_heads(12, 4)
     starts = [s for h in heads for s, _ in h]
@@ -314,7 +314,7 @@ def test_gemm_plan_fused_qkv_no_copies(mask, expect):
     assert not any(k in COPY_OPS for k in counts), counts
 
 
-def test_gemm_plan_columns_and_single_copy_for_stride0():
+def test_gemm_plan_columns_and_single_copy_for_stride0(strided_plan):
     x, dy = torch.randn(9, 24), torch.randn(9, 6)
     act = torch.tensor([True, False] * 4)
     counts = aten_counts(lambda: OPS.sparse_weight_grad(dy, x, act, list(range(0, 24, 3)), [3] * 8,
@@ -326,6 +326,52 @@ def test_gemm_plan_columns_and_single_copy_for_stride0():
     counts = aten_counts(lambda: OPS.sparse_weight_grad(dy0, x, act, list(range(0, 24, 3)), [3] * 8,
                                                          list(range(8)), 1))
     assert counts["aten::contiguous"] == 1, counts
+
+
+def _qkv_args(heads=12, head_dim=4):
+    spec = mk.fused_qkv_heads(heads, head_dim)
+    return ([s for h in spec for s, _ in h], [n for h in spec for _, n in h], [i for i, h in enumerate(spec) for _ in h])
+
+
+@pytest.mark.parametrize("mask", [[h % 2 == 0 for h in range(12)], [h in (0, 1, 5, 7) for h in range(12)],
+                                  [h != 4 for h in range(12)]], ids=["interleaved", "random", "one_frozen"])
+def test_gather_plan_is_one_gemm_per_projection(mask, monkeypatch):
+    """The gather plan: one GEMM for dW (row and column blocks) and for the detach dX (row and column blocks),
+    whatever the mask: one copy per active run gathers an operand, one copy per run scatters the result."""
+    monkeypatch.setenv("MAT_KERNELS_GEMM_PLAN", "gather")
+    starts, sizes, owners = _qkv_args()
+    act = torch.tensor(mask)
+    rows = torch.zeros(144, dtype=torch.bool)
+    for start, size, owner in zip(starts, sizes, owners):
+        rows[start:start + size] = act[owner]
+    runs = int((rows[1:] & ~rows[:-1]).sum()) + int(rows[0])  # maximal runs of active rows
+    dy, x, w = torch.randn(2, 7, 144), torch.randn(2, 7, 19), torch.randn(144, 19)
+    for call, gemm in ((lambda: OPS.sparse_weight_grad(dy, x, act, starts, sizes, owners, 0), "aten::mm"),
+                       (lambda: OPS.sparse_input_grad(dy, w, act, starts, sizes, owners, 0), "aten::mm")):
+        counts = aten_counts(call)
+        assert {k: v for k, v in counts.items() if k in GEMM_OPS} == {gemm: 1}, counts
+        assert counts["aten::copy_"] <= 2 * runs, (counts, runs)
+    # column blocks: the same starts along d_in
+    xc, wc = torch.randn(2, 7, 144), torch.randn(19, 144)
+    dyc = torch.randn(2, 7, 19)
+    for call in (lambda: OPS.sparse_weight_grad(dyc, xc, act, starts, sizes, owners, 1),
+                 lambda: OPS.sparse_input_grad(dyc, wc, act, starts, sizes, owners, 1)):
+        counts = aten_counts(call)
+        assert {k: v for k, v in counts.items() if k in GEMM_OPS} == {"aten::mm": 1}, counts
+
+
+def test_cpu_cost_model_gathers_at_bert_shapes(monkeypatch):
+    """Default plan on the CPU at a BERT-base QKV shape (768 -> 2304, 12 heads): interleaved heads are many runs
+    that would each repack X, so the op gathers (one GEMM); one contiguous run stays a view (no copy)."""
+    monkeypatch.delenv("MAT_KERNELS_GEMM_PLAN", raising=False)
+    starts, sizes, owners = _qkv_args(12, 64)
+    dy, x = torch.randn(256, 2304), torch.randn(256, 768)
+    counts = aten_counts(lambda: OPS.sparse_weight_grad(dy, x, torch.arange(12) % 4 == 0, starts, sizes, owners, 0))
+    assert {k: v for k, v in counts.items() if k in GEMM_OPS} == {"aten::mm": 1}, counts
+    counts = aten_counts(lambda: OPS.sparse_weight_grad(dy, x, torch.ones(12, dtype=torch.bool), starts, sizes,
+                                                         owners, 0))
+    assert {k: v for k, v in counts.items() if k in GEMM_OPS} == {"aten::mm": 1}
+    assert not any(k in COPY_OPS for k in counts), counts
 
 
 # ---------------------------------------------------------------------------------------------------------------

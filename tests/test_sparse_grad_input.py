@@ -101,7 +101,7 @@ def _call(name, dy, w, active):
 @pytest.mark.parametrize("three_d", [False, True], ids=["2d", "3d"])
 @pytest.mark.parametrize("mask_name", MASKS)
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_matches_dense_oracle(name, mask_name, three_d, dtype, device):
+def test_matches_dense_oracle(name, mask_name, three_d, dtype, device, gemm_plan):
     axis, modules, d_out, d_in = LAYOUTS[name]
     active = _mask(mask_name, len(modules), seed=list(LAYOUTS).index(name) + 10 * three_d)
     dy, w = _data(name, three_d=three_d, device=device, dtype=dtype, seed=1)
@@ -165,7 +165,7 @@ def test_no_tokens():
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("three_d", [False, True], ids=["2d", "3d"])
 @pytest.mark.parametrize("name", ["rows_fused_qkv", "cols_fused_qkv"])
-def test_non_contiguous_dy_and_weight(name, three_d, device):
+def test_non_contiguous_dy_and_weight(name, three_d, device, gemm_plan):
     active = _mask("alternating", len(LAYOUTS[name][1]))
     dy, w = _data(name, three_d=three_d, device=device, seed=6)
     ref = _oracle(dy, w, _dense_mask(name, active))
@@ -179,7 +179,7 @@ def test_non_contiguous_dy_and_weight(name, three_d, device):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("name", ["rows_fused_qkv", "cols_fused_qkv", "rows_uneven_gap"])
-def test_expanded_stride0_dy(name, device):
+def test_expanded_stride0_dy(name, device, gemm_plan):
     """``loss.sum().backward()`` hands over a stride-0 dY (all strides 0 in 3-D; row-broadcast in 2-D)."""
     _, modules, d_out, _ = LAYOUTS[name]
     active = _mask("random", len(modules), seed=7)
@@ -213,14 +213,14 @@ def test_expanded_stride0_dy(name, device):
     ids=["rows_all", "rows_none", "rows_interleaved", "rows_half", "cols_all", "cols_none", "cols_interleaved",
          "cols_uneven"],
 )
-def test_gemm_plan_no_copies(name, mask, expect):
+def test_gemm_plan_no_copies(name, mask, expect, strided_plan):
     dy, w = _data(name, three_d=True, seed=8)
     counts = aten_counts(lambda: _call(name, dy, w, mask))
     assert {k: v for k, v in counts.items() if k in GEMM_OPS} == expect, counts
     assert not any(k in COPY_OPS for k in counts), counts
 
 
-def test_stride0_dy_is_copied_once():
+def test_stride0_dy_is_copied_once(strided_plan):
     dy0 = torch.randn(1, 60).expand(T, 60)
     _, w = _data("rows_fused_qkv", three_d=False)
     counts = aten_counts(lambda: _call("rows_fused_qkv", dy0, w, [True, False, True, False]))

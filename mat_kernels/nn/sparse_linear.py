@@ -137,10 +137,14 @@ class _SparseUpdateLinearFunction(torch.autograd.Function):
         ctx.mode = mode
         if accumulate_grad:
             ctx.params = (weight, bias)
-        # Save only what the requested gradients need: X for dW, W for dX. The mask is copied (a few bytes on the
-        # CPU) so that the backward uses the mask of its own forward even if set_active runs in between.
-        ctx.save_for_backward(x if needs_w and mode[1] else None, weight if needs_x else None, active.clone())
-        ctx.summary = None if torch.compiler.is_compiling() else _mask_summary(active)
+        # Save only what the requested gradients need: X for dW, W for dX. The backward must use the mask of its own
+        # forward even if set_active runs in between: eager mode saves a snapshot taken once per change of the mask
+        # (no clone per step); a compiled graph clones (a few bytes on the CPU).
+        if torch.compiler.is_compiling():
+            snapshot, ctx.summary = active.clone(), None
+        else:
+            snapshot, ctx.summary = _mask_snapshot(active)
+        ctx.save_for_backward(x if needs_w and mode[1] else None, weight if needs_x else None, snapshot)
         return ORIGINAL_LINEAR(x, weight, bias)  # not F.linear: it is rerouted while an nn.MultiheadAttention runs
 
     @staticmethod
@@ -181,14 +185,14 @@ class _SparseUpdateLinearFunction(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None, None, None
 
 
-def _mask_summary(active: torch.Tensor) -> tuple[bool, bool]:
-    """``(any, all)`` of a mask, read on the host once per change of the mask (kept on the tensor with its version
-    counter, which every in-place write advances), not once per backward."""
+def _mask_snapshot(active: torch.Tensor) -> tuple[torch.Tensor, tuple[bool, bool]]:
+    """A copy of a mask that nothing writes into, and its ``(any, all)``, made and read on the host once per change of
+    the mask (kept on the tensor with its version counter, which every in-place write advances), not once per step."""
     version = active._version
-    cached = getattr(active, "_mat_summary", None)
+    cached = getattr(active, "_mat_snapshot", None)
     if cached is None or cached[0] != version:
-        cached = (version, bool(active.any()), bool(active.all()))
-        active._mat_summary = cached
+        cached = (version, active.clone(), (bool(active.any()), bool(active.all())))
+        active._mat_snapshot = cached
     return cached[1], cached[2]
 
 
