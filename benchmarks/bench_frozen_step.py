@@ -27,6 +27,7 @@ is what matters; aten ops and ``_local_scalar_dense`` calls per step (a ``TorchD
     python benchmarks/bench_frozen_step.py --level layer [--threads 1] [--rounds 5] [--csv ...]
     python benchmarks/bench_frozen_step.py --level step [--threads 1] [--rounds 30] [--csv ...]
     python benchmarks/bench_frozen_step.py --quick        # tiny shapes, 2 rounds (tests/test_frozen_step.py)
+    python benchmarks/bench_frozen_step.py --level layer --device cuda --dtype bf16   # GPU (benchmarks/gpu_check.sh)
 
 Nothing else should run on the machine meanwhile. CSV: ``benchmarks/results/cpu_frozen_step_<date>.csv`` by default.
 """
@@ -88,12 +89,12 @@ def mask_for(num_modules: int, fraction: float, pattern: str) -> torch.Tensor:
     return m
 
 
-def masks_at(num_modules: int, fraction: float) -> dict[str, torch.Tensor]:
+def masks_at(num_modules: int, fraction: float, patterns=PATTERNS) -> dict[str, torch.Tensor]:
     k = round(fraction * num_modules)
     if k in (0, num_modules):  # one mask only
         return {"all": mask_for(num_modules, fraction, "contiguous")}
     out = {}
-    for p in PATTERNS:
+    for p in patterns:
         m = mask_for(num_modules, fraction, p)
         if not any(torch.equal(m, v) for v in out.values()):
             out[p] = m
@@ -138,21 +139,24 @@ def _r_stat(rounds):
 class _LayerProvider:
     """One layer's step: forward, backward of a fixed output gradient, optimizer step, gradients dropped."""
 
-    def __init__(self, d_in, d_out, tokens, *, sparse_kw=None, mask=None, mode="dw", seed=0):
+    def __init__(self, d_in, d_out, tokens, *, sparse_kw=None, mask=None, mode="dw", seed=0,
+                 device=torch.device("cpu"), dtype=torch.float32):
         g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(tokens, d_in, generator=g).requires_grad_(True)
-        self.dy = torch.randn(tokens, d_out, generator=g)
+        self.x = torch.randn(tokens, d_in, generator=g).to(device, dtype).requires_grad_(True)
+        self.dy = torch.randn(tokens, d_out, generator=g).to(device, dtype)
+        self.cuda = device.type == "cuda"
+        opt_kw = {"fused": True} if self.cuda else {}  # the GPU's fastest torch AdamW; CPU: torch's default
         if sparse_kw is None:
-            self.lin = torch.nn.Linear(d_in, d_out)
-            self.opt = torch.optim.AdamW(self.lin.parameters(), lr=1e-4)
+            self.lin = torch.nn.Linear(d_in, d_out).to(device, dtype)
+            self.opt = torch.optim.AdamW(self.lin.parameters(), lr=1e-4, **opt_kw)
             self.mask = None
         else:
-            self.lin = mk.SparseUpdateLinear(d_in, d_out, frozen_backward=mode, **sparse_kw)
+            self.lin = mk.SparseUpdateLinear(d_in, d_out, frozen_backward=mode, **sparse_kw).to(device, dtype)
             self.lin.set_active(mask)
             blocks = {self.lin.weight: self.lin.layout}
             if self.lin.layout.dim == 0:  # row blocks own their bias entries
                 blocks[self.lin.bias] = mk.SparseLayout.build(d_out, d_in, bias=True, **sparse_kw).for_bias()
-            self.opt = FrozenSliceOptimizer(torch.optim.AdamW(self.lin.parameters(), lr=1e-4), blocks,
+            self.opt = FrozenSliceOptimizer(torch.optim.AdamW(self.lin.parameters(), lr=1e-4, **opt_kw), blocks,
                                             num_modules=self.lin.num_modules)
             self.mask = mask.clone()
 
@@ -161,11 +165,12 @@ class _LayerProvider:
         y.backward(self.dy)
         if self.mask is None:
             self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
         else:
             self.opt.step(self.mask)
-            self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
         self.x.grad = None
+        if self.cuda:  # the host timer needs the step finished
+            torch.cuda.synchronize()
 
     def forward_backward(self):
         self.lin(self.x).backward(self.dy)
@@ -173,17 +178,24 @@ class _LayerProvider:
         self.x.grad = None
 
 
-def run_layers(layers, tokens, rounds, env, fractions=FRACTIONS, modes=MODES) -> list[dict]:
+def run_layers(layers, tokens, rounds, env, fractions=FRACTIONS, modes=MODES, device=torch.device("cpu"),
+               dtype=torch.float32, patterns=PATTERNS) -> list[dict]:
     rows = []
+    dk = dict(device=device, dtype=dtype)
+    dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     for name, (d_in, d_out, kw, M) in layers.items():
-        dense = _LayerProvider(d_in, d_out, tokens)
+        dense = _LayerProvider(d_in, d_out, tokens, **dk)
         f_dense = _flops(dense.forward_backward)
         ops_dense, reads_dense = _counts(dense)
+        # fractions that round to the same number of active modules (4 heads: 1/12 -> 0) run once
+        counts = {}
+        for frac in fractions:
+            counts.setdefault(round(frac * M), frac)
         for mode in modes:
-            for frac in fractions:
-                masks = masks_at(M, frac)
+            for frac in counts.values():
+                masks = masks_at(M, frac, patterns)
                 provs = {"dense": dense}
-                provs.update({p: _LayerProvider(d_in, d_out, tokens, sparse_kw=kw, mask=m, mode=mode)
+                provs.update({p: _LayerProvider(d_in, d_out, tokens, sparse_kw=kw, mask=m, mode=mode, **dk)
                               for p, m in masks.items()})
                 times = _harness.interleaved_times(provs, rounds, rotate=True)
                 for p, m in masks.items():
@@ -192,7 +204,7 @@ def run_layers(layers, tokens, rounds, env, fractions=FRACTIONS, modes=MODES) ->
                     ops, reads = _counts(prov)
                     tm = _timing(times[p], times["dense"], f, f_dense)
                     row = {**env, "op": "frozen_step_layer", "shape": f"{name} T={tokens}", "provider":
-                           f"{mode}/{p}", "dtype": "fp32", "layer": name, "mode": mode, "pattern": p,
+                           f"{mode}/{p}", "dtype": dtype_name, "layer": name, "mode": mode, "pattern": p,
                            "active": int(m.sum()), "modules": M, "fraction": round(frac, 4), **tm,
                            "aten_ops": ops, "dense_aten_ops": ops_dense, "scalar_reads": reads,
                            "dense_scalar_reads": reads_dense, "rounds": rounds,
@@ -361,24 +373,35 @@ def main(argv=None) -> int:
     ap.add_argument("--level", choices=("layer", "step", "both"), default="both")
     ap.add_argument("--layers", default=",".join(LAYERS), help="comma-separated subset of " + ",".join(LAYERS))
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--patterns", default=",".join(PATTERNS), help="comma-separated subset of " + ",".join(PATTERNS))
+    ap.add_argument("--fractions", default=None, help="comma-separated, e.g. 0.25,0.5 (default: all seven)")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--rounds", type=int, default=None, help="default: 5 (layer), 30 (step)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="layer level only on cuda (the step level runs on the CPU)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="layer level")
     ap.add_argument("--quick", action="store_true", help="tiny shapes and 2 rounds (a smoke test)")
     ap.add_argument("--csv", default=None)
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    env = _harness.env_row(torch.device("cpu"))
+    device = torch.device(a.device)
+    if device.type == "cuda" and a.level != "layer":
+        ap.error("--device cuda runs the layer level only: pass --level layer")
+    env = _harness.env_row(device)
     rows = []
     if a.level in ("layer", "both"):
         layers = QUICK_LAYERS if a.quick else {k: LAYERS[k] for k in a.layers.split(",")}
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
         rows += run_layers(layers, 64 if a.quick else a.tokens, 2 if a.quick else (a.rounds or 5), env,
-                           fractions=(0.0, 0.25, 1.0) if a.quick else FRACTIONS, modes=tuple(a.modes.split(",")))
+                           fractions=(0.0, 0.25, 1.0) if a.quick else
+                           (tuple(float(f) for f in a.fractions.split(",")) if a.fractions else FRACTIONS),
+                           modes=tuple(a.modes.split(",")), device=device, dtype=dtype,
+                           patterns=tuple(a.patterns.split(",")))
     if a.level in ("step", "both"):
         rows += run_steps(2 if a.quick else (a.rounds or 30), env, quick=a.quick)
-    csv = a.csv or os.path.join(HERE, "results", f"cpu_frozen_step_{_dt.date.today().isoformat()}.csv")
-    _harness.upsert_csv(csv, rows, key=("op", "shape", "provider", "threads"))
+    csv = a.csv or os.path.join(HERE, "results", f"{device.type}_frozen_step_{_dt.date.today().isoformat()}.csv")
+    _harness.upsert_csv(csv, rows, key=("op", "shape", "provider", "dtype", "device", "threads"))
     print(f"{len(rows)} rows -> {csv}")
     return 0
 

@@ -65,6 +65,9 @@ step model_lambda_max "$LIMIT" model_lambda_max.csv "$PY" benchmarks/bench_model
   "${QUICK[@]}" --csv "$OUT/model_lambda_max.csv"
 step sparse_backward "$LIMIT" sparse_backward.csv "$PY" benchmarks/bench_sparse_grad.py "${DEV[@]}" \
   "${QUICK[@]}" --csv "$OUT/sparse_backward.csv"
+# one linear's forward + backward + optimizer step with frozen modules, BERT-base shapes, bf16 (issue 19)
+step frozen_step "$LIMIT" frozen_step.csv "$PY" benchmarks/bench_frozen_step.py --level layer "${DEV[@]}" \
+  --dtype bf16 --layers bert-qkv,bert-out,bert-ffn-in,bert-ffn-out "${QUICK[@]}" --csv "$OUT/frozen_step.csv"
 
 {
   echo

@@ -10,6 +10,7 @@ and floors from the FLOPs and bytes the kernels actually execute and move.
 
     python benchmarks/triton_static.py                      # BERT-base layer, n = 32, T = 128, sm_90
     python benchmarks/triton_static.py --arch 80 --json out.json
+    python benchmarks/triton_static.py --workload sparse     # the sparse-update backward + optimizer, T = 4096
 
 Used by tests/test_triton_aot.py (no spills, tensor cores for TF32/bf16, at most 12 launches per layer).
 Must run without TRITON_INTERPRET (it re-executes itself without it if set).
@@ -52,7 +53,9 @@ class _StandInDriver:
         self.target = GPUTarget("cuda", arch, 32)
 
     def get_current_device(self):
-        return 0
+        # one "device" per target: Triton keeps its compiled kernels per device, so two archs in one process would
+        # otherwise share the first arch's binaries
+        return self.target.arch
 
     def get_current_stream(self, device=None):
         return 0
@@ -68,9 +71,30 @@ _LAUNCHES: list[dict] = []
 _ORIG_RUN = _jit.JITFunction.run
 
 
+class _TensorStub:
+    """What the figures need of a launch's tensor argument, without holding the tensor: a held reference would
+    change what the caller does (autograd copies a gradient it cannot steal)."""
+
+    def __init__(self, t: torch.Tensor):
+        self._size, self._numel = t.element_size(), t.numel()
+        self._sum = int(t.sum()) if t.numel() <= 4096 and not t.is_floating_point() else None
+
+    def element_size(self) -> int:
+        return self._size
+
+    def numel(self) -> int:
+        return self._numel
+
+    def sum(self):
+        return self._sum
+
+
 def _warmup_run(self, *args, grid, warmup, **kwargs):
+    from torch.utils._python_dispatch import _disable_current_modes
+
     kernel = _ORIG_RUN(self, *args, grid=grid, warmup=True, **kwargs)
-    bound = dict(zip(self.arg_names, args))
+    with _disable_current_modes():  # reading the arguments is the harness's work, not the launch code's
+        bound = {k: _TensorStub(v) if isinstance(v, torch.Tensor) else v for k, v in zip(self.arg_names, args)}
     _LAUNCHES.append({"fn": self, "name": self.fn.__name__, "grid": tuple(grid), "kernel": kernel,
                       "args": bound, "kwargs": kwargs})
     return kernel
@@ -79,7 +103,8 @@ def _warmup_run(self, *args, grid, warmup, **kwargs):
 _NO_KERNEL = {"view", "_unsafe_view", "reshape", "unsqueeze", "squeeze", "transpose", "t", "permute", "expand",
               "as_strided", "slice", "select", "detach", "alias", "empty", "empty_strided", "new_empty", "narrow",
               "split", "unbind", "_reshape_alias", "lift_fresh", "sym_size", "sym_stride", "is_same_size",
-              "_local_scalar_dense", "item"}
+              "_local_scalar_dense", "item", "split_with_sizes", "_record_function_enter_new",
+              "_record_function_exit"}
 
 
 class _CountOps(TorchDispatchMode):
@@ -236,6 +261,111 @@ def analyse(arch: int, dtype_name: str, n: int, T: int, method: str = "auto", ps
     }
 
 
+SPARSE_MASKS = {  # BERT-base: 12 modules per layer
+    "interleaved_quarter": [h % 4 == 0 for h in range(12)],
+    "contiguous_half": [h < 6 for h in range(12)],
+    "one": [h == 5 for h in range(12)],
+    "all_but_one": [h != 5 for h in range(12)],
+    "all": [True] * 12,
+}
+
+
+def sparse_layers(d: int = 768, heads: int = 12):
+    """The sparse layers of one BERT-base block the launch count covers: (name, d_in, d_out, layer kwargs)."""
+    return [("qkv", d, 3 * d, {"row_blocks": mk.fused_qkv_heads(heads, d // heads)}),
+            ("out_proj", d, d, {"col_blocks": heads})]
+
+
+def analyse_sparse(arch: int, dtype_name: str, T: int) -> dict:
+    """Compile the sparse-update backward's kernels for ``arch`` as the sparse layers launch them (BERT-base QKV
+    rows and output-projection columns, ``T`` tokens, every mask of SPARSE_MASKS, ``dw`` and ``detach``) and count
+    the launches of one backward + frozen-slice optimizer step (torch's fused AdamW) in steady state."""
+    dtype, tf32 = DTYPES[dtype_name]
+    from mat_kernels.nn import sparse_linear as sl
+    from mat_kernels.train.optim import FrozenSliceOptimizer
+
+    prev_driver = getattr(triton.runtime.driver, "_active", None)
+    prev = (sl.TRITON_DEVICES, sl._TRITON_MODE, torch.backends.cuda.matmul.allow_tf32)
+    triton.runtime.driver.set_active(_StandInDriver(arch))
+    _jit.JITFunction.run = _warmup_run
+    # CPU tensors stand in for CUDA ones: route them to the kernels as CUDA tensors are (compiled, not launched)
+    sl.TRITON_DEVICES, sl._TRITON_MODE = {"cpu"}, ("stand-in", f"stand-in driver for sm_{arch}")
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    steps, seen, kernels = [], {}, []
+    try:
+        g = torch.Generator().manual_seed(0)
+        for name, d_in, d_out, kw in sparse_layers():
+            for mode in ("dw", "detach"):
+                lin = mk.SparseUpdateLinear(d_in, d_out, frozen_backward=mode, **kw).to(dtype)
+                blocks = {lin.weight: lin.layout}
+                if lin.layout.dim == 0:
+                    blocks[lin.bias] = mk.SparseLayout.build(d_out, d_in, bias=True, **kw).for_bias()
+                opt = FrozenSliceOptimizer(torch.optim.AdamW(lin.parameters(), lr=1e-4, fused=True), blocks,
+                                           num_modules=lin.num_modules)
+                x = torch.randn(T, d_in, generator=g).to(dtype).requires_grad_(True)
+                dy = torch.randn(T, d_out, generator=g).to(dtype)
+                for mask_name, m in SPARSE_MASKS.items():
+                    active = torch.tensor(m)
+                    lin.set_active(active)
+
+                    def step():
+                        lin(x).backward(dy)
+                        opt.step(active)
+                        opt.zero_grad(set_to_none=True)
+                        x.grad = None
+
+                    step()  # first call with this mask: plans, device masks, compiles
+                    _LAUNCHES.clear()
+                    counter = _CountOps()
+                    with counter:
+                        y = lin(x)
+                    forward = sum(counter.ops.values())
+                    counter = _CountOps()
+                    with counter:
+                        y.backward(dy)
+                        opt.step(active)
+                        opt.zero_grad(set_to_none=True)
+                        x.grad = None
+                    for launch in _LAUNCHES:
+                        key = (launch["name"], launch["kernel"].hash)
+                        if key not in seen:
+                            k = launch["kernel"]
+                            seen[key] = _resources(k.asm["cubin"])
+                            kernels.append({"name": launch["name"], "grid": launch["grid"],
+                                            "num_warps": k.metadata.num_warps, "num_stages": k.metadata.num_stages,
+                                            "shared": k.metadata.shared, **seen[key],
+                                            "constexprs": {c: launch["kwargs"][c] for c in ("BM", "BN", "BK", "BT")
+                                                           if c in launch["kwargs"]}})
+                    steps.append({"layer": name, "mode": mode, "mask": mask_name, "forward_launches": forward,
+                                  "triton_launches": len(_LAUNCHES), "torch_launches": sum(counter.ops.values()),
+                                  "launches": len(_LAUNCHES) + sum(counter.ops.values()),
+                                  "torch_ops": dict(counter.ops), "host_copies": counter.host_copies,
+                                  "syncs": counter.syncs})
+    finally:
+        _jit.JITFunction.run = _ORIG_RUN
+        sl.TRITON_DEVICES, sl._TRITON_MODE, torch.backends.cuda.matmul.allow_tf32 = prev
+        triton.runtime.driver._active = prev_driver
+    return {"arch": arch, "dtype": dtype_name, "T": T, "workload": "sparse", "steps": steps, "kernels": kernels,
+            "launches": max(s["launches"] for s in steps), "host_copies": sum(s["host_copies"] for s in steps),
+            "syncs": sum(s["syncs"] for s in steps)}
+
+
+def _sparse_table(r: dict) -> str:
+    lines = [f"sm_{r['arch']} {r['dtype']} T={r['T']} sparse backward + optimizer step: at most {r['launches']} "
+             f"launches, {r['host_copies']} host copies, {r['syncs']} host syncs",
+             "| layer | mode | mask | launches (Triton + PyTorch) | PyTorch ops |", "|---|---|---|---:|---|"]
+    for st in r["steps"]:
+        lines.append(f"| {st['layer']} | {st['mode']} | {st['mask']} | {st['launches']} ({st['triton_launches']} + "
+                     f"{st['torch_launches']}) | {st['torch_ops']} |")
+    lines += ["| kernel | grid | warps | stages | regs | spill bytes | shared KB | HGMMA | HMMA | FFMA |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for k in r["kernels"]:
+        lines.append(f"| {k['name']} {k['constexprs']} | {k['grid']} | {k['num_warps']} | {k['num_stages']} | "
+                     f"{k['regs']} | {k['stack']} | {k['shared'] / 1024:.0f} | {k['hgmma']} | {k['hmma']} | "
+                     f"{k['ffma']} |")
+    return "\n".join(lines)
+
+
 def _table(r: dict) -> str:
     lines = [f"sm_{r['arch']} {r['dtype']} n={r['n']} T={r['T']} method={r['method']} psg={r['psg']}: {r['launches']} launches "
              f"({r['triton_launches']} Triton + {r['torch_launches']} PyTorch {r['torch_ops']}), "
@@ -260,13 +390,21 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--T", type=int, default=128)
     p.add_argument("--method", default="auto")
     p.add_argument("--psg", default="auto", choices=["auto", "two-kernel", "local", "fused"])
+    p.add_argument("--workload", default="lambda", choices=["lambda", "sparse"],
+                   help="lambda: the Gram kernels of one layer; sparse: the sparse-update backward + optimizer step "
+                        "(T = --tokens)")
+    p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
     out = []
     for arch in args.arch:
         for dt in args.dtype:
-            r = analyse(arch, dt, args.n, args.T, args.method, args.psg)
-            print(_table(r), end="\n\n", flush=True)
+            if args.workload == "sparse":
+                r = analyse_sparse(arch, dt, args.tokens)
+                print(_sparse_table(r), end="\n\n", flush=True)
+            else:
+                r = analyse(arch, dt, args.n, args.T, args.method, args.psg)
+                print(_table(r), end="\n\n", flush=True)
             out.append(r)
     if args.json:
         with open(args.json, "w") as f:

@@ -188,3 +188,47 @@ def test_benchmark_quick_mode(tmp_path):
         assert int(r["scalar_reads"]) == 0, r
         assert float(r["flops_ratio"]) <= 1.0 and float(r["ms"]) > 0
         assert (r["R"] == "nan") == (float(r["flops_ratio"]) == 1.0), r
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("frozen_backward", ["dw", "detach"])
+def test_a_non_measuring_mat_step_replays_as_a_cuda_graph(frozen_backward):
+    """A whole non-measuring MAT step (forward, backward through the sparse layers' kernels, the frozen-slice fused
+    AdamW step, zero_grad) captured in one CUDA graph and replayed equals the same steps run eagerly: nothing in it
+    reads a tensor back or copies from the host. (MAT's host bookkeeping, e.g. ``step_count``, does not advance in a
+    replay: measuring steps run eagerly.)"""
+    ids = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(0)).cuda()
+    runs = []
+    for captured in (True, False):
+        torch.manual_seed(0)
+        model = TinyLM(vocab=50).cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, fused=True, capturable=True)
+        mat = mk.MAT(model, opt, warmup_steps=10 ** 6, frozen_backward=frozen_backward)
+        mat.active = torch.arange(len(mat.specs)) % 3 != 0
+        mat._apply_masks()
+
+        def step():
+            mat.backward(_loss(model, ids))
+            mat.step()
+            mat.zero_grad()
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm-up: plans, device masks, kernels compiled, optimizer state allocated
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        if captured:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            for _ in range(4):
+                graph.replay()
+        else:
+            for _ in range(4):
+                step()
+        torch.cuda.synchronize()
+        runs.append([p.detach().clone() for p in model.parameters()])
+        mat.close()
+    for a, b in zip(*runs):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)

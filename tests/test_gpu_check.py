@@ -6,7 +6,8 @@ import subprocess
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ["build", "gpu_tests", "static", "psg_variants", "lambda_max", "model_lambda_max", "sparse_backward"]
+STEPS = ["build", "gpu_tests", "static", "psg_variants", "lambda_max", "model_lambda_max", "sparse_backward",
+         "frozen_step"]
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash, timeout")
@@ -18,7 +19,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert r.returncode == 0, summary + r.stdout[-2000:] + r.stderr[-2000:]
     for step in STEPS:
         assert f"| {step} | ok |" in summary, summary
-    for csv in ("psg_variants", "lambda_max", "model_lambda_max", "sparse_backward"):
+    for csv in ("psg_variants", "lambda_max", "model_lambda_max", "sparse_backward", "frozen_step"):
         lines = (tmp_path / f"{csv}.csv").read_text().splitlines()
         assert len(lines) >= 2 and lines[0].startswith("date,"), csv
     assert (tmp_path / "static.json").stat().st_size > 0

@@ -158,16 +158,30 @@ class _SparseUpdateLinearFunction(torch.autograd.Function):
         # them, so the ops run (no GEMM inside for frozen blocks) and return zeros.
         any_active, all_active = (True, False) if compiling or ctx.summary is None else ctx.summary
         dx = dw = db = None
+        want_w = needs_w and weight_grad and any_active
+        want_b = needs_b and weight_grad and (any_active or shared_bias)
+        # GPU, part of the layer active: the Triton kernels (one launch for dW and db, one for the detach dX)
+        triton_masks = None
+        if any_active and not compiling and not ctx.accumulate_grad and not torch.is_grad_enabled() and \
+                (want_w or (detach and needs_x and not all_active)):
+            triton_masks = _triton_masks(dy, active, ctx.layout, weight if weight is not None else None,
+                                         x if x is not None else None)
         if needs_x:
             if not detach or all_active:
                 dx = dy.matmul(weight)
+            elif any_active and triton_masks is not None:
+                dx = _triton.masked_input_grad(dy.reshape(-1, dy.shape[-1]), weight, triton_masks,
+                                               allow_tf32=_tf32()).view(*dy.shape[:-1], weight.shape[1])
             elif any_active:
                 dx = _INPUT_GRAD(_as_matrix(dy), weight, active, starts, sizes, owners, axis).view(
                     *dy.shape[:-1], weight.shape[1])
             # else: a wholly frozen layer under partial backpropagation passes no gradient (None stops the branch)
-        want_w = needs_w and weight_grad and any_active
-        want_b = needs_b and weight_grad and (any_active or shared_bias)
-        if want_w or want_b:
+        if want_w and triton_masks is not None:
+            dy2 = dy.reshape(-1, dy.shape[-1])
+            dw, db = _triton.masked_weight_grad(dy2, x.reshape(-1, x.shape[-1]), triton_masks,
+                                                bias=None if not want_b else "shared" if shared_bias else "own",
+                                                allow_tf32=_tf32())
+        elif want_w or want_b:
             dy2 = _as_matrix(dy)
             # Eager, no double backward: call the C++ kernels directly, below the ops' (Python) autograd layer,
             # whose per-call host cost would otherwise exceed a small layer's GEMM time on a GPU.
@@ -183,6 +197,69 @@ class _SparseUpdateLinearFunction(torch.autograd.Function):
                     if want_b:
                         db = _bias_grad(dy2, active, starts, sizes, owners, shared_bias)
         return dx, dw, db, None, None, None, None, None, None, None
+
+
+# Devices whose sparse backward runs the Triton kernels (mat_kernels/kernels/triton_sparse_grad.py) when part of a
+# layer is active: CUDA with Triton importable. Elsewhere, or without Triton, the ATen plans of the C++ ops run
+# (the CPU's gathered GEMM; on CUDA a warning says once why the kernels are not used). ``LAST_ROUTE`` names the
+# route ("triton" or "aten") and the reason of the last eager backward of a partly active layer, for inspection
+# (all-active layers run the dense GEMMs; accumulate_grad and compiled graphs always run the ops).
+TRITON_DEVICES = {"cuda"}
+LAST_ROUTE = {"route": None, "reason": None}
+_triton = None
+_TRITON_MODE: tuple[str, str] | None = None
+
+
+def _tf32() -> bool:
+    return torch.backends.cuda.matmul.allow_tf32
+
+
+def _triton_masks(dy, active, layout, weight, x):
+    """The device masks of ``active`` for the Triton kernels, built once per (mask snapshot, layout, device,
+    dtype); None (and ``LAST_ROUTE`` says why) when the kernels cannot run here."""
+    global _triton, _TRITON_MODE
+    device = dy.device
+    if device.type not in TRITON_DEVICES:
+        LAST_ROUTE.update(route="aten", reason=f"{device.type} tensors: the C++ ops' plans")
+        return None
+    if dy.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        LAST_ROUTE.update(route="aten", reason=f"{dy.dtype}: the Triton kernels take fp32, bf16 and fp16")
+        return None
+    from mat_kernels import _backend
+
+    if _TRITON_MODE is None:
+        _TRITON_MODE = _backend.triton_mode()
+    mode, reason = _TRITON_MODE
+    if mode == "interpreter" and device.type == "cuda":
+        reason = "TRITON_INTERPRET=1 runs Triton on the CPU only"
+    elif mode == "native" and device.type != "cuda":
+        reason = f"Triton compiles for CUDA, the tensors are on {device.type}"
+    elif mode != "unavailable":
+        reason = None
+    if reason is not None:
+        LAST_ROUTE.update(route="aten", reason=reason)
+        _backend.warn_once(f"sparse-triton:{reason}", "mat_kernels: the sparse-update backward on "
+                           f"{device.type} runs the ATen plans (one GEMM per group of runs), not the Triton "
+                           f"kernels: {reason}")
+        return None
+    if _triton is None:
+        from mat_kernels.kernels import triton_sparse_grad
+
+        _triton = triton_sparse_grad
+    starts, sizes, owners, axis = layout
+    N, K = (weight.shape if weight is not None else (dy.shape[-1], x.shape[-1]))
+    block_k = _triton.tile_config(dy.dtype)["BK"]
+    cache = active.__dict__.setdefault("_mat_device_masks", {})
+    key = (tuple(starts), tuple(sizes), tuple(owners), axis, N, K, device, block_k)
+    masks = cache.get(key)
+    if masks is None:
+        blocked = _ops.block_mask(active, starts, sizes, owners, N if axis == 0 else K, device="cpu",
+                                  dtype=torch.bool)
+        rows = blocked if axis == 0 else torch.ones(N, dtype=torch.bool)
+        cols = blocked if axis == 1 else torch.ones(K, dtype=torch.bool)
+        masks = cache[key] = _triton.device_masks(rows, cols, device, block_k)
+    LAST_ROUTE.update(route="triton", reason=None)
+    return masks
 
 
 def _mask_snapshot(active: torch.Tensor) -> tuple[torch.Tensor, tuple[bool, bool]]:

@@ -255,8 +255,7 @@ def _adam(group: dict, segs: list[_Seg], grads: list[torch.Tensor], decoupled: b
     m = [s.state["exp_avg"] for s in segs]
     v = [s.state["exp_avg_sq"] for s in segs]
     vmax = [s.state["max_exp_avg_sq"] for s in segs] if amsgrad else []
-    if step_ts is not None:  # fused: torch advances the step tensors, then its kernel reads them
-        torch._foreach_add_(step_ts, 1)
+    if step_ts is not None:  # fused: the step tensors were advanced (FrozenSliceOptimizer.step), the kernel reads them
         fn = torch._fused_adamw_ if decoupled else torch._fused_adam_
         with _contiguous(params, m, v, vmax) as (ps, ms, vs, vms):
             fn(ps, [g.contiguous() for g in grads], ms, vs, vms, step_ts, amsgrad=amsgrad, lr=lr, beta1=beta1,
@@ -424,25 +423,40 @@ class FrozenSliceOptimizer:
         if plan is None or plan.key != key:
             self._fold(plan)
             plan = self._plan = self._build_plan(key)
-        stepped = []
+        stepped, work = [], []
         for gi, planned in plan.groups:
             group = self.optimizer.param_groups[gi]
-            segs, grads = [], []
+            segs, grads, group_stepped = [], [], []
             for pp in planned:
                 g = pp.p.grad
                 if g is None:  # torch skips a tensor without gradient
                     continue
                 if g.is_sparse:
                     raise RuntimeError(f"{type(self.optimizer).__name__} does not support sparse gradients")
-                stepped.append(pp)
+                group_stepped.append(pp)
                 if pp.split is None:
                     grads.append(g)
                 else:
                     parts = pp.split(g)
                     grads += [parts[s.index] for s in pp.segs]
                 segs += pp.segs
-            if not segs:
-                continue
+            stepped += group_stepped
+            if segs:
+                work.append((group, segs, grads))
+        # Step counts, advanced before the updates read them: the fused kernels' per-segment step tensors and
+        # torch's per-tensor counts (kept for state_dict(); the updates use the segments' own counts). Those on the
+        # parameters' device (fused and capturable groups) take one multi-tensor add for the whole step, the host
+        # ones (the others) another, a CPU op.
+        steps = [self.optimizer.state[pp.p]["step"] for pp in stepped if "step" in self.optimizer.state[pp.p]]
+        step_ts = [s.step_t for _, segs, _ in work for s in segs if s.step_t is not None]
+        on_host = [t for t in steps if t.device.type == "cpu"] if step_ts else steps
+        on_device = step_ts + ([t for t in steps if t.device.type != "cpu"] if step_ts else [])
+        if on_device and on_host and on_device[0].device.type == "cpu":  # a CPU model: one list
+            on_device, on_host = on_device + on_host, []
+        for ts in (on_device, on_host):
+            if ts:
+                torch._foreach_add_(ts, 1)
+        for group, segs, grads in work:
             if isinstance(self.optimizer, torch.optim.SGD):
                 _sgd(group, segs, grads)
             else:
@@ -452,10 +466,6 @@ class FrozenSliceOptimizer:
                 s.count += 1
         for p in plan.frozen:
             p.grad = None
-        # torch's per-tensor count, kept for state_dict() (the updates use the segments' own counts)
-        steps = [self.optimizer.state[pp.p]["step"] for pp in stepped if "step" in self.optimizer.state[pp.p]]
-        if steps:
-            torch._foreach_add_(steps, 1)
         for pp in stepped:
             pp.taken += 1
         for m, a in enumerate(key):
