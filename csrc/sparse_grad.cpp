@@ -10,8 +10,9 @@
 // CPU, several runs: one GEMM over a gathered operand instead. CPU BLAS packs both operands of every GEMM (and ATen
 // turns a bmm on CPU into one mm per batch entry), so R runs repack the shared operand (X for row blocks) R times;
 // copying the active rows/columns into one workspace (one copy per run) and issuing one GEMM costs T·A + A·K
-// element copies instead of ·T·K. `prefer_gather` compares the two; CUDA keeps the strided GEMMs (cuBLAS reads
-// strided operands in place, and each copy would be a launch).
+// element copies instead of ·T·K. `prefer_gather` compares the two and gathers only runs shorter than 128 on
+// average (longer runs make efficient GEMMs on their own); CUDA keeps the strided GEMMs (cuBLAS reads strided
+// operands in place, and each copy would be a launch).
 //
 // Input gradient of partial backpropagation (sparse_input_grad): dX = dY (M ⊙ W), M the 0/1 mask of the active
 // blocks. Row blocks: dX = Σ over active row runs [r0, r1) of dY[:, r0:r1] W[r0:r1, :] (a sum of GEMMs into the
@@ -139,7 +140,13 @@ bool prefer_gather(const at::Tensor& t, const RunPlan& plan, int64_t gathered_ro
   const char* forced = std::getenv("MAT_KERNELS_GEMM_PLAN");
   if (forced != nullptr && std::strcmp(forced, "strided") == 0) return false;
   if (forced != nullptr && std::strcmp(forced, "gather") == 0) return true;
-  return t.device().is_cpu() && plan.active_width * (gathered_rows + other) < (R - 1) * shared_elems;
+  // Runs of >= kMinStridedRun rows/columns keep their own GEMMs: measured on CPU (benchmarks/NOTES.md §10, BERT-base
+  // QKV and output projection at 4,096 tokens), per-run GEMMs of 192-row runs beat the gather (their packing is
+  // cache-blocked and overlaps the compute; the gather is an extra pass over dY), while runs of 64 rows are too
+  // short for an efficient GEMM each.
+  constexpr int64_t kMinStridedRun = 128;
+  return t.device().is_cpu() && plan.active_width < kMinStridedRun * R &&
+         plan.active_width * (gathered_rows + other) < (R - 1) * shared_elems;
 }
 
 // The active columns of a 2-D tensor (along dim 1) or rows (dim 0), in run order, as one contiguous tensor.

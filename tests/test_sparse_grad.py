@@ -361,13 +361,18 @@ def test_gather_plan_is_one_gemm_per_projection(mask, monkeypatch):
 
 
 def test_cpu_cost_model_gathers_at_bert_shapes(monkeypatch):
-    """Default plan on the CPU at a BERT-base QKV shape (768 -> 2304, 12 heads): interleaved heads are many runs
-    that would each repack X, so the op gathers (one GEMM); one contiguous run stays a view (no copy)."""
+    """Default plan on the CPU at a BERT-base QKV shape (768 -> 2304, 12 heads): single interleaved heads are many
+    short runs that would each repack X, so the op gathers (one GEMM); runs of three heads keep their GEMMs; one
+    contiguous run stays a view (no copy)."""
     monkeypatch.delenv("MAT_KERNELS_GEMM_PLAN", raising=False)
     starts, sizes, owners = _qkv_args(12, 64)
     dy, x = torch.randn(256, 2304), torch.randn(256, 768)
     counts = aten_counts(lambda: OPS.sparse_weight_grad(dy, x, torch.arange(12) % 4 == 0, starts, sizes, owners, 0))
     assert {k: v for k, v in counts.items() if k in GEMM_OPS} == {"aten::mm": 1}, counts
+    # three quarters interleaved: runs of 3 heads (192 rows) stay their own GEMMs (one batched GEMM), no copy
+    counts = aten_counts(lambda: OPS.sparse_weight_grad(dy, x, torch.arange(12) % 4 != 0, starts, sizes, owners, 0))
+    assert {k: v for k, v in counts.items() if k in GEMM_OPS} == {"aten::bmm": 1}, counts
+    assert not any(k in COPY_OPS for k in counts), counts
     counts = aten_counts(lambda: OPS.sparse_weight_grad(dy, x, torch.ones(12, dtype=torch.bool), starts, sizes,
                                                          owners, 0))
     assert {k: v for k, v in counts.items() if k in GEMM_OPS} == {"aten::mm": 1}
