@@ -92,7 +92,7 @@ def mask_for(num_modules: int, fraction: float, pattern: str) -> torch.Tensor:
 def masks_at(num_modules: int, fraction: float, patterns=PATTERNS) -> dict[str, torch.Tensor]:
     k = round(fraction * num_modules)
     if k in (0, num_modules):  # one mask only
-        return {"all": mask_for(num_modules, fraction, "contiguous")}
+        return {"none" if k == 0 else "all": mask_for(num_modules, fraction, "contiguous")}
     out = {}
     for p in patterns:
         m = mask_for(num_modules, fraction, p)
@@ -189,8 +189,10 @@ def run_layers(layers, tokens, rounds, env, fractions=FRACTIONS, modes=MODES, de
         ops_dense, reads_dense = _counts(dense)
         # fractions that round to the same number of active modules (4 heads: 1/12 -> 0) run once
         counts = {}
-        for frac in fractions:
-            counts.setdefault(round(frac * M), frac)
+        for frac in fractions:  # each count once, labelled with the fraction nearest to it
+            k = round(frac * M)
+            if k not in counts or abs(frac - k / M) < abs(counts[k] - k / M):
+                counts[k] = frac
         for mode in modes:
             for frac in counts.values():
                 masks = masks_at(M, frac, patterns)
