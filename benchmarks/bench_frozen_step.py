@@ -14,7 +14,8 @@ QKV projection (128 -> 384, 4 heads: fractions in quarters). Fractions 0, 1/12, 
 **Step level** (``--level step``): forward, backward, ``mat.step`` (no measurement due) and ``zero_grad`` of
 ``mlm-small`` (python/tasks.py, its real batch), a Hugging Face BERT and a Hugging Face GPT-2 (built from configs),
 against the same dense step, with fixed masks (all active; every fourth module active, ``dw`` and ``detach``;
-three of four active, ``dw``). The work a mask skips is found by profiling the dense step: the time of the GEMMs that
+three of four active, ``dw``), and a second identical dense provider (``dense_twin``) whose ratio to dense is the
+noise floor of the comparison. The work a mask skips is found by profiling the dense step: the time of the GEMMs that
 compute frozen modules' weight gradients (``detach``: and their input gradients), matched by shape.
 
 Every group of providers (one layer, mode and fraction with its dense baseline; one model's step) runs in interleaved
@@ -324,6 +325,10 @@ def run_steps(rounds, env, quick=False) -> list[dict]:
         dm = copy.deepcopy(model0)
         dopt = make_opt(dm)
         provs["dense"] = lambda m=dm, o=dopt: dense_step(m, o)
+        # the noise floor: a second, identical dense provider (its ratio to dense is what "equal" looks like here)
+        twin = copy.deepcopy(model0)
+        twin_opt = make_opt(twin)
+        provs["dense_twin"] = lambda m=twin, o=twin_opt: dense_step(m, o)
         for pname, (rule, fb) in STEP_PROVIDERS.items():
             model = copy.deepcopy(model0)
             opt = make_opt(model)
@@ -346,8 +351,12 @@ def run_steps(rounds, env, quick=False) -> list[dict]:
         dopt.zero_grad(set_to_none=True)
         times = _harness.interleaved_times(provs, rounds, rotate=True)
         td = statistics.median(times["dense"])
+        tw = _timing(times["dense_twin"], times["dense"], 1, 1)
+        rows.append({**env, "op": "frozen_step_model", "shape": name, "provider": "dense_twin", "dtype": "fp32", **tw,
+                     "rounds": rounds, "threads": torch.get_num_threads()})
+        print(f"{name:10s} {'dense_twin':18s} t/td={tw['ratio_vs_dense']:.3f} (noise floor)", flush=True)
         for pname in provs:
-            if pname == "dense":
+            if pname in ("dense", "dense_twin"):
                 continue
             mat = mats[pname]
             ops, reads = _counts(provs[pname])
