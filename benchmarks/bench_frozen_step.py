@@ -394,6 +394,13 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny shapes and 2 rounds (a smoke test)")
     ap.add_argument("--csv", default=None)
     a = ap.parse_args(argv)
+    for arg, given, known in (("--layers", a.layers, LAYERS), ("--modes", a.modes, MODES),
+                              ("--patterns", a.patterns, PATTERNS)):
+        unknown = [v for v in given.split(",") if v not in known]
+        if unknown:
+            ap.error(f"{arg}: unknown {unknown}; choose from {','.join(known)}")
+    if a.rounds is not None and a.rounds < 3:
+        ap.error("--rounds must be >= 3 (a bootstrap interval over fewer rounds means nothing)")
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)

@@ -131,19 +131,21 @@ std::vector<RunGroup> group_runs(const std::vector<std::pair<int64_t, int64_t>>&
 // Whether one GEMM over gathered operands beats one GEMM per run: CPU only (see the header), and only when the copies
 // (`width` active rows/columns of the `gathered_rows`-long operand, and the result of `other` columns) cost less
 // than repacking the `shared_elems`-element shared operand once per extra run.
-// MAT_KERNELS_GEMM_PLAN=strided|gather forces one plan on any device (tests of both on CPU; docs/sparse_update.md),
-// anything else (default "auto") lets the cost model choose.
+// MAT_KERNELS_GEMM_PLAN=strided|gather forces one plan on any device (tests of both on CPU; docs/sparse_update.md);
+// unset, empty or "auto" lets the cost model choose; anything else is an error.
 bool prefer_gather(const at::Tensor& t, const RunPlan& plan, int64_t gathered_rows, int64_t other,
                    int64_t shared_elems) {
   const int64_t R = static_cast<int64_t>(plan.active_runs.size());
   if (R <= 1) return false;  // one run is a view: nothing to gather
   const char* forced = std::getenv("MAT_KERNELS_GEMM_PLAN");
-  if (forced != nullptr && std::strcmp(forced, "strided") == 0) return false;
-  if (forced != nullptr && std::strcmp(forced, "gather") == 0) return true;
-  // Runs of >= kMinStridedRun rows/columns keep their own GEMMs: measured on CPU (benchmarks/NOTES.md §10, BERT-base
-  // QKV and output projection at 4,096 tokens), per-run GEMMs of 192-row runs beat the gather (their packing is
-  // cache-blocked and overlaps the compute; the gather is an extra pass over dY), while runs of 64 rows are too
-  // short for an efficient GEMM each.
+  if (forced != nullptr && forced[0] != '\0' && std::strcmp(forced, "auto") != 0) {
+    if (std::strcmp(forced, "strided") == 0) return false;
+    if (std::strcmp(forced, "gather") == 0) return true;
+    TORCH_CHECK_VALUE(false, "MAT_KERNELS_GEMM_PLAN must be auto, strided or gather (or unset), got '", forced, "'");
+  }
+  // Runs of >= kMinStridedRun rows/columns keep their own GEMMs: timed side by side on CPU (benchmarks/NOTES.md §10,
+  // BERT-base layers at 4,096 tokens), the gather saves 5-18 % with runs of 64 but is even or up to 15 % slower
+  // with runs of 192-768 (per-run GEMMs of that size are efficient, and the gather is an extra pass over dY).
   constexpr int64_t kMinStridedRun = 128;
   return t.device().is_cpu() && plan.active_width < kMinStridedRun * R &&
          plan.active_width * (gathered_rows + other) < (R - 1) * shared_elems;

@@ -360,6 +360,14 @@ def test_gather_plan_is_one_gemm_per_projection(mask, monkeypatch):
         assert {k: v for k, v in counts.items() if k in GEMM_OPS} == {"aten::mm": 1}, counts
 
 
+def test_unknown_gemm_plan_is_an_error(monkeypatch):
+    monkeypatch.setenv("MAT_KERNELS_GEMM_PLAN", "gathr")
+    starts, sizes, owners = _qkv_args()
+    with pytest.raises(ValueError, match="MAT_KERNELS_GEMM_PLAN must be auto, strided or gather"):
+        OPS.sparse_weight_grad(torch.randn(7, 144), torch.randn(7, 19), torch.arange(12) % 2 == 0, starts, sizes,
+                               owners, 0)
+
+
 def test_cpu_cost_model_gathers_at_bert_shapes(monkeypatch):
     """Default plan on the CPU at a BERT-base QKV shape (768 -> 2304, 12 heads): single interleaved heads are many
     short runs that would each repack X, so the op gathers (one GEMM); runs of three heads keep their GEMMs; one

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mat_kernels import _backend
 from mat_kernels.measure.blocks import BlockSpec, WeightBlocks
 from mat_kernels.ops import sparse_grad as _ops
 
@@ -160,12 +161,12 @@ class _SparseUpdateLinearFunction(torch.autograd.Function):
         dx = dw = db = None
         want_w = needs_w and weight_grad and any_active
         want_b = needs_b and weight_grad and (any_active or shared_bias)
-        # GPU, part of the layer active: the Triton kernels (one launch for dW and db, one for the detach dX)
+        # GPU, any block active: the Triton kernels (one launch for dW and db, one for the detach dX of a partly
+        # active layer)
         triton_masks = None
         if any_active and not compiling and not ctx.accumulate_grad and not torch.is_grad_enabled() and \
                 (want_w or (detach and needs_x and not all_active)):
-            triton_masks = _triton_masks(dy, active, ctx.layout, weight if weight is not None else None,
-                                         x if x is not None else None)
+            triton_masks = _triton_masks(dy, active, ctx.layout, weight, x)
         if needs_x:
             if not detach or all_active:
                 dx = dy.matmul(weight)
@@ -199,11 +200,12 @@ class _SparseUpdateLinearFunction(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None, None, None
 
 
-# Devices whose sparse backward runs the Triton kernels (mat_kernels/kernels/triton_sparse_grad.py) when part of a
-# layer is active: CUDA with Triton importable. Elsewhere, or without Triton, the ATen plans of the C++ ops run
+# Devices whose sparse backward runs the Triton kernels (mat_kernels/kernels/triton_sparse_grad.py) when any block of
+# a layer is active: CUDA with Triton importable. Elsewhere, or without Triton, the ATen plans of the C++ ops run
 # (the CPU's gathered GEMM; on CUDA a warning says once why the kernels are not used). ``LAST_ROUTE`` names the
-# route ("triton" or "aten") and the reason of the last eager backward of a partly active layer, for inspection
-# (all-active layers run the dense GEMMs; accumulate_grad and compiled graphs always run the ops).
+# route ("triton" or "aten") and the reason of the last eager backward that computed a weight gradient or a
+# partial-backpropagation dX, for inspection (accumulate_grad, double backward and compiled graphs always run the
+# ops and do not update it).
 TRITON_DEVICES = {"cuda"}
 LAST_ROUTE = {"route": None, "reason": None}
 _triton = None
@@ -225,8 +227,6 @@ def _triton_masks(dy, active, layout, weight, x):
     if dy.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         LAST_ROUTE.update(route="aten", reason=f"{dy.dtype}: the Triton kernels take fp32, bf16 and fp16")
         return None
-    from mat_kernels import _backend
-
     if _TRITON_MODE is None:
         _TRITON_MODE = _backend.triton_mode()
     mode, reason = _TRITON_MODE
