@@ -285,11 +285,15 @@ def analyse_sparse(arch: int, dtype_name: str, T: int) -> dict:
     from mat_kernels.train.optim import FrozenSliceOptimizer
 
     prev_driver = getattr(triton.runtime.driver, "_active", None)
-    prev = (sl.TRITON_DEVICES, sl._TRITON_MODE, torch.backends.cuda.matmul.allow_tf32)
+    from mat_kernels import _backend
+    from mat_kernels.train import optim
+
+    prev = (sl.TRITON_DEVICES, optim.TRITON_DEVICES, _backend.KERNEL_MODE, torch.backends.cuda.matmul.allow_tf32)
     triton.runtime.driver.set_active(_StandInDriver(arch))
     _jit.JITFunction.run = _warmup_run
     # CPU tensors stand in for CUDA ones: route them to the kernels as CUDA tensors are (compiled, not launched)
-    sl.TRITON_DEVICES, sl._TRITON_MODE = {"cpu"}, ("stand-in", f"stand-in driver for sm_{arch}")
+    sl.TRITON_DEVICES = optim.TRITON_DEVICES = {"cpu"}
+    _backend.KERNEL_MODE = ("stand-in", f"stand-in driver for sm_{arch}")
     torch.backends.cuda.matmul.allow_tf32 = tf32
     steps, seen, kernels = [], {}, []
     try:
@@ -343,7 +347,7 @@ def analyse_sparse(arch: int, dtype_name: str, T: int) -> dict:
                                   "syncs": counter.syncs})
     finally:
         _jit.JITFunction.run = _ORIG_RUN
-        sl.TRITON_DEVICES, sl._TRITON_MODE, torch.backends.cuda.matmul.allow_tf32 = prev
+        sl.TRITON_DEVICES, optim.TRITON_DEVICES, _backend.KERNEL_MODE, torch.backends.cuda.matmul.allow_tf32 = prev
         triton.runtime.driver._active = prev_driver
     return {"arch": arch, "dtype": dtype_name, "T": T, "workload": "sparse", "steps": steps, "kernels": kernels,
             "launches": max(s["launches"] for s in steps), "host_copies": sum(s["host_copies"] for s in steps),

@@ -82,3 +82,21 @@ def pick_backend(device: torch.device, requested: str) -> tuple[str, str]:
         "The result's `backend` field says which ran.",
     )
     return "torch", reason
+
+
+# The Triton mode the sparse-update kernels (backward and optimizer step) run in, read once per process;
+# benchmarks/triton_static.py sets it to ("stand-in", ...) to compile them for a GPU target on a machine without one.
+KERNEL_MODE: tuple[str, str] | None = None
+
+
+def kernel_unusable(device: torch.device) -> str | None:
+    """None when the sparse-update Triton kernels can run on tensors of ``device`` here, else why not."""
+    global KERNEL_MODE
+    if KERNEL_MODE is None:
+        KERNEL_MODE = triton_mode()
+    mode, reason = KERNEL_MODE
+    if mode == "interpreter" and device.type == "cuda":
+        return "TRITON_INTERPRET=1 runs Triton on the CPU only"
+    if mode == "native" and device.type != "cuda":
+        return f"Triton compiles for CUDA, the tensors are on {device.type}"
+    return reason if mode == "unavailable" else None

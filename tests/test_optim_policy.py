@@ -140,15 +140,26 @@ def _exact_optimizers():
             else torch.optim.Adam
         for impl in ("loop", "foreach", "fused"):
             out.append((f"{name}_{impl}", cls, {**k, impl: True} if impl != "loop" else {**k, "foreach": False}))
+    # fused Adam/AdamW once more with the masked kernel (Triton's CPU interpreter) updating the strided weight wr
+    # and a whole tensor of its group as its companion
+    out += [(f"{n}_masked", c, k) for n, c, k in out if n.endswith("_fused") and not n.startswith("sgd")]
     return out
 
 
 @pytest.mark.parametrize("name,cls,kw", _exact_optimizers(), ids=[n for n, _, _ in _exact_optimizers()])
-def test_active_blocks_are_what_torch_gives_each_block_alone(name, cls, kw):
+def test_active_blocks_are_what_torch_gives_each_block_alone(name, cls, kw, monkeypatch):
     """Each block (rows of a weight and its bias, columns of a transposed weight, a whole tensor, a tensor no module
     owns) against torch's own optimizer, same class and settings, run on a copy of that block alone and stepped
     only while it is active: parameters and every state tensor equal bit for bit, frozen or not, over masks that
     freeze and thaw."""
+    if name.endswith("_masked"):
+        pytest.importorskip("triton")
+        from mat_kernels import _backend
+        from mat_kernels.train import optim
+
+        if _backend.kernel_unusable(torch.device("cpu")) is not None:
+            pytest.skip("Triton cannot run on the CPU here (TRITON_INTERPRET unset)")
+        monkeypatch.setattr(optim, "TRITON_DEVICES", {"cpu"})
     g = torch.Generator().manual_seed(3)
     w = torch.nn.Parameter(torch.randn(9, 5, generator=g))
     wt = torch.nn.Parameter(torch.randn(4, 6, generator=g))     # stored transposed ([d_in, d_out])
@@ -185,6 +196,11 @@ def test_active_blocks_are_what_torch_gives_each_block_alone(name, cls, kw):
         for p in params:
             p.grad = grads[id(p)].clone()  # (torch's fused kernels may write into the gradients)
         fso.step(torch.tensor(mask))
+        if name.endswith("_masked") and not all(mask[:3]):  # wr's active segments are strided storage columns
+            assert fso.routes[wr] == ("masked kernel", None)
+            assert fso._plan.groups[0][1][-1].masked.companion is not None
+        elif "fused" in name and not name.startswith("sgd") and not all(mask[:3]):
+            assert fso.routes[wr][0] == "segment copies" and "TRITON_DEVICES" in fso.routes[wr][1]
         for (t, ix, m), r, ro in zip(pieces, refs, ref_opts):
             if m is None or mask[m]:
                 r.grad = grads[id(t)][ix].clone()

@@ -166,3 +166,71 @@ def test_cuda_layer_backward_against_the_oracle(dtype):
     assert rel_err(lin.weight.grad, (dy2.t() @ x2) * rows[:, None]) <= tol
     assert rel_err(lin.bias.grad, dy2.sum(0) * rows) <= tol
     assert rel_err(x.grad.reshape(-1, 768), dy2 @ (w * rows[:, None])) <= tol
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the masked Adam/AdamW kernel (mat_kernels/kernels/triton_masked_adam.py) against a float64 Adam
+# ---------------------------------------------------------------------------------------------------------------
+def _adam64(p, g, m, v, vmax, t, lr, betas, eps, wd, adamw, amsgrad, maximize):
+    """One Adam/AdamW step in float64 at step count t (torch's formulas, written out)."""
+    p, g, m, v = (a.double() for a in (p, g, m, v))
+    g = -g if maximize else g
+    if adamw:
+        p = p * (1 - lr * wd)
+    else:
+        g = g + wd * p
+    m = betas[0] * m + (1 - betas[0]) * g
+    v = betas[1] * v + (1 - betas[1]) * g * g
+    vmax = torch.maximum(vmax.double(), v) if amsgrad else None
+    denom = (vmax if amsgrad else v).sqrt() / (1 - betas[1] ** t) ** 0.5 + eps
+    return p - lr / (1 - betas[0] ** t) * m / denom, m, v, vmax
+
+
+@pytest.mark.parametrize("shape,axis", [((37, 150), 1), ((150, 37), 0), ((5, 7), 1)])
+@pytest.mark.parametrize("flags", ["adamw", "adam_l2", "adamw_amsgrad_max"])
+def test_masked_adam_kernel_against_float64(shape, axis, flags):
+    """Active runs (own step counts) against float64 Adam; frozen runs of the weight and of every state tensor bit
+    for bit unchanged; a strided (transposed) weight and a companion tensor in the same launch."""
+    from mat_kernels.kernels.triton_masked_adam import masked_adam_step
+    from mat_kernels.testing.tolerances import MASKED_ADAM_RTOL
+
+    adamw, amsgrad, maximize = flags.startswith("adamw"), "amsgrad" in flags, flags.endswith("max")
+    g = torch.Generator().manual_seed(len(flags) + shape[0])
+    N, K = shape
+    new = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
+    p, gr = new(K, N).t(), new(N, K)  # p: a strided view, as a transposed weight's
+    m, v = new(K, N).t() * 0.1, new(K, N).t().square() * 0.01
+    vmax = v * 1.5
+    L = shape[axis]
+    R = min(4, L)
+    run = torch.tensor([i * R // L for i in range(L)], dtype=torch.int32, device=DEVICE)
+    act = torch.tensor([1, 0, 1, 1][:R], dtype=torch.int8, device=DEVICE)
+    steps = torch.tensor([3.0, 5.0, 1.0, 7.0][:R], device=DEVICE)
+    c = [new(23), new(23), new(23) * 0.1, new(23).square() * 0.01, new(23).square() * 0.02, torch.tensor(2.0)]
+    before = [t.clone() for t in (p, m, v, vmax, *c[:5])]
+    hp = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    masked_adam_step(p, gr, (m, v, vmax if amsgrad else None), run, act, steps, axis=axis, amsgrad=amsgrad,
+                     adamw=adamw, maximize=maximize, companion=(*c[:5], c[5].to(DEVICE)), **hp)
+    hp64 = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-8, wd=0.1, adamw=adamw, amsgrad=amsgrad, maximize=maximize)
+    for r in range(R):
+        ix = (run == r).nonzero().flatten()
+        take = (lambda t: t[ix]) if axis == 0 else (lambda t: t[:, ix])  # noqa: E731
+        got = [take(t) for t in (p, m, v, vmax)]
+        old = [take(t) for t in before[:4]]
+        if not act[r]:
+            assert all(torch.equal(a, b) for a, b in zip(got, old)), r
+            continue
+        want = _adam64(old[0], take(gr), old[1], old[2], old[3], float(steps[r]), **hp64)
+        for a, b in zip(got, want):
+            if b is not None:
+                assert rel_err(a, b) <= MASKED_ADAM_RTOL, (r, rel_err(a, b))
+    want = _adam64(*before[4:9], 2.0, **hp64)  # the companion at its own step 2
+    for a, b in zip((c[0], c[2], c[3], c[4]), want):
+        if b is not None:
+            assert rel_err(a, b) <= MASKED_ADAM_RTOL
+
+
+@requires_cuda
+def test_cuda_masked_adam_kernel_against_float64():
+    """On a GPU, the native kernel (fp32) on an output-projection-shaped weight with interleaved active heads."""
+    test_masked_adam_kernel_against_float64((768, 768), 1, "adamw_amsgrad_max")

@@ -209,7 +209,6 @@ class _SparseUpdateLinearFunction(torch.autograd.Function):
 TRITON_DEVICES = {"cuda"}
 LAST_ROUTE = {"route": None, "reason": None}
 _triton = None
-_TRITON_MODE: tuple[str, str] | None = None
 
 
 def _tf32() -> bool:
@@ -219,7 +218,7 @@ def _tf32() -> bool:
 def _triton_masks(dy, active, layout, weight, x):
     """The device masks of ``active`` for the Triton kernels, built once per (mask snapshot, layout, device,
     dtype); None (and ``LAST_ROUTE`` says why) when the kernels cannot run here."""
-    global _triton, _TRITON_MODE
+    global _triton
     device = dy.device
     if device.type not in TRITON_DEVICES:
         LAST_ROUTE.update(route="aten", reason=f"{device.type} tensors: the C++ ops' plans")
@@ -227,15 +226,7 @@ def _triton_masks(dy, active, layout, weight, x):
     if dy.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         LAST_ROUTE.update(route="aten", reason=f"{dy.dtype}: the Triton kernels take fp32, bf16 and fp16")
         return None
-    if _TRITON_MODE is None:
-        _TRITON_MODE = _backend.triton_mode()
-    mode, reason = _TRITON_MODE
-    if mode == "interpreter" and device.type == "cuda":
-        reason = "TRITON_INTERPRET=1 runs Triton on the CPU only"
-    elif mode == "native" and device.type != "cuda":
-        reason = f"Triton compiles for CUDA, the tensors are on {device.type}"
-    elif mode != "unavailable":
-        reason = None
+    reason = _backend.kernel_unusable(device)
     if reason is not None:
         LAST_ROUTE.update(route="aten", reason=reason)
         _backend.warn_once(f"sparse-triton:{reason}", "mat_kernels: the sparse-update backward on "

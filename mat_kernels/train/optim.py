@@ -38,9 +38,15 @@ from typing import Sequence, Union
 
 import torch
 
+from mat_kernels import _backend
 from mat_kernels.measure.blocks import WeightBlocks
 
-__all__ = ["Block", "FrozenSliceOptimizer", "SUPPORTED_OPTIMIZERS"]
+__all__ = ["Block", "FrozenSliceOptimizer", "SUPPORTED_OPTIMIZERS", "TRITON_DEVICES"]
+
+# Devices on which a fused Adam/AdamW group updates a weight with strided active segments (column runs of a
+# row-major weight) by the masked kernel (mat_kernels/kernels/triton_masked_adam.py: one launch over the whole weight,
+# no copies) instead of copying each segment to a dense tensor for torch's fused kernel and back.
+TRITON_DEVICES = {"cuda"}
 
 SUPPORTED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 _STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -285,6 +291,40 @@ def _adam(group: dict, segs: list[_Seg], grads: list[torch.Tensor], decoupled: b
     torch._foreach_addcdiv_(params, m, denom, step_size)
 
 
+def _masked_adam(opt, group: dict, pp, companion) -> None:
+    """The masked kernel's launch for ``pp`` (and ``companion``, a whole contiguous tensor of the group)."""
+    from mat_kernels.kernels.triton_masked_adam import masked_adam_step
+
+    mk, view = pp.masked, pp.masked.view
+    st = opt.state[pp.p]
+    amsgrad = group["amsgrad"]
+    comp = None
+    if companion is not None:
+        cs = companion.segs[0]
+        comp = (companion.p, companion.p.grad, cs.state["exp_avg"], cs.state["exp_avg_sq"],
+                cs.state.get("max_exp_avg_sq"), cs.step_t)
+    masked_adam_step(view(pp.p), view(pp.p.grad), (view(st["exp_avg"]), view(st["exp_avg_sq"]),
+                     view(st["max_exp_avg_sq"]) if amsgrad else None), mk.run, mk.act, mk.steps, axis=mk.axis,
+                     lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+                     amsgrad=amsgrad, maximize=group["maximize"], companion=comp,
+                     adamw=isinstance(opt, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay")))
+
+
+def _pair_companions(planned: list) -> None:
+    """Give each masked weight of a group one whole, contiguous, always-updated tensor of the same dtype and device
+    to update in its launch, the nearest after it in the group's order (a layer's bias follows its weight)."""
+    for i, host in enumerate(planned):
+        if host.masked is None:
+            continue
+        for pp in planned[i + 1:] + planned[:i]:
+            s = pp.segs[0] if pp.split is None else None
+            if (s is not None and pp.masked is None and pp.host is None and s.step_t is not None
+                    and pp.p.dtype == host.p.dtype and pp.p.device == host.p.device and pp.p.is_contiguous()
+                    and all(t.is_contiguous() for t in s.state.values())):
+                pp.host, host.masked.companion = host, pp
+                break
+
+
 @contextlib.contextmanager
 def _contiguous(*lists):
     """Contiguous stand-ins for tensors of ``lists`` that are not (torch's fused kernels assume dense storage),
@@ -315,6 +355,23 @@ class _Planned:
     segs: list
     active_runs: list  # indices of the runs this mask updates
     taken: int = 0  # steps taken under this plan (folded into the runs' counts when the plan is replaced)
+    masked: _Masked | None = None  # updated by the masked kernel
+    host: _Planned | None = None  # a companion: updated in its host's masked launch when both have gradients
+
+
+@dataclass
+class _Masked:
+    """A weight whose step is one launch of the masked Adam kernel: its 2-D view and state views, the run of each
+    entry along the blocked axis, each run's activity and step count on the device (the counts advanced by the
+    step's multi-tensor add with ``act_f`` as the increment), and the companion updated in the same launch."""
+
+    view: object  # function: a parameter-shaped tensor -> its 2-D view the kernel takes
+    axis: int
+    run: torch.Tensor
+    act: torch.Tensor
+    act_f: torch.Tensor
+    steps: torch.Tensor
+    companion: _Planned | None = None
 
 
 @dataclass
@@ -325,6 +382,7 @@ class _Plan:
     state_obj: object  # the optimizer's state dict it was built on (load_state_dict replaces it)
     groups: list  # [(group index, [_Planned])]
     frozen: list  # parameters with every entry frozen: grad set to None, nothing read or written
+    one: torch.Tensor | None = None  # the increment of the scalar step counts when masked counts take tensors
 
 
 class FrozenSliceOptimizer:
@@ -341,6 +399,11 @@ class FrozenSliceOptimizer:
 
     Attributes:
         plans_built: how often a plan was built (once per new mask or loaded state, never per step).
+        routes: ``{parameter: (route, reason)}`` for every parameter whose active segments are strided (column runs
+            of a row-major weight): ``("masked kernel", None)`` (one launch of
+            :mod:`mat_kernels.kernels.triton_masked_adam`), ``("segment copies", why)`` (fused groups without it: each
+            segment copied to a dense tensor and back) or ``("views", why)`` (loop / foreach groups). On CUDA a
+            warning says once why the masked kernel is not used.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, blocks: dict[torch.Tensor, BlocksArg], *,
@@ -380,6 +443,7 @@ class FrozenSliceOptimizer:
         self.steps_taken = 0  # steps run (a GradScaler skips the call on inf/NaN gradients)
         self._plan: _Plan | None = None
         self.plans_built = 0
+        self.routes: dict = {}
         self.refresh_from_optimizer()
 
     @property
@@ -423,7 +487,7 @@ class FrozenSliceOptimizer:
         if plan is None or plan.key != key:
             self._fold(plan)
             plan = self._plan = self._build_plan(key)
-        stepped, work = [], []
+        stepped, work, masked = [], [], []
         for gi, planned in plan.groups:
             group = self.optimizer.param_groups[gi]
             segs, grads, group_stepped = [], [], []
@@ -434,6 +498,13 @@ class FrozenSliceOptimizer:
                 if g.is_sparse:
                     raise RuntimeError(f"{type(self.optimizer).__name__} does not support sparse gradients")
                 group_stepped.append(pp)
+                if pp.masked is not None:
+                    c = pp.masked.companion
+                    rides = c is not None and c.p.grad is not None and c.p.grad.is_contiguous()
+                    masked.append((group, pp, c if rides else None))
+                    continue
+                if pp.host is not None and pp.host.p.grad is not None and g.is_contiguous():
+                    continue  # updated in its host's masked launch
                 if pp.split is None:
                     grads.append(g)
                 else:
@@ -449,13 +520,25 @@ class FrozenSliceOptimizer:
         # ones (the others) another, a CPU op.
         steps = [self.optimizer.state[pp.p]["step"] for pp in stepped if "step" in self.optimizer.state[pp.p]]
         step_ts = [s.step_t for _, segs, _ in work for s in segs if s.step_t is not None]
-        on_host = [t for t in steps if t.device.type == "cpu"] if step_ts else steps
-        on_device = step_ts + ([t for t in steps if t.device.type != "cpu"] if step_ts else [])
+        step_ts += [c.segs[0].step_t for _, _, c in masked if c is not None]
+        on_host = [t for t in steps if t.device.type == "cpu"] if step_ts or masked else steps
+        on_device = step_ts + ([t for t in steps if t.device.type != "cpu"] if step_ts or masked else [])
         if on_device and on_host and on_device[0].device.type == "cpu":  # a CPU model: one list
             on_device, on_host = on_device + on_host, []
+        if masked:  # the masked weights' per-run counts advance by their activity, in the same multi-tensor add
+            if plan.one is None:
+                plan.one = torch.ones((), device=masked[0][1].p.device)
+            incs = [plan.one] * len(on_device) + [pp.masked.act_f for _, pp, _ in masked]
+            on_device = on_device + [pp.masked.steps for _, pp, _ in masked]
+            torch._foreach_add_(on_device, incs)
+            on_device = []
         for ts in (on_device, on_host):
             if ts:
                 torch._foreach_add_(ts, 1)
+        for group, pp, c in masked:
+            _masked_adam(self.optimizer, group, pp, c)
+            for s in pp.segs + (c.segs if c is not None else []):
+                s.count += 1
         for group, segs, grads in work:
             if isinstance(self.optimizer, torch.optim.SGD):
                 _sgd(group, segs, grads)
@@ -509,12 +592,49 @@ class FrozenSliceOptimizer:
                     pviews, views = split(p), {k: split(t) for k, t in tensors.items()}
                     segs = [_Seg(i, k, pviews[i], {n: v[i] for n, v in views.items()})
                             for i, k in enumerate(seg_keys) if k is not None]
-                if group.get("fused") and "step" in state:  # fused Adam reads (we advance) each segment's count
+                masked = self._masked_plan(group, p, runs, keys, counts, segs, tensors) if split else None
+                if group.get("fused") and "step" in state and masked is None:  # fused Adam reads each segment's count
                     for s in segs:
                         s.step_t = torch.full_like(state["step"], s.count)
-                planned.append(_Planned(p, split, segs, active_runs))
+                planned.append(_Planned(p, split, segs, active_runs, masked=masked))
+            _pair_companions(planned)
             groups.append((gi, planned))
         return _Plan(key, opt.state, groups, frozen)
+
+    def _masked_plan(self, group: dict, p, runs: _Runs, keys: list, counts: list, segs: list, tensors: dict):
+        """The masked-kernel record of ``p`` when its active segments are strided views in a fused Adam/AdamW group
+        and the kernel can run here; None otherwise, with the route and its reason in :attr:`routes`."""
+        if all(s.param.is_contiguous() for s in segs):
+            return None
+        reason = None
+        if isinstance(self.optimizer, torch.optim.SGD) or not group.get("fused"):
+            reason = "the masked kernel takes fused Adam/AdamW groups (fused=True)"
+        elif p.device.type not in TRITON_DEVICES:
+            reason = f"{p.device.type} tensors (mat_kernels.train.optim.TRITON_DEVICES)"
+        elif p.dtype not in (torch.float32, torch.bfloat16, torch.float16) or p.numel() >= 2 ** 31:
+            reason = f"{p.dtype} [{p.numel()} entries]: the kernel takes fp32/bf16/fp16 below 2^31 entries"
+        elif any(torch.is_tensor(h) for h in (group["lr"], *group["betas"])):
+            reason = "a tensor learning rate or betas (read on the host per step)"
+        elif any(t.stride() != p.stride() for t in tensors.values()):
+            reason = "optimizer state stored with other strides than the parameter"
+        else:
+            reason = _backend.kernel_unusable(p.device)
+        if reason is not None:
+            self.routes[p] = ("segment copies" if group.get("fused") else "views", reason)
+            if p.device.type == "cuda":
+                _backend.warn_once(f"masked-adam:{reason}", "mat_kernels: FrozenSliceOptimizer updates strided "
+                                   f"segments without the masked kernel (one copy per segment): {reason}")
+            return None
+        self.routes[p] = ("masked kernel", None)
+        flat = runs.flat or p.dim() > 2
+        sizes = torch.tensor([n for n, _ in runs.runs])
+        act = [k is not None for k in keys]
+        dev = p.device
+        return _Masked(view=(lambda t: t.flatten(1)) if flat else (lambda t: t), axis=1 if flat else runs.dim,
+                       run=torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int32), sizes).to(dev),
+                       act=torch.tensor(act, dtype=torch.int8).to(dev),
+                       act_f=torch.tensor(act, dtype=torch.float32).to(dev),
+                       steps=torch.tensor([float(c) for c in counts], dtype=torch.float32).to(dev))
 
     # --------------------------------------------------------------------------------------------------------
     @property
