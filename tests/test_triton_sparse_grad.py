@@ -127,7 +127,8 @@ def test_layers_route_to_the_kernels_and_match_the_ops(name, frozen_backward, ma
             monkeypatch.setattr(sl, "TRITON_DEVICES", set())
         xi = x.clone().requires_grad_(True)
         ref(xi).backward(dy)
-        assert sl.LAST_ROUTE["route"] == route, sl.LAST_ROUTE
+        want = "dense" if route == "aten" and mask == "all" else route  # off the Triton devices: a plain linear
+        assert sl.LAST_ROUTE["route"] == want, sl.LAST_ROUTE
         grads.append((xi.grad, ref.weight.grad, ref.bias.grad))
         ref.zero_grad(set_to_none=True)
     assert len(built) == 1  # two steps with one mask: one build

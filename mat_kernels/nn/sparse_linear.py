@@ -205,7 +205,8 @@ class _SparseUpdateLinearFunction(torch.autograd.Function):
 # (the CPU's gathered GEMM; on CUDA a warning says once why the kernels are not used). ``LAST_ROUTE`` names the
 # route ("triton" or "aten") and the reason of the last eager backward that computed a weight gradient or a
 # partial-backpropagation dX, for inspection (accumulate_grad, double backward and compiled graphs always run the
-# ops and do not update it).
+# ops and do not update it); "dense" when an eager layer with every block active ran as a plain linear (off the
+# Triton devices: its forward sets it).
 TRITON_DEVICES = {"cuda"}
 LAST_ROUTE = {"route": None, "reason": None}
 _triton = None
@@ -425,7 +426,25 @@ class SparseUpdateMixin:
         return (f"layout={self.layout.describe()}, active={int(self._active.sum())}/{self.layout.num_modules}, "
                 f"frozen_backward={self.frozen_backward!r}")
 
+    def _dense_forward(self, input: torch.Tensor) -> torch.Tensor:
+        return ORIGINAL_LINEAR(input, self._linear_weight(), self.bias)
+
+    def _linear_weight_in(self) -> int:
+        return self.weight.shape[1]
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if self._override is None and not self.accumulate_grad and input.device.type not in TRITON_DEVICES \
+                and not torch.compiler.is_compiling() and _mask_snapshot(self._active)[1][1] \
+                and isinstance(input, torch.Tensor) and input.dim() >= 1 and input.device == w.device \
+                and input.dtype == w.dtype and input.shape[-1] == self._linear_weight_in():
+            # Every block active, eager, not routed to the Triton kernels (CPU): the layer is a plain linear and
+            # autograd's own backward is exactly the sparse one; skipping the custom Function saves its host cost
+            # (what made an all-active MAT step slower than a dense one). A compiled graph keeps the ops (no
+            # dependence on the mask's values: no recompilation), and CUDA keeps the one-launch dW + db kernel.
+            # Inputs F.linear would reject take the sparse path, whose errors name the argument.
+            LAST_ROUTE.update(route="dense", reason="every block active: autograd's linear backward")
+            return self._dense_forward(input)
         detach, weight_grad = self._override or (self.frozen_backward == "detach", True)
         return sparse_update_linear(input, self._linear_weight(), self.bias, active=self._active,
                                     layout=self.layout, accumulate_grad=self.accumulate_grad,
@@ -515,6 +534,12 @@ class SparseUpdateConv1D(SparseUpdateMixin, nn.Module):
 
     def _linear_weight(self) -> torch.Tensor:
         return self.weight.t()
+
+    def _linear_weight_in(self) -> int:
+        return self.nx
+
+    def _dense_forward(self, input: torch.Tensor) -> torch.Tensor:  # HF Conv1D's own forward
+        return torch.addmm(self.bias, input.reshape(-1, self.nx), self.weight).view(*input.shape[:-1], self.nf)
 
     def extra_repr(self) -> str:
         return f"nf={self.nf}, nx={self.nx}, {self._state_repr()}"
