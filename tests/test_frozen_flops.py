@@ -141,3 +141,30 @@ def test_every_module_frozen_skips_its_weight_gradient(case):
     frozen_flops, _ = count_flops(lambda: mat.backward(loss_fn(model, batch)))
     saved = dense_flops - frozen_flops
     assert saved >= SKIPPED_SHARE * dw, (case, saved, dw, dense_flops)
+
+
+
+@pytest.mark.parametrize("op_name", ["sparse_weight_grad", "sparse_input_grad", "sparse_weight_grad_accumulate"])
+def test_sparse_flop_formulas_on_fake_tensors(op_name):
+    """Inductor estimates a graph node's FLOPs by calling its formula on fake tensors
+    (``torch._inductor.fx_utils.count_flops_fx``, e.g. to order kernels around communication): a fake mask has no
+    values to read, so the formula counts every block (an upper bound; a compiled graph serves every mask) instead
+    of failing; on real tensors it counts the active blocks only."""
+    from torch._inductor.fx_utils import count_flops_fx
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils.flop_counter import FlopCounterMode
+
+    op = getattr(torch.ops.mat_kernels, op_name)
+    layout = ([0, 4, 8], [4, 4, 4], [0, 1, 2], 0)  # 3 row blocks of a [12, 8] weight
+    def call(dw, dy, x, w, active):  # dw: the accumulate op's output argument
+        first = (dw,) if op_name == "sparse_weight_grad_accumulate" else ()
+        return op(*first, dy, w if op_name == "sparse_input_grad" else x, active, *layout)
+
+    args = (torch.zeros(12, 8), torch.randn(5, 12), torch.randn(5, 8), torch.randn(12, 8),
+            torch.tensor([True, False, True]))
+    gm = make_fx(call, tracing_mode="fake")(*args)
+    node = next(n for n in gm.graph.nodes if n.op == "call_function" and op_name in str(n.target))
+    assert count_flops_fx(node) == 2 * 5 * 12 * 8  # every block
+    with FlopCounterMode(display=False) as fc:
+        call(*args)
+    assert fc.get_total_flops() == 2 * 5 * 8 * 8  # the two active blocks' 8 rows

@@ -331,7 +331,11 @@ if _C is not None:
 
 
 def _active_width(active, sizes, owners) -> int:
-    # the mask is a CPU tensor (a graph input under torch.compile, a real tensor when the op runs): read on the host
+    """Rows (columns) of the active blocks. The mask is a CPU tensor read on the host when the op runs. A fake mask
+    (inductor estimates a graph node's FLOPs on fake tensors: ``torch._inductor.fx_utils.count_flops_fx``) has no
+    values, and a compiled graph serves every mask: the count is then every block's, an upper bound."""
+    if isinstance(active, torch.Tensor) and torch._subclasses.fake_tensor.is_fake(active):
+        return sum(sizes)
     act = active.bool().tolist() if isinstance(active, torch.Tensor) else list(active)
     return sum(s for s, o in zip(sizes, owners) if act[o])
 
