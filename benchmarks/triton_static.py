@@ -263,6 +263,7 @@ def analyse(arch: int, dtype_name: str, n: int, T: int, method: str = "auto", ps
 
 SPARSE_MASKS = {  # BERT-base: 12 modules per layer
     "interleaved_quarter": [h % 4 == 0 for h in range(12)],
+    "interleaved_half": [h % 2 == 0 for h in range(12)],
     "contiguous_half": [h < 6 for h in range(12)],
     "one": [h == 5 for h in range(12)],
     "all_but_one": [h != 5 for h in range(12)],
@@ -340,7 +341,8 @@ def analyse_sparse(arch: int, dtype_name: str, T: int) -> dict:
                                             "shared": k.metadata.shared, **seen[key],
                                             "constexprs": {c: launch["kwargs"][c] for c in ("BM", "BN", "BK", "BT")
                                                            if c in launch["kwargs"]}})
-                    steps.append({"layer": name, "mode": mode, "mask": mask_name, "forward_launches": forward,
+                    work = _tile_work(lin, dtype, mode)
+                    steps.append({"layer": name, "mode": mode, "mask": mask_name, "forward_launches": forward, **work,
                                   "triton_launches": len(_LAUNCHES), "torch_launches": sum(counter.ops.values()),
                                   "launches": len(_LAUNCHES) + sum(counter.ops.values()),
                                   "torch_ops": dict(counter.ops), "host_copies": counter.host_copies,
@@ -354,13 +356,48 @@ def analyse_sparse(arch: int, dtype_name: str, T: int) -> dict:
             "syncs": sum(s["syncs"] for s in steps)}
 
 
+def _tile_work(lin, dtype: torch.dtype, mode: str) -> dict:
+    """The share of the MMA tiles the kernels compute for the layer's current mask (a tile runs its loop when any
+    row / column it covers is active), next to the active share of the weight's entries: dW tiles of
+    ``_masked_weight_grad_kernel``; for ``detach``, the contraction tiles (row blocks) or output tiles (column blocks)
+    of ``_masked_input_grad_kernel`` (1 when the layer is all active: cuBLAS runs the dense dX)."""
+    from mat_kernels.kernels.triton_sparse_grad import tile_config
+
+    N, K = lin.weight.shape
+    axis, active = lin.layout.dim, lin.active
+    blocked = torch.zeros(N if axis == 0 else K, dtype=torch.bool)
+    for i, ranges in lin.layout.entries():
+        for start, size in ranges:
+            blocked[start:start + size] = bool(active[i])
+    rm = blocked if axis == 0 else torch.ones(N, dtype=torch.bool)
+    cm = blocked if axis == 1 else torch.ones(K, dtype=torch.bool)
+
+    def tiles(v: torch.Tensor, b: int) -> torch.Tensor:  # per tile of b entries: any active
+        return torch.nn.functional.pad(v, (0, (-v.numel()) % b)).view(-1, b).any(1)
+
+    cw = tile_config(dtype, axis, "weight")
+    rt, ct = tiles(rm, cw["BM"]), tiles(cm, cw["BN"])
+    dw = float(rt.sum() * ct.sum()) / (rt.numel() * ct.numel())
+    ci = tile_config(dtype, axis, "input")
+    if mode != "detach" or bool(rm.all() and cm.all()):
+        dx = 1.0
+    elif axis == 0:
+        dx = float(tiles(rm, ci["BK"]).float().mean())
+    else:
+        dx = float(tiles(cm, ci["BN"]).float().mean())
+    active = float(rm.sum() * cm.sum()) / (rm.numel() * cm.numel())
+    return {"active_share": round(active, 4), "dw_tile_share": round(dw, 4), "dx_tile_share": round(dx, 4)}
+
+
 def _sparse_table(r: dict) -> str:
     lines = [f"sm_{r['arch']} {r['dtype']} T={r['T']} sparse backward + optimizer step: at most {r['launches']} "
              f"launches, {r['host_copies']} host copies, {r['syncs']} host syncs",
-             "| layer | mode | mask | launches (Triton + PyTorch) | PyTorch ops |", "|---|---|---|---:|---|"]
+             "| layer | mode | mask | launches (Triton + PyTorch) | active share | dW tiles run | detach dX tiles run "
+             "| PyTorch ops |", "|---|---|---|---:|---:|---:|---:|---|"]
     for st in r["steps"]:
         lines.append(f"| {st['layer']} | {st['mode']} | {st['mask']} | {st['launches']} ({st['triton_launches']} + "
-                     f"{st['torch_launches']}) | {st['torch_ops']} |")
+                     f"{st['torch_launches']}) | {st['active_share']:.3f} | {st['dw_tile_share']:.3f} | "
+                     f"{st['dx_tile_share']:.3f} | {st['torch_ops']} |")
     lines += ["| kernel | grid | warps | stages | regs | spill bytes | shared KB | HGMMA | HMMA | FFMA |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for k in r["kernels"]:

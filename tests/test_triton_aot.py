@@ -176,3 +176,15 @@ def test_column_block_layer_backward_and_optimizer_take_at_most_four_launches(sp
         for st in r["steps"]:
             if st["layer"] == "out_proj":
                 assert st["launches"] <= MAX_LAUNCHES, (r["arch"], r["dtype"], st)
+
+
+def test_sparse_kernels_compute_only_the_active_heads_tiles(sparse_figures):
+    """A tile runs its MMA loop when any row (column) it covers is active, so along the blocked axis the tiles are
+    one 64-wide head: for BERT-base masks (heads aligned to 64) the share of dW tiles computed, and under detach of
+    the dX tiles, equals the active share exactly, interleaved masks included (with 128-wide tiles an interleaved
+    half mask computed every dW tile)."""
+    for r in sparse_figures:
+        for st in r["steps"]:
+            assert st["dw_tile_share"] == st["active_share"], (r["arch"], r["dtype"], st)
+            if st["mode"] == "detach":
+                assert st["dx_tile_share"] == st["active_share"], (r["arch"], r["dtype"], st)

@@ -66,7 +66,7 @@ def test_kernels_match_the_float64_oracle(name, mask, strided):
         x, w = x.t().contiguous().t(), w.t().contiguous().t()
         dy = torch.cat([dy, torch.randn_like(dy)], 1)[:, :dy.shape[1]]
     dev = [t.to(DEVICE) for t in (x, w, dy)]
-    masks = tk.device_masks(rows, cols, torch.device(DEVICE), tk.tile_config(torch.float32)["BK"])
+    masks = tk.device_masks(rows, cols, torch.device(DEVICE), tk.tile_config(torch.float32)["BK"], LAYOUTS[name][3])
     full = rows[:, None] & cols[None, :]
     want_dw = (dy.double().t() @ x.double()) * full
     want_db = dy.double().sum(0) * rows

@@ -36,11 +36,25 @@ def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "ieee" if (dtype == torch.float32 and not allow_tf32) else "tf32"
 
 
-def tile_config(dtype: torch.dtype) -> dict:
-    """Tile sizes, warps and stages of both kernels for inputs of ``dtype`` (fixed; see the module docstring)."""
-    if dtype == torch.float32:
-        return {"BM": 128, "BN": 64, "BK": 32, "num_warps": 8, "num_stages": 3}
-    return {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3}
+def tile_config(dtype: torch.dtype, axis: int = 0, kernel: str = "input") -> dict:
+    """Tile sizes, warps and stages of ``kernel`` (``"weight"``: dW + db, ``"input"``: the detach dX) for inputs of
+    ``dtype`` and blocks along ``axis`` of the weight (0 rows, 1 columns); fixed (see the module docstring).
+
+    A tile is skipped only when every row (column) it covers is frozen, so along the blocked axis the tiles are 64
+    wide, one head of BERT-base-like layers: with 128-wide tiles an interleaved mask (every other head) left no tile
+    wholly frozen and a half-active layer did all of its dW work (``benchmarks/triton_static.py --workload sparse``
+    counts the tiles each mask computes)."""
+    cfg = {"BM": 128, "BN": 64, "BK": 32, "num_warps": 8, "num_stages": 3} if dtype == torch.float32 else \
+        {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3}
+    if kernel not in ("weight", "input"):
+        raise ValueError(f"kernel must be 'weight' or 'input', got {kernel!r}")
+    if axis == 0 and kernel == "weight":
+        # dW rows (the input kernel's BM is tokens; its contraction tiles over rows are BK = 64/32): one warpgroup
+        # per 64-row wgmma tile
+        cfg["BM"], cfg["num_warps"] = 64, 4
+    elif axis == 1:
+        cfg["BN"] = 64  # dW columns / dX columns
+    return cfg
 
 
 @triton.jit
@@ -121,10 +135,11 @@ def _masked_input_grad_kernel(
              mask=mm[:, None] & mn[None, :])
 
 
-def device_masks(rows: torch.Tensor, cols: torch.Tensor, device: torch.device, block_k: int) -> dict:
+def device_masks(rows: torch.Tensor, cols: torch.Tensor, device: torch.device, block_k: int, axis: int = 0) -> dict:
     """The device tensors of one mask: ``rm`` / ``cm`` (int8 0/1 per row / column of the weight) and ``tiles``
-    (int32 starts of the ``block_k``-row tiles holding an active row) with its length ``n_tiles`` (a host int).
-    ``rows``/``cols`` are the host (CPU bool) expansions of the mask; build once per mask and keep."""
+    (int32 starts of the ``block_k``-row tiles holding an active row) with its length ``n_tiles`` (a host int), and
+    the blocked ``axis`` (the tiles follow it). ``rows``/``cols`` are the host (CPU bool) expansions of the mask;
+    build once per mask and keep."""
     starts = torch.arange(0, rows.numel(), block_k)
     if rows.numel():
         padded = torch.nn.functional.pad(rows, (0, (-rows.numel()) % block_k)).view(-1, block_k)
@@ -133,7 +148,7 @@ def device_masks(rows: torch.Tensor, cols: torch.Tensor, device: torch.device, b
     return {"rm": rows.to(torch.int8).to(device), "cm": cols.to(torch.int8).to(device),
             "ones": torch.ones(rows.numel(), dtype=torch.int8, device=device),
             "tiles": (tiles if tiles.numel() else torch.zeros(1, dtype=torch.int32)).to(device),
-            "n_tiles": int(tiles.numel())}
+            "n_tiles": int(tiles.numel()), "axis": axis}
 
 
 def masked_weight_grad(dy: torch.Tensor, x: torch.Tensor, masks: dict, *, bias: str | None, allow_tf32: bool
@@ -145,7 +160,7 @@ def masked_weight_grad(dy: torch.Tensor, x: torch.Tensor, masks: dict, *, bias: 
     K = x.shape[1]
     dw = torch.empty((N, K), dtype=dy.dtype, device=dy.device)
     db = torch.empty((N,), dtype=dy.dtype, device=dy.device) if bias else dw
-    cfg = tile_config(dy.dtype)
+    cfg = tile_config(dy.dtype, masks["axis"], "weight")
     col_tiles = triton.cdiv(K, cfg["BN"])
     grid = (triton.cdiv(N, cfg["BM"]), col_tiles + (1 if bias else 0))
     _masked_weight_grad_kernel[grid](
@@ -162,7 +177,7 @@ def masked_input_grad(dy: torch.Tensor, w: torch.Tensor, masks: dict, *, allow_t
     T, N = dy.shape
     K = w.shape[1]
     dx = torch.empty((T, K), dtype=dy.dtype, device=dy.device)
-    cfg = tile_config(dy.dtype)
+    cfg = tile_config(dy.dtype, masks["axis"], "input")
     grid = (triton.cdiv(T, cfg["BM"]), triton.cdiv(K, cfg["BN"]))
     _masked_input_grad_kernel[grid](
         dy, w, masks["tiles"], masks["n_tiles"], masks["rm"], masks["cm"], dx, T, N, K,

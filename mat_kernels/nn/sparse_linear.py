@@ -249,7 +249,7 @@ def _triton_masks(dy, active, layout, weight, x):
                                   dtype=torch.bool)
         rows = blocked if axis == 0 else torch.ones(N, dtype=torch.bool)
         cols = blocked if axis == 1 else torch.ones(K, dtype=torch.bool)
-        masks = cache[key] = _triton.device_masks(rows, cols, device, block_k)
+        masks = cache[key] = _triton.device_masks(rows, cols, device, block_k, axis)
     LAST_ROUTE.update(route="triton", reason=None)
     return masks
 
