@@ -263,11 +263,24 @@ def _step_models(quick):
     return out
 
 
-STEP_PROVIDERS = {  # name: (mask rule on module index i of M, frozen_backward)
+STEP_PROVIDERS = {  # name: (mask rule on module index i of M, frozen_backward[, MAT keywords])
     "all_active": (lambda i, M: True, "dw"),
     "quarter_dw": (lambda i, M: i % 4 == 0, "dw"),
     "quarter_detach": (lambda i, M: i % 4 == 0, "detach"),
     "three_quarters_dw": (lambda i, M: i % 4 != 0, "dw"),
+}
+
+
+def _scattered_half(i: int, M: int) -> bool:
+    """A fixed scattered mask, half of the modules on average (what λ decisions look like: no pattern)."""
+    return bool(torch.rand(M, generator=torch.Generator().manual_seed(M))[i] < 0.5)
+
+
+PERMUTE_PROVIDERS = {  # --permute: one scattered mask with and without the heads permuted to a prefix
+    "half_dw": (_scattered_half, "dw"),
+    "half_dw_permuted": (_scattered_half, "dw", {"permute_heads": True}),
+    "half_detach": (_scattered_half, "detach"),
+    "half_detach_permuted": (_scattered_half, "detach", {"permute_heads": True}),
 }
 
 
@@ -312,7 +325,7 @@ def _skippable_ms(model0, make_opt, batch, loss_fn, mat_template, detach) -> flo
     return skipped_us / 1e3
 
 
-def run_steps(rounds, env, quick=False) -> list[dict]:
+def run_steps(rounds, env, quick=False, providers=STEP_PROVIDERS) -> list[dict]:
     rows = []
     for name, (model0, make_opt, batch, loss_fn) in _step_models(quick).items():
         provs, mats = {}, {}
@@ -329,15 +342,14 @@ def run_steps(rounds, env, quick=False) -> list[dict]:
         twin = copy.deepcopy(model0)
         twin_opt = make_opt(twin)
         provs["dense_twin"] = lambda m=twin, o=twin_opt: dense_step(m, o)
-        for pname, (rule, fb) in STEP_PROVIDERS.items():
+        for pname, (rule, fb, *kw) in providers.items():
             model = copy.deepcopy(model0)
             opt = make_opt(model)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
-                mat = mk.MAT(model, opt, warmup_steps=10 ** 9, frozen_backward=fb)
+                mat = mk.MAT(model, opt, warmup_steps=10 ** 9, frozen_backward=fb, **(kw[0] if kw else {}))
             M = len(mat.specs)
-            mat.active = torch.tensor([rule(i, M) for i in range(M)])
-            mat._apply_masks()
+            mat.set_active(torch.tensor([rule(i, M) for i in range(M)]))
             mats[pname] = mat
 
             def mat_step(model=model, mat=mat):
@@ -363,8 +375,7 @@ def run_steps(rounds, env, quick=False) -> list[dict]:
             f = _flops(lambda: mat.backward(loss_fn(mat.model, batch)))
             mat.zero_grad()
             tm = _timing(times[pname], times["dense"], f, f_dense)
-            skippable = _skippable_ms(model0, make_opt, batch, loss_fn, mat,
-                                      STEP_PROVIDERS[pname][1] == "detach")
+            skippable = _skippable_ms(model0, make_opt, batch, loss_fn, mat, providers[pname][1] == "detach")
             saved = td - statistics.median(times[pname])
             rows.append({**env, "op": "frozen_step_model", "shape": name, "provider": pname, "dtype": "fp32", **tm,
                          "skippable_ms": round(skippable, 3), "saved_ms": round(saved, 3),
@@ -392,6 +403,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="layer level only on cuda (the step level runs on the CPU)")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="layer level")
     ap.add_argument("--quick", action="store_true", help="tiny shapes and 2 rounds (a smoke test)")
+    ap.add_argument("--permute", action="store_true", help="step level: a half mask with and without "
+                    "MAT(permute_heads=True) instead of the default providers")
     ap.add_argument("--csv", default=None)
     a = ap.parse_args(argv)
     for arg, given, known in (("--layers", a.layers, LAYERS), ("--modes", a.modes, MODES),
@@ -417,7 +430,8 @@ def main(argv=None) -> int:
                            modes=tuple(a.modes.split(",")), device=device, dtype=dtype,
                            patterns=tuple(a.patterns.split(",")))
     if a.level in ("step", "both"):
-        rows += run_steps(2 if a.quick else (a.rounds or 30), env, quick=a.quick)
+        rows += run_steps(2 if a.quick else (a.rounds or 30), env, quick=a.quick,
+                          providers=PERMUTE_PROVIDERS if a.permute else STEP_PROVIDERS)
     csv = a.csv or os.path.join(HERE, "results", f"{device.type}_frozen_step_{_dt.date.today().isoformat()}.csv")
     _harness.upsert_csv(csv, rows, key=("op", "shape", "provider", "dtype", "device", "threads"))
     print(f"{len(rows)} rows -> {csv}")

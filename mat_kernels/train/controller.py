@@ -38,6 +38,7 @@ from mat_kernels.measure.result import LambdaMaxResult
 from mat_kernels.measure.discovery import discover_modules, validate_specs
 from mat_kernels.measure.specs import ModuleSpec
 from mat_kernels.train.freezing import frozen_optimizer, install_sparse
+from mat_kernels.train.permute import HeadPermuter
 from mat_kernels.train.policy import check_number, CRITERIA, POLICIES, TemporalRule, module_scores, threshold_mask
 from mat_kernels.nn.sparse_linear import FROZEN_BACKWARD
 
@@ -103,6 +104,11 @@ class MAT:
             probe settings of :func:`mat_kernels.model_lambda_max` (``forward``, ``causal``, ...).
         ledger: a :class:`mat_kernels.flops.FlopsLedger` to record measurements in (default: a new one,
             :attr:`ledger`).
+        permute_heads: at each decision, reorder every attention's interchangeable heads (with their output-
+            projection columns, parameters, gradients, optimizer state and step counts) so that the active ones are
+            contiguous: one GEMM per section of a weight instead of one per run of heads. Decisions, logs, results
+            and ``state_dict()`` (model, optimizer, MAT) stay in the original order; ``close()`` moves everything
+            back. Refused where heads are not interchangeable (:mod:`mat_kernels.train.permute`).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, specs: list[ModuleSpec] | None = None,
@@ -112,7 +118,7 @@ class MAT:
                  smoothing: float = 0.0, hysteresis: float = 0.0, group_by: str = "kind", beta: float = 1e-3,
                  patience: int = 2, temporal_rule: bool = True, stop_when_converged: bool = False,
                  frozen_backward: str = "dw", sparse_backward: bool = True, lambda_kwargs: dict | None = None,
-                 ledger: FlopsLedger | None = None):
+                 ledger: FlopsLedger | None = None, permute_heads: bool = False):
         for name, v, lo in (("warmup_steps", warmup_steps, 0), ("interval", interval, 1), ("gate_after", gate_after, 1),
                             ("seed", seed, 0)):
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
@@ -178,6 +184,10 @@ class MAT:
         self.measure_counted: list[int] = []  # per measurement: the FLOPs FlopCounterMode saw (probe passes)
         _refuse_open_controller(self.module)
         self.optimizer = frozen_optimizer(self.module, self.specs, optimizer)  # validates before any layer is swapped
+        if not isinstance(permute_heads, bool):
+            raise TypeError(f"permute_heads must be a bool, got {type(permute_heads).__name__}")
+        self._perm = HeadPermuter(self.module, self.specs, self.optimizer) if permute_heads else None
+        self._hooks = self._perm.install_hooks() if self._perm is not None else []
         self._swapped: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, child, original layer), for close()
         self.closed = False
         self.sparse_layers, self.gated, self.masked_weights = install_sparse(
@@ -327,7 +337,7 @@ class MAT:
     def _optimizer_step(self, closure, scaler) -> tuple:
         """``(loss, whether the step was taken)``: the frozen-slice step, through ``scaler`` if given."""
         if scaler is None:
-            return self.optimizer.step(self.active, closure), True
+            return self.optimizer.step(self._slot_active(), closure), True
         if not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         if closure is not None and scaler.is_enabled():
@@ -344,16 +354,33 @@ class MAT:
                 "you built MAT with?); call scaler.unscale_(mat.optimizer) (e.g. before clipping) and "
                 "mat.step(scaler=scaler), never scaler.step(optimizer)")
         before = self.optimizer.steps_taken
-        loss = scaler.step(self.optimizer, self.active)  # -> self.optimizer.step(self.active) unless inf/NaN
+        loss = scaler.step(self.optimizer, self._slot_active())  # -> self.optimizer.step(...) unless inf/NaN
         return loss, self.optimizer.steps_taken != before
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
+    def set_active(self, active) -> None:
+        """Force the activity mask (bool ``[M]``, the modules' order) until the next decision: masks into the layers
+        and, with ``permute_heads``, the heads reordered for it (benchmarks, ablations)."""
+        active = torch.as_tensor(active)
+        if active.dtype != torch.bool or tuple(active.shape) != (len(self.specs),):
+            raise ValueError(f"active must be a bool tensor of shape [{len(self.specs)}], got {active.dtype} "
+                             f"{list(active.shape)}")
+        self.active = active.clone()
+        if self._perm is not None:
+            self._perm.arrange(self.active)
+        self._apply_masks()
+
+    def _slot_active(self) -> torch.Tensor:
+        """The activity of what sits at each module's place: the modules' own unless heads were permuted."""
+        return self.active if self._perm is None else self._perm.slot_active(self.active)
+
     def _apply_masks(self) -> None:
+        active = self._slot_active()
         with torch.no_grad():
             for layer, order, extra in self.sparse_layers:
-                mask = self.active[order]
+                mask = active[order]
                 layer.set_active(torch.cat([mask, torch.ones(extra, dtype=torch.bool)]) if extra else mask)
         compiled = self.compiled or _is_compiled(self.model)
         if compiled and self.gated and not getattr(self, "_warned_compiled", False):
@@ -364,7 +391,7 @@ class MAT:
                 "model at every decision): their frozen weight gradients are computed and discarded. "
                 f"{[n for g in self.gated for n in g.names][:4]}", UserWarning, stacklevel=3)
         for gate in self.gated:
-            gate.apply(bool(self.active[gate.modules].any()), keep_requires_grad=compiled)
+            gate.apply(bool(active[gate.modules].any()), keep_requires_grad=compiled)
 
     def _solve_flops(self, n: int) -> int:
         return len(self.specs) * (4 * n ** 3) // 3  # eigvalsh ~ (4/3)·n³ per module (an estimate)
@@ -372,6 +399,8 @@ class MAT:
     def _scores(self, grams: torch.Tensor, **fields) -> LambdaMaxResult:
         from mat_kernels.measure.solvers import lambda_max
 
+        if self._perm is not None:  # measured per place: back to the modules' order
+            grams = self._perm.to_identity(grams)
         lam = lambda_max(grams, check_finite=self.gram_options.check_finite)
         score = module_scores(grams, self.criterion, lam=lam.double().cpu())
         return LambdaMaxResult(tuple(self.names), lam, grams, grams.shape[-1], "mat", specs=self.specs, scores=score,
@@ -442,6 +471,8 @@ class MAT:
                     h = self.hysteresis
                     thr[idx] = torch.where(was, s > tau[kind] * (1 - h), s > tau[kind] * (1 + h))
         self.active = thr & ~self.converged
+        if self._perm is not None:
+            self._perm.arrange(self.active)
         self._apply_masks()
         empty = [kind for kind, idx in self.groups.items() if not bool(self.active[idx].any())]
         self.log.append({"step": self.step_count, "lambda": lam.tolist(), "score": score.tolist(),
@@ -462,6 +493,11 @@ class MAT:
         one through ``mat.optimizer.optimizer``. Idempotent; the controller cannot be used afterwards."""
         if self.closed:
             return
+        if self._perm is not None:  # heads back in their original order, hooks off
+            self._perm.restore()
+            for h in self._hooks:
+                h.remove()
+            self._hooks = []
         for layer, _, _ in self.sparse_layers:
             if hasattr(layer, "remove"):  # SparseUpdateMHAWeight
                 layer.remove()
@@ -497,7 +533,7 @@ class MAT:
             "step_count": self.step_count, "measurements": self.measurements, "active": self.active.clone(),
             "converged": self.converged.clone(), "should_stop": self.should_stop, "log": list(self.log),
             "rule": self.rule.state_dict() if self.rule is not None else None, "names": list(self.names),
-            "block_steps": self.optimizer.block_steps.clone(), "rng": self._rng.get_state(),
+            "block_steps": self._module_steps(), "rng": self._rng.get_state(),
             "smoothed": None if self._smoothed is None else self._smoothed.clone(),
         }
 
@@ -509,11 +545,19 @@ class MAT:
         self.should_stop, self.log = sd["should_stop"], list(sd["log"])
         if self.rule is not None and sd["rule"] is not None:
             self.rule.load_state_dict(sd["rule"])
-        self.optimizer.block_steps = sd["block_steps"].clone()
+        steps = sd["block_steps"].clone()
+        self.optimizer.block_steps = steps if self._perm is None else self._perm.to_slots(steps)
+        if self._perm is not None:
+            self._perm.arrange(self.active)
         if sd.get("rng") is not None:
             self._rng.set_state(sd["rng"])
         self._smoothed = sd.get("smoothed")
         self._apply_masks()
+
+    def _module_steps(self) -> torch.Tensor:
+        """Optimizer steps each module took (original order)."""
+        steps = self.optimizer.block_steps
+        return steps if self._perm is None else self._perm.to_identity(steps)
 
     def check_probe_model(self) -> None:
         """Raise if samples interact in the model (train-mode BatchNorm) when measuring from the training backward."""
