@@ -172,3 +172,11 @@ def test_measured_decisions_with_permutation_equal_unpermuted(case):
         err = max(abs(x - y) for x, y in zip(a["lambda"], b["lambda"])) / max(max(map(abs, b["lambda"])), 1.0)
         assert err <= PERMUTED_RTOL[torch.float32], err
     _close(perm.state_dict(), plain.state_dict(), case, torch.float32)
+
+
+def test_per_head_parameters_are_refused():
+    """A norm weight over every head's channels beside the projections would not move with its head."""
+    model = TinyLM(d=12, heads=4)
+    model.blocks[0].q_norm = torch.nn.LayerNorm(12)  # per channel of all heads: tied to head positions
+    with pytest.raises(ValueError, match=r"not interchangeable \(blocks.0.q_norm.weight"):
+        mk.MAT(model, torch.optim.SGD(model.parameters(), lr=0.1), permute_heads=True)

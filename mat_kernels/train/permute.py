@@ -8,8 +8,10 @@ query heads) with the output-projection modules of its query heads (``<head>.out
 modules whose columns are its query rows). Permuting units leaves the model's function unchanged when heads are
 interchangeable: each head reads its own Q/K/V rows and writes its own output-projection columns, and the output
 projection sums over heads. Refused, with the reason, where they are not: ALiBi (per-head slopes), relative position
-biases per head, output-projection columns in no module (``out_proj="none"``: they could not move with their head),
-units of unequal shapes.
+biases per head, per-head parameters beside the projections (a norm per head), output-projection columns in no
+module (``out_proj="none"``: they could not move with their head), units of unequal shapes. Grouped-query attention
+moves key/value groups with their query heads; query heads are not reordered within a group, so the output
+projection's active columns are one run per group rather than one run.
 
 The order within each attention: *output projection active only*, *both*, *head active only*, *neither*, so that
 the heads' active set and the output projections' active set are each contiguous when the two are gated apart.
@@ -102,8 +104,33 @@ class HeadPermuter:
             if len(shapes) != 1:
                 raise ValueError(f"permute_heads=True: the heads of {specs[units[0][0]].name.rsplit('.', 1)[0]} "
                                  "differ in shape, so they are not interchangeable")
+            self._check_per_head_parameters([specs[j] for u in units for j in u], len(units))
         self.module_at = torch.arange(len(specs))
         self.moves = 0
+
+    def _check_per_head_parameters(self, unit_specs: list[ModuleSpec], heads: int) -> None:
+        """Refuse per-head parameters beside the units' layers in the attention that holds them (first dimension =
+        the number of heads, or a query/key norm, ``q_norm``/``k_norm``, weighting every head's channels apart):
+        they would stay where they are while their heads move. A query/key norm shared by the heads (over one head's
+        width) and norms of the residual stream are fine."""
+        names = {sl.weight for s in unit_specs for sl in s.slices}
+        owners = {n.rsplit(".", 1)[0] for n in names}
+        parts = [n.split(".") for n in owners]
+        common = []
+        for level in zip(*parts):
+            if len(set(level)) != 1:
+                break
+            common.append(level[0])
+        prefix = ".".join(common)
+        width = sum(n for s in unit_specs if s.kind in HEAD_KINDS for sl in s.slices[:1] for _, n in sl.ranges)
+        for pname, p in self.params.items():
+            if not pname.startswith(prefix + "." if prefix else "") or pname.rsplit(".", 1)[0] in owners:
+                continue
+            leaf = pname.rsplit(".", 2)[-2].lower() if "." in pname else ""
+            qk_norm = leaf.startswith(("q_norm", "k_norm", "q_layernorm", "k_layernorm", "query_norm", "key_norm"))
+            if (p.dim() and p.shape[0] == heads) or (qk_norm and p.numel() == width):
+                raise ValueError(f"permute_heads=True: the heads are not interchangeable ({pname}, shape "
+                                 f"{list(p.shape)}, is per head and would not move with them)")
 
     def _group_outs(self, i: int, specs: list[ModuleSpec]) -> list[int]:
         """The ``head<q>.out`` modules of a key/value group: output-projection columns equal to its Q rows (a
