@@ -156,7 +156,7 @@ class _LayerProvider:
             self.lin.set_active(mask)
             blocks = {self.lin.weight: self.lin.layout}
             if self.lin.layout.dim == 0:  # row blocks own their bias entries
-                blocks[self.lin.bias] = mk.SparseLayout.build(d_out, d_in, bias=True, **sparse_kw).for_bias()
+                blocks[self.lin.bias] = mk.WeightBlocks.build(d_out, d_in, bias=True, **sparse_kw).for_bias()
             self.opt = FrozenSliceOptimizer(torch.optim.AdamW(self.lin.parameters(), lr=1e-4, **opt_kw), blocks,
                                             num_modules=self.lin.num_modules)
             self.mask = mask.clone()

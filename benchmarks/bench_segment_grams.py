@@ -33,7 +33,7 @@ rounded to bf16; mat_kernels accumulates in fp32 throughout. TF32 is off for the
 Measured per (shape, dtype, provider): median and 20/80 % quantiles of the wall time (``triton.testing.do_bench``,
 L2 flushed before each call, on CUDA; a ``perf_counter`` loop on CPU), peak extra device memory
 (``max_memory_allocated`` after ``reset_peak_memory_stats`` minus what was allocated before the call, so inputs are
-excluded; CUDA only), max relative error of the 25 λmax against a float64 oracle (``mat_kernels.reference``: one
+excluded; CUDA only), max relative error of the 25 λmax against a float64 oracle (``mat_kernels.testing.reference``: one
 autograd backward per sample in float64 on the *same* rounded inputs, explicit Grams, ``eigvalsh``), and achieved
 TFLOP/s of the route's useful work (2 × ``mat_kernels.route_costs`` multiply-adds, the symmetric half of each Gram;
 not the FLOPs a baseline actually executes; ``eigvalsh`` not counted).
@@ -120,7 +120,7 @@ class Linear:
     row_blocks: object = None
     col_blocks: object = None
 
-    def blocks(self) -> mk.LayerBlocks:
+    def blocks(self) -> mk.WeightBlocks:
         if self.col_blocks is not None:
             return mk.resolve_blocks(self.col_blocks, self.d_in, axis="cols", name="col_blocks")
         spec = 1 if self.row_blocks is None else self.row_blocks
@@ -180,7 +180,7 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: in
 
 
 def oracle_lambda_max(shape: Shape, inputs, device: torch.device) -> torch.Tensor:
-    """The 25 λmax in float64: per-sample gradients by one autograd backward per sample (mat_kernels.reference,
+    """The 25 λmax in float64: per-sample gradients by one autograd backward per sample (mat_kernels.testing.reference,
     float64, on ``device``), explicit Grams, FFN Grams added, ``eigvalsh``. Returned on the CPU."""
     linears = layer_linears(shape)
     grams = []
@@ -198,7 +198,7 @@ def oracle_lambda_max(shape: Shape, inputs, device: torch.device) -> torch.Tenso
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _module_index(lb: mk.LayerBlocks, device) -> torch.Tensor | None:
+def _module_index(lb: mk.WeightBlocks, device) -> torch.Tensor | None:
     """``[M, R]`` indices of each module's rows/columns (modules of equal size), or None if it is the whole axis."""
     mods = [[i for start, size in ranges for i in range(start, start + size)] for ranges in lb.modules]
     if len(mods) == 1 and mods[0] == list(range(len(mods[0]))):
@@ -208,7 +208,7 @@ def _module_index(lb: mk.LayerBlocks, device) -> torch.Tensor | None:
     return torch.tensor(mods, dtype=torch.long, device=device)
 
 
-def psg_module_grams(gw: torch.Tensor, gb: torch.Tensor | None, lb: mk.LayerBlocks,
+def psg_module_grams(gw: torch.Tensor, gb: torch.Tensor | None, lb: mk.WeightBlocks,
                      idx: torch.Tensor | None) -> torch.Tensor:
     """Grams ``[M, n, n]`` (fp32) from materialised per-sample gradients ``gw [n, d_out, d_in]`` (+ ``gb [n, d_out]``),
     all modules of the layer batched: gather each module's slice, ``J Jᵀ`` in fp32."""

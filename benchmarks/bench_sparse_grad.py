@@ -105,7 +105,7 @@ def _rel_err(a, b) -> float:
 
 def bench_shape(name, shape, dtype, device, fractions, patterns, providers, timer):
     tokens, d_in, d_out, spec = shape
-    layout = mk.SparseLayout.build(d_out, d_in, **spec)
+    layout = mk.WeightBlocks.build(d_out, d_in, **spec)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, d_in, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
     w = (torch.randn(d_out, d_in, generator=g) / math.sqrt(d_in)).to(device=device, dtype=dtype).requires_grad_(True)

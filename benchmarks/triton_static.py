@@ -304,7 +304,7 @@ def analyse_sparse(arch: int, dtype_name: str, T: int) -> dict:
                 lin = mk.SparseUpdateLinear(d_in, d_out, frozen_backward=mode, **kw).to(dtype)
                 blocks = {lin.weight: lin.layout}
                 if lin.layout.dim == 0:
-                    blocks[lin.bias] = mk.SparseLayout.build(d_out, d_in, bias=True, **kw).for_bias()
+                    blocks[lin.bias] = mk.WeightBlocks.build(d_out, d_in, bias=True, **kw).for_bias()
                 opt = FrozenSliceOptimizer(torch.optim.AdamW(lin.parameters(), lr=1e-4, fused=True), blocks,
                                            num_modules=lin.num_modules)
                 x = torch.randn(T, d_in, generator=g).to(dtype).requires_grad_(True)

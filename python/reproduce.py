@@ -28,7 +28,7 @@ Keys of an arm that are not MAT's: ``prune_fraction`` and ``prune_at`` (the ``pr
 Per evaluation the CSV holds: the step, the validation metric, cumulative training FLOPs (λ measurement included)
 and the measurement's share of them, cumulative wall time of the training steps (measurement included; evaluation
 excluded) and the measurement's share, the active module fraction. FLOPs are counted by
-``torch.utils.flop_counter`` on the real steps (``mat_kernels.flops.FlopsLedger``): what ran is what is counted.
+``torch.utils.flop_counter`` on the real steps (``mat_kernels.train.flops.FlopsLedger``): what ran is what is counted.
 
 Summary per task and arm, mean ± std over seeds: the best validation metric, FLOPs and wall time to reach the same
 seed's dense best (and the saving against dense), the measurement's share of FLOPs and time, the mean active

@@ -57,8 +57,9 @@ def test_step_flops_cache_and_ledger():
 
 
 def test_sparse_formulas_count_without_a_manual_call():
-    """A fresh process that never calls register_sparse_flop_formulas: FlopCounterMode on a step with every module
-    active must count what the same dense step counts (the formulas register when the ops load)."""
+    """A fresh process: FlopCounterMode on a step with a frozen block in each sparse layer counts the dense step's
+    FLOPs less exactly the frozen blocks' dW GEMMs (the formulas register when the ops load, with no call). Each
+    layer keeps a block frozen: an all-active layer runs as a plain linear and would not reach the formulas."""
     import subprocess
     import sys
     import textwrap
@@ -72,6 +73,8 @@ def test_sparse_formulas_count_without_a_manual_call():
         sparse = copy.deepcopy(dense)
         sparse[0] = mk.SparseUpdateLinear.from_linear(sparse[0], row_blocks=3)
         sparse[2] = mk.SparseUpdateLinear.from_linear(sparse[2], col_blocks=3)
+        sparse[0].set_active([True, False, True])  # rows 10-19 of 30 frozen
+        sparse[2].set_active([True, True, False])  # columns 20-29 of 30 frozen
         x = torch.randn(5, 4, 12, requires_grad=True)
         counts = []
         for model in (dense, sparse):
@@ -81,4 +84,5 @@ def test_sparse_formulas_count_without_a_manual_call():
         print(counts[0], counts[1])
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert int(out[0]) > 0 and int(out[0]) == int(out[1])
+    frozen_dw = 2 * 20 * 10 * 12 + 2 * 20 * 9 * 10  # 20 tokens; layer 0: 10 rows x 12; layer 2: 9 x 10 columns
+    assert int(out[0]) > 0 and int(out[1]) == int(out[0]) - frozen_dw

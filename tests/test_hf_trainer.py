@@ -1,4 +1,4 @@
-"""MAT inside a real Hugging Face ``Trainer`` (mat_kernels.hf): one line adds it; measurements at the expected
+"""MAT inside a real Hugging Face ``Trainer`` (mat_kernels.integrations.hf): one line adds it; measurements at the expected
 optimizer steps, once per optimizer step under gradient accumulation; frozen slices and their Adam moments
 unchanged across steps where they are frozen; the LR schedule untouched; the data order untouched; MAT state saved
 in and restored from the Trainer's checkpoints; probes from the train set (default), the eval set, a pair or a
@@ -17,7 +17,7 @@ import mat_kernels as mk
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # the Trainer needs it
 
-import mat_kernels.hf as mkhf  # noqa: E402
+import mat_kernels.integrations.hf as mkhf  # noqa: E402
 
 V, T, LR, STEPS = 40, 12, 1e-2, 12
 MEASURED = [2, 5, 8, 11]  # warmup_steps=1, interval=3: after optimizer steps 2, 5, 8, 11 of 12
@@ -287,7 +287,7 @@ def test_unsupported_setups_are_refused(tmp_path):
 
 def test_import_needs_no_transformers():
     code = ("import sys; sys.modules['transformers'] = None; sys.modules['accelerate'] = None; "
-            "import mat_kernels, mat_kernels.hf; print('ok')")
+            "import mat_kernels, mat_kernels.integrations.hf; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 

@@ -1,5 +1,5 @@
 """Model-level λmax (discovery, capture, NTK outputs) against an independent oracle: whole-model per-sample
-gradients by torch.func in float64 (mat_kernels.reference.model_per_sample_grads), sliced per module spec, explicit
+gradients by torch.func in float64 (mat_kernels.testing.reference.model_per_sample_grads), sliced per module spec, explicit
 Grams, eigvalsh.
 
 Tolerance: the model runs in fp32 (forward, backward and Grams), the oracle in float64. Relative λmax error per

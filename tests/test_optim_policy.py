@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mat_kernels import WeightBlocks
-from mat_kernels.train.optim import Block, FrozenSliceOptimizer
+from mat_kernels.train.optim import FrozenSliceOptimizer
 from mat_kernels.testing.tolerances import FUSED_RTOL
 from mat_kernels.train.policy import TemporalRule, threshold_mask
 
@@ -264,8 +264,6 @@ def test_unsupported_optimizer_is_refused():
                              num_modules=1)
     with pytest.raises(TypeError, match="must be WeightBlocks"):
         FrozenSliceOptimizer(torch.optim.SGD([p], lr=0.1), {p: [(0, 1)]}, num_modules=1)
-    with pytest.deprecated_call(match="optim.Block are deprecated"):  # the old unit still works, one release
-        FrozenSliceOptimizer(torch.optim.SGD([p], lr=0.1), {p: [Block(0)]}, num_modules=1)
     fso = FrozenSliceOptimizer(torch.optim.SGD([p], lr=0.1), {p: WeightBlocks("all", [()])}, num_modules=1)
     with pytest.raises(ValueError, match="active must have shape"):
         fso.step(torch.tensor([True, False]))
@@ -288,3 +286,15 @@ def test_adam_block_fix_uses_the_live_param_groups_after_load_state_dict():
     w.grad = torch.randn(4, 3, generator=g)
     fso.step(torch.tensor([True, True]))  # block 1 is behind: its update is recomputed, with lr = 0
     assert torch.equal(w.detach(), before)
+
+
+def test_random_policy_keeps_the_mean_count_among_eligible_modules():
+    """policy="random" (the ablation): as many of the eligible modules as the mean rule keeps, picked among the
+    eligible only (MAT passes those the temporal rule has not frozen for good): the one implementation of it."""
+    lam = torch.tensor([1.0, 4.0, 2.0, 9.0, 8.0, 0.5])  # mean 4.08: the mean rule keeps modules 3 and 4
+    eligible = torch.tensor([True, True, False, True, False, True])
+    for seed in range(20):
+        act, tau = threshold_mask(lam, "random", generator=torch.Generator().manual_seed(seed), eligible=eligible)
+        assert int(act.sum()) == 1 and not bool((act & ~eligible).any()) and tau == pytest.approx(lam.mean().item())
+    act, _ = threshold_mask(lam, "random", generator=torch.Generator().manual_seed(0))
+    assert int(act.sum()) == 2

@@ -1,5 +1,4 @@
 """LambdaMaxResult: the one result type of the layer entry point, the model level, the capture and MAT.measure."""
-import warnings
 
 import pytest
 import torch
@@ -46,7 +45,6 @@ def test_model_capture_and_mat_results_agree():
     model_res = mk.model_lambda_max(model, ids, labels=ids, output="loss", backend="torch", return_grams=True)
     _check_common(model_res, "model", 4)
     assert model_res.names == tuple(s.name for s in model_res.specs) and model_res.output == "loss"
-    assert mk.ModelLambdaMax is mk.LambdaMaxResult
 
     with mk.capture_lambda_max(model, loss_scale=1 / 4, backend="torch") as cap:
         F.cross_entropy(model(ids).flatten(0, 1), ids.flatten(), reduction="none").view(4, 5).sum(1).mean().backward()
@@ -81,14 +79,9 @@ def test_result_errors_name_the_problem():
         mk.LambdaMaxResult(("a",), torch.ones(1), level="step")
 
 
-def test_old_lambda_max_field_warns_and_keeps_its_meaning():
+def test_old_lambda_max_field_is_gone():
+    """0.3 removed the deprecated ``.lambda_max`` field: ``values`` and ``as_dict()`` are the one way."""
     res = mk.estimate_lambda_max(torch.randn(3, 4), torch.randn(3, 2), row_blocks=2, backend="torch")
-    with pytest.warns(DeprecationWarning, match="values"):
-        old = res.lambda_max
-    assert torch.equal(old, res.values)  # layer level: the tensor
-    model_res = mk.LambdaMaxResult(("a", "b"), torch.tensor([2.0, 1.0]), level="model")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        assert model_res.lambda_max == {"a": 2.0, "b": 1.0}  # model level: the dict
+    assert not hasattr(res, "lambda_max")
     assert mk.lowest_heads(mk.LambdaMaxResult(("x.head0", "x.head1"), torch.tensor([2.0, 1.0])), 0.5,
                            keep_per_layer=1) == ["x.head1"]

@@ -2,7 +2,7 @@
 
 Oracle: ``dy @ (mask ⊙ W)`` in float64 on fresh random inputs, with the 0/1 mask built from the block ranges written
 out in this file (fused QKV layouts: the ranges of ``mk.fused_qkv_heads``; the op's ``starts/sizes/owners`` come from
-``resolve_blocks(...).segments()``, as in ``SparseLayout.build``). Tolerances, stated once:
+``resolve_blocks(...).segments()``, as in ``WeightBlocks.build``). Tolerances, stated once:
 
 * float64: norm-wise relative error against the oracle at most ``FP64_RTOL = 1e-12``;
 * float32: at most ``FP32_RTOL = 1e-6`` (fp32 rounding of dot products of a few dozen terms is ~1e-7; no TF32 on CPU);

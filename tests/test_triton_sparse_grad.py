@@ -32,7 +32,7 @@ LAYOUTS = {
 }
 
 
-def _expanded(layout: mk.SparseLayout, active, length: int) -> torch.Tensor:
+def _expanded(layout: mk.WeightBlocks, active, length: int) -> torch.Tensor:
     m = torch.zeros(length, dtype=torch.bool)
     for i, ranges in layout.entries():
         for start, size in ranges:
@@ -42,7 +42,7 @@ def _expanded(layout: mk.SparseLayout, active, length: int) -> torch.Tensor:
 
 def _case(name, active, tokens=33, seed=0):
     d_in, d_out, kw, axis = LAYOUTS[name]
-    layout = mk.SparseLayout.build(d_out, d_in, **kw)
+    layout = mk.WeightBlocks.build(d_out, d_in, **kw)
     g = torch.Generator().manual_seed(seed)
     x, w, dy = torch.randn(tokens, d_in, generator=g), torch.randn(d_out, d_in, generator=g), \
         torch.randn(tokens, d_out, generator=g)
@@ -60,7 +60,7 @@ MASKS = {"one": lambda M: [i == 1 for i in range(M)], "alternate": lambda M: [i 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
 def test_kernels_match_the_float64_oracle(name, mask, strided):
-    M = mk.SparseLayout.build(LAYOUTS[name][1], LAYOUTS[name][0], **LAYOUTS[name][2]).num_modules
+    M = mk.WeightBlocks.build(LAYOUTS[name][1], LAYOUTS[name][0], **LAYOUTS[name][2]).num_modules
     layout, x, w, dy, rows, cols = _case(name, MASKS[mask](M), seed=hash((name, mask)) % 1000)
     if strided:  # column-major X and W, a dY with a row stride beyond its width
         x, w = x.t().contiguous().t(), w.t().contiguous().t()

@@ -13,10 +13,6 @@ from mat_kernels.ops import sparse_grad as ops
 from models import TinyLM
 
 
-def test_one_type_under_every_name():
-    assert mk.LayerBlocks is mk.WeightBlocks and mk.SparseLayout is mk.WeightBlocks
-
-
 def test_every_user_holds_weight_blocks():
     g = torch.Generator().manual_seed(0)
     x, dy = torch.randn(3, 5, 8, generator=g), torch.randn(3, 5, 12, generator=g)

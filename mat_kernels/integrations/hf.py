@@ -2,15 +2,15 @@
 
 ::
 
-    import mat_kernels.hf
+    import mat_kernels.integrations.hf
 
     trainer = transformers.Trainer(model=model, args=args, train_dataset=ds, data_collator=collator)
-    trainer = mat_kernels.hf.with_mat(trainer, interval=50)     # the one extra line (MAT keywords as for MAT)
+    trainer = mat_kernels.integrations.hf.with_mat(trainer, interval=50)     # the one extra line (MAT keywords as for MAT)
     trainer.train()
     trainer.mat.log                                              # one entry per measurement (step, λ, active set)
 
 ``transformers`` (and ``accelerate``, which the ``Trainer`` needs) stay optional: this module imports them only
-inside functions, so ``import mat_kernels`` and ``import mat_kernels.hf`` never need them.
+inside functions, so ``import mat_kernels`` and ``import mat_kernels.integrations.hf`` never need them.
 
 Details (where each MAT action happens, the probe batch, what is refused and why a function rather than a
 callback): ``docs/hf_trainer.md``.
@@ -41,7 +41,7 @@ def _transformers():
     try:
         import transformers
     except ImportError as e:  # pragma: no cover - the tests need transformers
-        raise ImportError("mat_kernels.hf needs `transformers` (and `accelerate` for its Trainer)") from e
+        raise ImportError("mat_kernels.integrations.hf needs `transformers` (and `accelerate` for its Trainer)") from e
     return transformers
 
 
@@ -185,17 +185,17 @@ class MATCallback:
         chain = unwrap_optimizer(optimizer)
         if not any(o is self.optimizer for o in chain):
             raise RuntimeError(
-                "mat_kernels.hf: the Trainer steps an optimizer that MAT does not wrap "
+                "mat_kernels.integrations.hf: the Trainer steps an optimizer that MAT does not wrap "
                 f"({' -> '.join(type(o).__name__ for o in chain) or None}); something replaced trainer.optimizer "
                 "after with_mat() (model_init, hyperparameter_search, DeepSpeed or FSDP?)")
         if model is not None and model is not self.mat.module and getattr(model, "module", None) is not self.mat.module:
-            raise RuntimeError("mat_kernels.hf: the Trainer trains another model than the one MAT was set up on "
+            raise RuntimeError("mat_kernels.integrations.hf: the Trainer trains another model than the one MAT was set up on "
                                "(was trainer.model replaced after with_mat()?)")
         if isinstance(self.probe_source, str) and self._probe is None:
             self._build_probe(args, train_dataloader)
         if state.global_step > 0 and self.mat.step_count == 0:
             warnings.warn(
-                f"mat_kernels.hf: resuming at step {state.global_step} without MAT state (the checkpoint was made "
+                f"mat_kernels.integrations.hf: resuming at step {state.global_step} without MAT state (the checkpoint was made "
                 "without MAT, or with save_only_model=True): MAT starts afresh, its schedule counted from here",
                 UserWarning, stacklevel=2)
 
@@ -254,9 +254,9 @@ def _refuse_unsupported(trainer) -> None:
         if DTensor and any(isinstance(p, DTensor) for p in trainer.model.parameters()):
             why = "tensor-parallel (DTensor) parameters are sharded"
     if why is not None:
-        raise NotImplementedError(f"mat_kernels.hf.with_mat: unsupported setup: {why}")
+        raise NotImplementedError(f"mat_kernels.integrations.hf.with_mat: unsupported setup: {why}")
     if trainer.model_init is not None:
-        raise ValueError("mat_kernels.hf.with_mat: the Trainer has a model_init, so train() builds a new model and "
+        raise ValueError("mat_kernels.integrations.hf.with_mat: the Trainer has a model_init, so train() builds a new model and "
                          "optimizer that MAT does not wrap; build the model and pass model= instead")
 
 
@@ -264,7 +264,7 @@ def with_mat(trainer, *, probe="train", probe_size: int | None = None, probe_see
              count_flops: bool = False, **mat_kwargs):
     """Add MAT to a ``transformers.Trainer``, before ``trainer.train()``; returns the same trainer::
 
-        trainer = mat_kernels.hf.with_mat(trainer, interval=50)
+        trainer = mat_kernels.integrations.hf.with_mat(trainer, interval=50)
 
     The Trainer's own optimizer (``TrainingArguments.optim``: ``adamw_torch_fused``/``adamw_torch`` by default,
     ``sgd``, or one passed as ``optimizers=``) is created now if needed and wrapped so that frozen slices stay
@@ -281,7 +281,7 @@ def with_mat(trainer, *, probe="train", probe_size: int | None = None, probe_see
         probe_size: examples in the default probe batch (default: the per-device batch size).
         probe_seed: seed under which the default probe batch is collated (random collators).
         count_flops: also count every training step's FLOPs (``FlopCounterMode`` around each optimizer step, which
-            slows small models) into ``trainer.mat.ledger`` (:class:`mat_kernels.flops.FlopsLedger`). Step
+            slows small models) into ``trainer.mat.ledger`` (:class:`mat_kernels.train.flops.FlopsLedger`). Step
             seconds and every measurement's FLOPs and seconds are recorded there in any case.
         **mat_kwargs: :class:`mat_kernels.MAT` keywords (``interval``, ``warmup_steps``, ``policy``, ``alpha``,
             ``output``, ``group_by``, ``stop_when_converged``, ``lambda_kwargs``, ``specs``...). Steps are
@@ -331,7 +331,7 @@ def with_mat(trainer, *, probe="train", probe_size: int | None = None, probe_see
         else:
             hint = "pass a torch.optim SGD, Adam or AdamW as optimizers=(opt, scheduler)"
         raise TypeError(
-            f"mat_kernels.hf.with_mat: MAT cannot wrap the Trainer's optimizer {type(optimizer).__name__}: it keeps "
+            f"mat_kernels.integrations.hf.with_mat: MAT cannot wrap the Trainer's optimizer {type(optimizer).__name__}: it keeps "
             f"frozen slices frozen (no update, no moment update, no weight decay) for torch.optim.SGD, Adam and "
             f"AdamW only; {hint}")
 

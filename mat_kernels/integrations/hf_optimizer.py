@@ -1,4 +1,4 @@
-"""The optimizer a Hugging Face ``Trainer`` steps under :func:`mat_kernels.hf.with_mat`: a ``torch.optim.Optimizer``
+"""The optimizer a Hugging Face ``Trainer`` steps under :func:`mat_kernels.integrations.hf.with_mat`: a ``torch.optim.Optimizer``
 whose ``param_groups``/``state`` are the wrapped optimizer's and whose ``step()`` is :meth:`mat_kernels.MAT.step`."""
 from __future__ import annotations
 

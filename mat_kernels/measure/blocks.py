@@ -13,8 +13,8 @@ Weights are always seen in their linear-map orientation ``[d_out, d_in]`` (GPT-2
 transpose; a ``Conv2d`` weight ``[O, C, kh, kw]`` is ``[O, C·kh·kw]``). The same object is built by the layer
 entry points (:func:`mat_kernels.estimate_lambda_max` from ``row_blocks``/``col_blocks``), by model-level
 discovery (:func:`mat_kernels.group_by_weight` from :class:`mat_kernels.ModuleSpec` slices), by the sparse-update
-layers (their layout) and given to :class:`mat_kernels.optim.FrozenSliceOptimizer`; it is validated once, when it
-is constructed. ``LayerBlocks`` and ``SparseLayout`` are other names of this class.
+layers (their layout) and given to :class:`mat_kernels.train.optim.FrozenSliceOptimizer`; it is validated once, when it
+is constructed.
 
 The kernels work on *segments*, the flat list of every range of every module; a module's Gram is the sum of its
 segments' Grams (Grams of disjoint parameter slices add).
@@ -27,7 +27,7 @@ from typing import Sequence, Union
 Range = tuple[int, int]
 BlockSpec = Union[int, Sequence[Union[Range, Sequence[Range]]], None]
 
-__all__ = ["WeightBlocks", "LayerBlocks", "resolve_blocks", "layer_blocks", "fused_qkv_heads"]
+__all__ = ["WeightBlocks", "resolve_blocks", "layer_blocks", "fused_qkv_heads"]
 
 _AXES = ("rows", "cols", "all")
 
@@ -207,7 +207,6 @@ class WeightBlocks:
         return f"{kind}, {self.num_modules} module(s), {len(self.starts)} range(s)"
 
 
-LayerBlocks = WeightBlocks  # the name the layer entry points use for it
 
 
 def resolve_blocks(spec: BlockSpec, dim: int, *, axis: str, name: str, bias: bool = False,

@@ -200,7 +200,7 @@ def group_by_weight(model: nn.Module, specs: list[ModuleSpec], *,
     rows of a fused weight). Each :class:`~mat_kernels.WeightBlocks` carries the weight and bias names, the linear
     shape and, in ``index``, the modules' positions in ``specs``. The capture (Grams per layer),
     :class:`mat_kernels.MAT` (sparse-update layouts, ``requires_grad`` gates) and
-    :class:`mat_kernels.optim.FrozenSliceOptimizer` (frozen blocks) are all built from it.
+    :class:`mat_kernels.train.optim.FrozenSliceOptimizer` (frozen blocks) are all built from it.
     Validates the specs first (:func:`validate_specs`) unless ``validate=False``.
     A weight with more than one group mixes axes (or owned and unowned bias entries)."""
     if validate:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from mat_kernels import _backend
-from mat_kernels.measure.blocks import BlockSpec, LayerBlocks, layer_blocks
+from mat_kernels.measure.blocks import BlockSpec, WeightBlocks, layer_blocks
 from mat_kernels.ops import segment_grams
 from mat_kernels.measure.result import LambdaMaxResult, layer_names
 from mat_kernels.measure.solvers import lambda_max as _solve
@@ -62,7 +62,7 @@ class GramResult:
     grams: torch.Tensor
     routes: tuple[str, ...]
     backend: str
-    blocks: tuple[LayerBlocks, ...]
+    blocks: tuple[WeightBlocks, ...]
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -30,12 +30,11 @@ from mat_kernels.measure.discovery import ModuleSpec, discover_modules
 from mat_kernels.measure.result import LambdaMaxResult
 from mat_kernels.measure.solvers import lambda_max as _solve
 
-__all__ = ["model_lambda_max", "ModelLambdaMax", "projection_vectors", "per_sample_output"]
+__all__ = ["model_lambda_max", "projection_vectors", "per_sample_output"]
 
 _OUTPUTS = ("logprob", "loss", "projection")
 
 
-ModelLambdaMax = LambdaMaxResult  # the former name of model_lambda_max's result type, kept until 0.3
 
 
 def _logits(out) -> torch.Tensor:

@@ -8,9 +8,7 @@ also reads like a read-only mapping from module name to λmax (``res[name]``, ``
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -116,14 +114,6 @@ class LambdaMaxResult:
         shown = ", ".join(f"{k}: {v:.4g}" for k, v in list(self.as_dict().items())[:4])
         more = f", ... ({len(self)} modules)" if len(self) > 4 else ""
         return f"LambdaMaxResult(level={self.level!r}, n={self.n}, {{{shown}{more}}})"
-
-    # ---------------------------------------------------------------------- old field (removed in 0.3)
-    @property
-    def lambda_max(self) -> Any:
-        """Deprecated (removed in 0.3): ``values`` at layer level (the fp32 tensor), else ``as_dict()``."""
-        warnings.warn("LambdaMaxResult.lambda_max is deprecated: use .values (fp32 tensor [M]) or .as_dict() "
-                      "({name: λmax})", DeprecationWarning, stacklevel=2)
-        return self.values if self.level == "layer" else self.as_dict()
 
 
 def layer_names(blocks) -> tuple[str, ...]:

@@ -31,7 +31,7 @@ from mat_kernels import _backend
 from mat_kernels.measure.blocks import BlockSpec, WeightBlocks
 from mat_kernels.ops import sparse_grad as _ops
 
-__all__ = ["SparseLayout", "sparse_update_linear", "SparseUpdateLinear", "SparseUpdateConv1D", "SparseUpdateMixin",
+__all__ = ["sparse_update_linear", "SparseUpdateLinear", "SparseUpdateConv1D", "SparseUpdateMixin",
            "sparse_layout", "FROZEN_BACKWARD", "ORIGINAL_LINEAR"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -43,11 +43,6 @@ if _ops.extension_available():  # OpOverloads, resolved once: the backward calls
     _BIAS_GRAD = torch.ops.mat_kernels.sparse_bias_grad.default
     _BIAS_GRAD_ACC = torch.ops.mat_kernels.sparse_bias_grad_accumulate.default
     _INPUT_GRAD = torch.ops.mat_kernels.sparse_input_grad.default
-
-
-SparseLayout = WeightBlocks
-"""The layout of a sparse-update layer: the :class:`mat_kernels.WeightBlocks` of its weight, built with
-``SparseLayout.build(d_out, d_in, row_blocks=..., col_blocks=...)`` (ranges of different modules disjoint)."""
 
 
 def sparse_layout(d_out: int, d_in: int, row_blocks: BlockSpec, col_blocks: BlockSpec) -> WeightBlocks:
@@ -79,7 +74,7 @@ def _as_matrix(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _check_call(x, weight, bias, active, layout: SparseLayout, accumulate_grad: bool) -> None:
+def _check_call(x, weight, bias, active, layout: WeightBlocks, accumulate_grad: bool) -> None:
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -303,7 +298,7 @@ def sparse_update_linear(
     active: torch.Tensor,
     row_blocks: BlockSpec = None,
     col_blocks: BlockSpec = None,
-    layout: SparseLayout | None = None,
+    layout: WeightBlocks | None = None,
     accumulate_grad: bool = False,
     frozen_backward: str = "dw",
     shared_bias: bool = False,
@@ -317,7 +312,7 @@ def sparse_update_linear(
             dtype as ``x`` (under ``torch.autocast`` they are cast like ``F.linear`` would be) and device.
         active: 1-D bool CPU tensor, one entry per module of the layout (``[1]`` for the whole weight). Pass a
             tensor you update in place (``active.copy_(...)``) so ``torch.compile`` does not recompile.
-        row_blocks / col_blocks: block spec of the layout (see :class:`SparseLayout`), or ``layout`` prebuilt;
+        row_blocks / col_blocks: block spec of the layout (see :class:`mat_kernels.WeightBlocks`), or ``layout`` prebuilt;
             none of them: the whole weight is one module.
         accumulate_grad: eager-only gradient-accumulation mode: the backward adds the active blocks' ``dW``/``db``
             straight into ``weight.grad``/``bias.grad`` (allocated as zeros on first use) instead of returning a
@@ -340,7 +335,7 @@ def sparse_update_linear(
     elif row_blocks is not None or col_blocks is not None:
         raise ValueError("give either layout or row_blocks/col_blocks, not both")
     elif not isinstance(layout, WeightBlocks):
-        raise TypeError(f"layout must be a WeightBlocks (SparseLayout), got {type(layout).__name__}")
+        raise TypeError(f"layout must be a WeightBlocks, got {type(layout).__name__}")
     else:
         layout.check_disjoint()
     if isinstance(x, torch.Tensor) and _autocast_enabled(x.device.type):
@@ -473,7 +468,7 @@ class SparseUpdateLinear(SparseUpdateMixin, nn.Linear):
 
     Args:
         in_features, out_features, bias, device, dtype: as ``nn.Linear``.
-        row_blocks / col_blocks: block spec (see :class:`SparseLayout`); neither: the whole weight is one module.
+        row_blocks / col_blocks: block spec (see :class:`mat_kernels.WeightBlocks`); neither: the whole weight is one module.
         accumulate_grad: see :func:`sparse_update_linear` (eager-only).
         frozen_backward: ``"dw"`` (default) or ``"detach"`` (no gradient through frozen blocks), see
             :func:`sparse_update_linear`; changed with :meth:`set_frozen_backward`.
@@ -544,10 +539,3 @@ class SparseUpdateConv1D(SparseUpdateMixin, nn.Module):
     def extra_repr(self) -> str:
         return f"nf={self.nf}, nx={self.nx}, {self._state_repr()}"
 
-
-def __getattr__(name: str):
-    if name == "SparseUpdateMHAWeight":  # its home before 0.2
-        from mat_kernels.nn.sparse_mha import SparseUpdateMHAWeight
-
-        return SparseUpdateMHAWeight
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

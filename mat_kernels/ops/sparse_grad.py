@@ -39,7 +39,6 @@ __all__ = [
     "sparse_bias_grad",
     "sparse_bias_grad_accumulate",
     "sparse_input_grad",
-    "validate_layout",
     "block_mask",
 ]
 
@@ -79,34 +78,6 @@ def require_extension(device: torch.device | str | None = None) -> None:
                 f"mat_kernels._C was built for {_C.BUILT_DEVICES} only, not {kind} (CUDA: {_C.CUDA_BUILD}); rebuild "
                 f"with a CUDA torch and toolkit present: {_BUILD_HINT}. `python -m mat_kernels` shows the build."
             )
-
-
-def validate_layout(starts, sizes, owners, dim, num_modules: int | None = None, *, name: str = "layout") -> None:
-    """Python twin of the C++ layout checks (used by fakes and by :class:`mat_kernels.SparseLayout`).
-
-    Raises ``ValueError`` for lists of different lengths, non-positive sizes, ranges outside ``[0, dim)``, negative
-    owners, overlapping ranges, and (when ``num_modules`` is given) ``num_modules != 1 + max(owners)``.
-    """
-    if not (len(starts) == len(sizes) == len(owners)):
-        raise ValueError(f"{name}: starts, sizes and owners must have the same length, got "
-                         f"{len(starts)}, {len(sizes)} and {len(owners)}")
-    for s, (start, size, owner) in enumerate(zip(starts, sizes, owners)):
-        if size <= 0:
-            raise ValueError(f"{name}: sizes[{s}] must be positive, got {size}")
-        if start < 0 or start + size > dim:
-            raise ValueError(f"{name}: block range [{start}, {start + size}) is out of bounds for length {dim}")
-        if owner < 0:
-            raise ValueError(f"{name}: owners[{s}] must be a module index >= 0, got {owner}")
-    order = sorted(range(len(starts)), key=lambda s: starts[s])
-    for a, b in zip(order, order[1:]):
-        if starts[b] < starts[a] + sizes[a]:
-            raise ValueError(f"{name}: block ranges overlap at index {starts[b]} (a parameter would belong to two "
-                             "blocks); ranges must be disjoint")
-    if num_modules is not None:
-        expected = 1 + max(owners, default=-1)
-        if num_modules != expected:
-            raise ValueError(f"{name}: active has {num_modules} entries but the layout has {expected} modules; "
-                             "give one entry per module")
 
 
 def block_mask(active: torch.Tensor, starts, sizes, owners, dim: int, *, device, dtype) -> torch.Tensor:

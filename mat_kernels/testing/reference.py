@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mat_kernels.measure.blocks import BlockSpec, LayerBlocks, layer_blocks
+from mat_kernels.measure.blocks import BlockSpec, WeightBlocks, layer_blocks
 
 __all__ = [
     "per_sample_grads_loop",
@@ -82,7 +82,7 @@ def per_sample_grads_func(x: torch.Tensor, dy: torch.Tensor, *, bias: bool = Fal
     return gw, (gb if bias else None)
 
 
-def module_grams(gw: torch.Tensor, gb: torch.Tensor | None, blocks: LayerBlocks) -> torch.Tensor:
+def module_grams(gw: torch.Tensor, gb: torch.Tensor | None, blocks: WeightBlocks) -> torch.Tensor:
     """Explicit Grams ``Θ_m = J_m J_mᵀ`` from per-sample gradients, one per module: ``[M, n, n]``."""
     n = gw.shape[0]
     grams = []

@@ -102,7 +102,7 @@ class MAT:
             other layers by ``requires_grad`` (needs the C++ extension for the former).
         lambda_kwargs: Gram settings (:class:`mat_kernels.GramOptions` fields or ``"options"``, validated here) and
             probe settings of :func:`mat_kernels.model_lambda_max` (``forward``, ``causal``, ...).
-        ledger: a :class:`mat_kernels.flops.FlopsLedger` to record measurements in (default: a new one,
+        ledger: a :class:`mat_kernels.train.flops.FlopsLedger` to record measurements in (default: a new one,
             :attr:`ledger`).
         permute_heads: at each decision, reorder every attention's interchangeable heads (with their output-
             projection columns, parameters, gradients, optimizer state and step counts) so that the active ones are
@@ -143,7 +143,7 @@ class MAT:
         if frozen_backward not in FROZEN_BACKWARD:
             raise ValueError(f"frozen_backward must be one of {FROZEN_BACKWARD}, got {frozen_backward!r}")
         if ledger is not None and not isinstance(ledger, FlopsLedger):
-            raise TypeError(f"ledger must be a mat_kernels.flops.FlopsLedger or None, got {type(ledger).__name__}")
+            raise TypeError(f"ledger must be a mat_kernels.train.flops.FlopsLedger or None, got {type(ledger).__name__}")
         if lambda_kwargs is not None and not isinstance(lambda_kwargs, dict):
             raise TypeError(f"lambda_kwargs must be a dict or None, got {type(lambda_kwargs).__name__}")
         self.model = model
@@ -222,7 +222,7 @@ class MAT:
     def flops_key(self) -> tuple:
         """What determines the FLOPs of the next training step besides the input shapes: the masks, and whether
         it measures from its own backward (which then runs exactly). Key of
-        :meth:`mat_kernels.flops.FlopsLedger.count_step`."""
+        :meth:`mat_kernels.train.flops.FlopsLedger.count_step`."""
         return (tuple(self.active.tolist()), self.probe is None and self.measuring_now())
 
     @contextlib.contextmanager
@@ -458,12 +458,8 @@ class MAT:
                     k = max(1, round(k * len(idx) / len(self.specs)))
                 s = score[idx]
                 if pol["policy"] == "random":  # as many as the mean rule keeps, among modules not converged
-                    keep, tau[kind] = threshold_mask(s, "mean", alpha=pol["alpha"])
-                    count = int((keep & ~self.converged[idx]).sum())
-                    free = (~self.converged[idx]).nonzero().flatten()
-                    pick = free[torch.randperm(free.numel(), generator=self._rng)[:count]]
-                    thr[idx] = False
-                    thr[idx[pick]] = True
+                    thr[idx], tau[kind] = threshold_mask(s, "random", alpha=pol["alpha"], generator=self._rng,
+                                                         eligible=~self.converged[idx])
                     continue
                 thr[idx], tau[kind] = threshold_mask(s, pol["policy"], alpha=pol["alpha"], q=pol["q"], k=k)
                 if self.hysteresis and self.measurements > self.gate_after:

@@ -18,16 +18,7 @@ from __future__ import annotations
 
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["register_sparse_flop_formulas", "count_flops", "StepFlops", "FlopsLedger", "linear_step_flops"]
-
-
-def register_sparse_flop_formulas() -> bool:
-    """Kept for compatibility: the sparse ops' FLOP formulas are registered when the ops load
-    (:mod:`mat_kernels.ops.sparse_grad`), so every ``FlopCounterMode`` counts them. Returns whether the extension
-    is built."""
-    from mat_kernels.ops import sparse_grad as ops
-
-    return ops.extension_available()
+__all__ = ["count_flops", "StepFlops", "FlopsLedger", "linear_step_flops"]
 
 
 def count_flops(fn, *args, **kwargs) -> tuple[int, object]:

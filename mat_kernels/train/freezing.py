@@ -8,7 +8,7 @@
   gated by ``requires_grad`` (:class:`Gate`): while it is frozen autograd computes no weight gradient for it.
 * Row or column slices of any other weight still compute their weight gradient, of which the frozen part is
   discarded: they are reported (``masked_weights``).
-* :func:`frozen_optimizer`: :class:`mat_kernels.optim.FrozenSliceOptimizer` over the blocks of
+* :func:`frozen_optimizer`: :class:`mat_kernels.train.optim.FrozenSliceOptimizer` over the blocks of
   :func:`mat_kernels.group_by_weight`.
 """
 from __future__ import annotations

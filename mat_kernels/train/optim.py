@@ -32,7 +32,6 @@ accordingly.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -41,7 +40,7 @@ import torch
 from mat_kernels import _backend
 from mat_kernels.measure.blocks import WeightBlocks
 
-__all__ = ["Block", "FrozenSliceOptimizer", "SUPPORTED_OPTIMIZERS", "TRITON_DEVICES"]
+__all__ = ["FrozenSliceOptimizer", "SUPPORTED_OPTIMIZERS", "TRITON_DEVICES"]
 
 # Devices on which a fused Adam/AdamW group updates a weight with strided active segments (column runs of a
 # row-major weight) by the masked kernel (mat_kernels/kernels/triton_masked_adam.py: one launch over the whole weight,
@@ -53,13 +52,10 @@ _STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
 @dataclass(frozen=True)
-class Block:
+class _Block:
     """Entries ``[start, start + size)`` along ``axis`` (0 rows, 1 columns; ``size = None``: the whole tensor) of a
     parameter's linear view, owned by module ``module``: the optimizer's internal unit, one per range of a
-    :class:`mat_kernels.WeightBlocks`.
-
-    .. deprecated:: passing lists of ``Block`` to :class:`FrozenSliceOptimizer` is deprecated; give
-       :class:`mat_kernels.WeightBlocks` (validated against the parameter's shape) instead."""
+    :class:`mat_kernels.WeightBlocks`."""
 
     module: int
     axis: int = 0
@@ -67,16 +63,12 @@ class Block:
     size: int | None = None
 
 
-BlocksArg = Union[WeightBlocks, Sequence[WeightBlocks], Sequence[Block]]
+BlocksArg = Union[WeightBlocks, Sequence[WeightBlocks]]
 
 
-def _parts(p: torch.Tensor, given: BlocksArg, transposed: bool) -> list[Block]:
+def _parts(p: torch.Tensor, given: BlocksArg, transposed: bool) -> list[_Block]:
     """The internal blocks of parameter ``p`` from its WeightBlocks (checked against its linear view)."""
     items = [given] if isinstance(given, WeightBlocks) else list(given)
-    if items and all(isinstance(b, Block) for b in items):
-        warnings.warn("FrozenSliceOptimizer: lists of optim.Block are deprecated; give mat_kernels.WeightBlocks "
-                      "(see mat_kernels.group_by_weight)", DeprecationWarning, stacklevel=4)
-        return items
     if not items or not all(isinstance(b, WeightBlocks) for b in items):
         raise TypeError(f"blocks of each parameter must be WeightBlocks or a list of them, got {given!r}")
     shape = tuple(_view(p, transposed).shape)
@@ -89,8 +81,8 @@ def _parts(p: torch.Tensor, given: BlocksArg, transposed: bool) -> list[Block]:
             wb = WeightBlocks(wb.axis, wb.modules, shape, index=wb.index, name=wb.name)  # bounds checked here
         for m, ranges in zip(wb.index, wb.modules):
             if wb.axis == "all":
-                out.append(Block(m))
-            out += [Block(m, wb.dim, start, size) for start, size in ranges]
+                out.append(_Block(m))
+            out += [_Block(m, wb.dim, start, size) for start, size in ranges]
     return out
 
 
@@ -137,7 +129,7 @@ class _Runs:
 _WHOLE = _Runs(((1, -1),), 0, False)  # a parameter no module owns: one run, always trained
 
 
-def _owner_runs(p: torch.Tensor, parts: list[Block], transposed: bool) -> _Runs:
+def _owner_runs(p: torch.Tensor, parts: list[_Block], transposed: bool) -> _Runs:
     if any(b.size is None for b in parts):
         if len({b.module for b in parts}) != 1:
             raise ValueError("a parameter owned whole by a module cannot belong to another module too")

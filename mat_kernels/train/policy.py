@@ -63,11 +63,14 @@ def module_scores(grams: torch.Tensor, criterion: str = "lambda", *, lam: torch.
 
 
 def threshold_mask(lam: torch.Tensor, policy: str = "mean", *, alpha: float = 1.0, q: float = 0.5,
-                   k: int | None = None, generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
+                   k: int | None = None, generator: torch.Generator | None = None,
+                   eligible: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """``(active bool [M], threshold)`` for scores ``[M]`` under ``policy`` (see the module docstring).
 
     For ``top_k`` the returned threshold is the k-th largest score (informational); for ``random`` it is the
-    ``mean`` rule's τ whose count was used. ``generator``: the seeded CPU generator of ``random``.
+    ``mean`` rule's τ whose count was used. ``generator``: the seeded CPU generator of ``random``; ``eligible``
+    (bool ``[M]``, default all): ``random`` keeps as many of them as ``mean`` keeps and picks among them only (MAT
+    passes the modules the temporal rule has not frozen for good).
     """
     if not isinstance(lam, torch.Tensor) or lam.dim() != 1 or lam.numel() == 0:
         raise ValueError("lam must be a non-empty 1-D tensor of scores (e.g. λmax values)")
@@ -80,10 +83,11 @@ def threshold_mask(lam: torch.Tensor, policy: str = "mean", *, alpha: float = 1.
         tau = alpha * lam.mean().item()
         active = lam > tau
         if policy == "random":
-            count = int(active.sum())
-            perm = torch.randperm(lam.numel(), generator=generator)
+            free = torch.ones(lam.numel(), dtype=torch.bool) if eligible is None else eligible.bool().cpu()
+            count = int((active & free).sum())
+            idx = free.nonzero().flatten()
             active = torch.zeros(lam.numel(), dtype=torch.bool)
-            active[perm[:count]] = True
+            active[idx[torch.randperm(idx.numel(), generator=generator)[:count]]] = True
         return active, tau
     if policy == "max":
         tau = alpha * lam.max().item()

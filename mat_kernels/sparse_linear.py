@@ -1,4 +1,0 @@
-"""Deprecated path: moved to :mod:`mat_kernels.nn.sparse_linear` (works until 0.3, with a warning)."""
-from mat_kernels._compat import moved
-
-moved(__name__, "mat_kernels.nn.sparse_linear")
