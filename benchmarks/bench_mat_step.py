@@ -27,9 +27,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "python"))
-import tasks as task_registry  # noqa: E402
-
 import _harness  # noqa: E402  (benchmarks/_harness.py, this script's folder)
+import tasks as task_registry  # noqa: E402
 
 import mat_kernels as mk  # noqa: E402
 

@@ -154,16 +154,16 @@ def main(argv=None) -> int:
         times = {k: _harness.time_ms(f, device, quick=a.quick, min_reps=3 if a.quick else 10, budget_s=0)[0]
                  for k, f in fns.items()}
     t = times["mat_kernels"]
-    rows.append(("mat_kernels", res.backend, t, _harness.peak_extra_mib(lambda: mat_kernels_lambdas(model, ids, labels, specs,
-                                                                                      **kw), device), err(lam_mk)))
+    peak = _harness.peak_extra_mib(lambda: mat_kernels_lambdas(model, ids, labels, specs, **kw), device)
+    rows.append(("mat_kernels", res.backend, t, peak, err(lam_mk)))
     t_plain, t_cap = times["plain"], times["capture"]
     rows.append(("train_step_plain", "-", t_plain, None, None))
     rows.append(("train_step_with_capture", res.backend, t_cap, None, None))
     rows.append(("mat_kernels_train_step_overhead", res.backend, [c - p for c, p in zip(t_cap, t_plain)], None, None))
     if not a.skip_torch_func:
         t = times["torch_func"]
-        rows.append(("torch_func", "torch", t, _harness.peak_extra_mib(lambda: torch_func_lambdas(model, ids, labels, specs,
-                                                                                   a.func_chunk), device), 0.0))
+        peak = _harness.peak_extra_mib(lambda: torch_func_lambdas(model, ids, labels, specs, a.func_chunk), device)
+        rows.append(("torch_func", "torch", t, peak, 0.0))
     model.zero_grad(set_to_none=True)
     print("| provider | backend | median ms | p20 ms | p80 ms | peak extra MiB | max rel λ diff vs torch_func |")
     print("|---|---|---:|---:|---:|---:|---:|")

@@ -22,11 +22,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import _harness  # noqa: E402  (benchmarks/_harness.py, this script's folder)
+
 import mat_kernels as mk  # noqa: E402
 from mat_kernels.kernels import triton_segment_grams as tg  # noqa: E402
 from mat_kernels.kernels import triton_segment_grams_fused as tf  # noqa: E402
-
-import _harness  # noqa: E402  (benchmarks/_harness.py, this script's folder)
 
 # (name, n, T, d_in, d_out, row blocks as (starts, sizes, owners), bias)
 _QKV = mk.WeightBlocks.build(2304, 768, row_blocks=mk.fused_qkv_heads(12, 64)).segments()

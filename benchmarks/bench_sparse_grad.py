@@ -34,13 +34,12 @@ REPO = os.path.dirname(HERE)
 if REPO not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, REPO)
 
+import _harness  # noqa: E402  (benchmarks/ is on sys.path: this script's folder)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import mat_kernels as mk  # noqa: E402
 from mat_kernels.ops.sparse_grad import block_mask  # noqa: E402
-
-import _harness  # noqa: E402  (benchmarks/ is on sys.path: this script's folder)
 
 DEFAULT_CSV = os.path.join(HERE, "results", "bench_sparse_grad.csv")
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -62,7 +61,8 @@ QUICK_SHAPES = {
 }
 
 CSV_FIELDS = [
-    "date", "op", "git_commit", "device", "torch", "triton", "mat_kernels", "dtype", "shape", "tokens", "d_in", "d_out", "blocks", "pattern",
+    "date", "op", "git_commit", "device", "torch", "triton", "mat_kernels", "dtype", "shape", "tokens", "d_in", "d_out",
+    "blocks", "pattern",
     "fraction", "active_modules", "provider", "ms", "ms_p20", "ms_p80", "ratio_vs_ideal", "ratio_vs_dense",
     "tflops", "peak_mem_mib", "max_rel_err",
 ]

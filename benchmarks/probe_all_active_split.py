@@ -12,9 +12,8 @@ import copy
 import statistics
 import warnings
 
-import torch
-
 import _harness  # benchmarks/_harness.py, this script's folder
+import torch
 from bench_frozen_step import _step_models
 
 import mat_kernels as mk

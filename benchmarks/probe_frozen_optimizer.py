@@ -16,9 +16,8 @@ import subprocess
 import sys
 import tempfile
 
-import torch
-
 import _harness  # benchmarks/_harness.py, this script's folder
+import torch
 
 from mat_kernels import WeightBlocks, fused_qkv_heads
 from mat_kernels.train.optim import FrozenSliceOptimizer

@@ -12,13 +12,12 @@ small enough for a 2-core CI machine.
 """
 import functools
 
+import bench_segment_grams as blm
 import pytest
+import sketch_curve
 import torch
 
 from mat_kernels.testing.tolerances import GRAM_RTOL
-
-import bench_segment_grams as blm
-import sketch_curve
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SHAPE = blm.Shape("bert_base_layer_n8_t32", n=8, T=32)
@@ -80,7 +79,8 @@ def test_bench_costs_table(capsys):
 
 
 def test_sketch_curve_script_smoke(capsys):
-    sketch_curve.main(["--device", "cpu", "--backend", "torch", "--n", "4", "--seq-len", "8", "--seeds", "1", "--sizes", "64"])
+    sketch_curve.main(["--device", "cpu", "--backend", "torch", "--n", "4", "--seq-len", "8", "--seeds", "1",
+                       "--sizes", "64"])
     out = capsys.readouterr().out
     assert "| gaussian | 64 |" in out and "| lowrank | 64 |" in out
 

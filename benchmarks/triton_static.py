@@ -43,6 +43,7 @@ import mat_kernels as mk  # noqa: E402
 CEILINGS = {"bf16": 790e12, "tf32": 400e12, "fp32": 60e12, "hbm": 3.0e12, "l2": 5.5e12}
 # live tile-local slots beyond this are counted in HBM too (the library's byte model uses the same figure)
 from mat_kernels.kernels.triton_segment_grams_fused import L2_RESIDENT_BYTES  # noqa: E402
+
 DTYPES = {"fp32": (torch.float32, False), "tf32": (torch.float32, True), "bf16": (torch.bfloat16, False)}
 
 
@@ -408,9 +409,10 @@ def _sparse_table(r: dict) -> str:
 
 
 def _table(r: dict) -> str:
-    lines = [f"sm_{r['arch']} {r['dtype']} n={r['n']} T={r['T']} method={r['method']} psg={r['psg']}: {r['launches']} launches "
-             f"({r['triton_launches']} Triton + {r['torch_launches']} PyTorch {r['torch_ops']}), "
-             f"{r['host_copies']} host copies, {r['syncs']} host syncs ({r['syncs_unchecked']} with check_finite=False)",
+    lines = [f"sm_{r['arch']} {r['dtype']} n={r['n']} T={r['T']} method={r['method']} psg={r['psg']}: "
+             f"{r['launches']} launches ({r['triton_launches']} Triton + {r['torch_launches']} PyTorch "
+             f"{r['torch_ops']}), {r['host_copies']} host copies, {r['syncs']} host syncs "
+             f"({r['syncs_unchecked']} with check_finite=False)",
              "| kernel | grid | warps | stages | regs | spill bytes | shared KB | HGMMA | HMMA | FFMA |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for k in r["kernels"]:

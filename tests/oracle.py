@@ -1,7 +1,8 @@
 """The shared oracle runner: λmax of every module :func:`mat_kernels.model_lambda_max` finds, against float64
 whole-model per-sample gradients (``torch.func``, or one backward per sample) sliced per module spec, explicit
 Grams and ``eigvalsh``. Every layout family's test calls :func:`run_and_check` (the pattern of opacus'
-``tests/grad_samples/common.py``).
+``tests/grad_samples/common.py``), which runs each case through the PyTorch backend and the Triton kernels (in
+Triton's CPU interpreter on a machine without a GPU) against one oracle.
 
 Tolerance: the model runs in fp32 (forward, backward and Grams), the oracle in float64. Relative λmax error per
 module ≤ MODEL_RTOL = 1e-5 (measured on these models: ≤ 7e-7).
@@ -9,10 +10,10 @@ module ≤ MODEL_RTOL = 1e-5 (measured on these models: ≤ 7e-7).
 import torch
 
 import mat_kernels as mk
+from mat_kernels import _backend
 from mat_kernels.measure.model import per_sample_output, projection_vectors
 from mat_kernels.testing.reference import model_per_sample_grads, reference_model_grams
 from mat_kernels.testing.tolerances import MODEL_RTOL  # noqa: F401  (the tests import it from here)
-
 
 
 def _gen(seed):
@@ -53,14 +54,23 @@ def assert_matches(res, lam_ref, rtol=MODEL_RTOL):
     assert err <= rtol, (err, dict(zip(res.names, ((got - lam_ref).abs() / lam_ref).tolist())))
 
 
-def run_and_check(model, inputs, labels, *, output="logprob", backend="torch", **kw):
-    res = mk.model_lambda_max(model, inputs, labels=labels, output=output, backend=backend, **kw)
+def backends() -> tuple[str, ...]:
+    """The Gram backends a model-level case runs through: PyTorch always, and the Triton kernels where they run on
+    the tests' CPU tensors (Triton's interpreter, as in CI)."""
+    return ("torch", "triton") if _backend.triton_mode()[0] == "interpreter" else ("torch",)
+
+
+def run_and_check(model, inputs, labels, *, output="logprob", **kw):
+    """Every backend of :func:`backends` against one float64 oracle; the PyTorch backend's result is returned."""
+    results = [mk.model_lambda_max(model, inputs, labels=labels, output=output, backend=b, **kw) for b in backends()]
     v = None
     if output == "projection":
         with torch.no_grad():
             shape = _logits(model(inputs))[0].shape
         v = projection_vectors(tuple(shape), 1, kw.get("seed", 0), "cpu")[0]
-    lam_ref = oracle(model, inputs, labels, res.specs, output=output, causal=kw.get("causal", False), v=v,
+    lam_ref = oracle(model, inputs, labels, results[0].specs, output=output, causal=kw.get("causal", False), v=v,
                      loss_fn=kw.get("loss_fn"))
-    assert_matches(res, lam_ref)
-    return res
+    for b, res in zip(backends(), results):
+        assert res.backend.startswith(b), (b, res.backend)  # "triton-interpreter" in CI
+        assert_matches(res, lam_ref)
+    return results[0]

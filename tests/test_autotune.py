@@ -1,5 +1,5 @@
-"""mat_kernels.kernels.triton_autotune: spilling candidates are pruned before timing, the fastest other one is kept per key,
-the default runs where no GPU times them."""
+"""mat_kernels.kernels.triton_autotune: spilling candidates are pruned before timing, the fastest other one is kept
+per key, the default runs where no GPU times them."""
 import types
 
 import pytest

@@ -21,7 +21,8 @@ def test_dense_step_matches_hand_count():
     x = torch.randn(7, 3, 12, requires_grad=True)  # 21 tokens; dX of the first layer is computed too
     flops, _ = count_flops(_step, model, x)
     tokens = 21
-    want = sum(linear_step_flops(tokens, lin.in_features, lin.out_features) for lin in model if isinstance(lin, nn.Linear))
+    want = sum(linear_step_flops(tokens, lin.in_features, lin.out_features)
+               for lin in model if isinstance(lin, nn.Linear))
     assert flops == want
 
 

@@ -1,5 +1,5 @@
-"""MAT inside a real Hugging Face ``Trainer`` (mat_kernels.integrations.hf): one line adds it; measurements at the expected
-optimizer steps, once per optimizer step under gradient accumulation; frozen slices and their Adam moments
+"""MAT inside a real Hugging Face ``Trainer`` (mat_kernels.integrations.hf): one line adds it; measurements at the
+expected optimizer steps, once per optimizer step under gradient accumulation; frozen slices and their Adam moments
 unchanged across steps where they are frozen; the LR schedule untouched; the data order untouched; MAT state saved
 in and restored from the Trainer's checkpoints; probes from the train set (default), the eval set, a pair or a
 callable; bf16 autocast training measured without autocast; unsupported setups refused; no transformers import.

@@ -6,11 +6,12 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from helpers import assert_moved_iff_active
+from models import HF_COMMON as _COMMON
+from models import hf_family
+from oracle import _gen, assert_matches, oracle, run_and_check
 
 import mat_kernels as mk
-from helpers import assert_moved_iff_active
-from models import HF_COMMON as _COMMON, hf_family
-from oracle import _gen, assert_matches, oracle, run_and_check
 
 transformers = pytest.importorskip("transformers")
 

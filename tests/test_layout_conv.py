@@ -3,8 +3,8 @@ padding modes, eval-mode BatchNorm between), measured with the shared oracle run
 import pytest
 import torch
 import torch.nn as nn
-from oracle import _gen, run_and_check
 from models import small_cnn
+from oracle import _gen, run_and_check
 
 
 def test_cnn_conv_layers_with_eval_batchnorm_stride_groups():

@@ -2,8 +2,8 @@
 self- and cross-attention, sequence- or batch-first), measured with the shared oracle runner (tests/oracle.py)."""
 import pytest
 import torch
-from oracle import _gen, run_and_check
 from models import DecoderModel, MHAModel
+from oracle import _gen, run_and_check
 
 
 @pytest.mark.parametrize("batch_first", [True, False])

@@ -13,9 +13,8 @@ from helpers import FP32_RTOL, rel_err
 from models import TinyLM
 
 import mat_kernels as mk
-from mat_kernels.train.policy import TemporalRule
 from mat_kernels.train.flops import FlopsLedger, count_flops
-from mat_kernels.train.policy import module_scores, threshold_mask
+from mat_kernels.train.policy import TemporalRule, module_scores, threshold_mask
 
 
 def _ids(seed, n=4, T=5, vocab=23):

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from mat_kernels import WeightBlocks
-from mat_kernels.train.optim import FrozenSliceOptimizer
 from mat_kernels.testing.tolerances import FUSED_RTOL
+from mat_kernels.train.optim import FrozenSliceOptimizer
 from mat_kernels.train.policy import TemporalRule, threshold_mask
 
 
@@ -132,7 +132,8 @@ def test_frozen_slices_unchanged_bit_for_bit(name, make):
 def _exact_optimizers():
     kw = [("sgd", dict(lr=0.1)), ("sgd_momentum_wd", dict(lr=0.1, momentum=0.9, weight_decay=0.1, dampening=0.1)),
           ("sgd_nesterov_max", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, maximize=True)),
-          ("adam_l2", dict(lr=0.01, weight_decay=0.1)), ("adam_amsgrad_max", dict(lr=0.01, amsgrad=True, maximize=True)),
+          ("adam_l2", dict(lr=0.01, weight_decay=0.1)),
+          ("adam_amsgrad_max", dict(lr=0.01, amsgrad=True, maximize=True)),
           ("adamw", dict(lr=0.01, weight_decay=0.1)), ("adamw_amsgrad", dict(lr=0.01, weight_decay=0.1, amsgrad=True))]
     out = []
     for name, k in kw:

@@ -8,11 +8,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from models import MHAModel, TinyLM, hf_bert, hf_family  # noqa: E402
 
 import mat_kernels as mk
 from mat_kernels.testing.tolerances import PERMUTED_RTOL
-
-from models import MHAModel, TinyLM, hf_bert, hf_family  # noqa: E402
 
 
 def _lm(model, ids):

@@ -9,9 +9,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 
 def test_shakespeare_text_and_batches():
-    import torch
-
     import shakespeare
+    import torch
 
     lines = shakespeare.spoken_lines(max_plays=2)
     assert len(lines) > 1000 and not any(line.startswith(("#", "**")) for line in lines)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from models import TinyLM
 
 import mat_kernels as mk
 from mat_kernels.testing.tolerances import MODEL_RTOL
-from models import TinyLM
 
 
 def _gen(seed):

@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import SMALL_LAYOUT, COPY_OPS, GEMM_OPS, aten_counts, devices, rel_err, requires_cuda
+from helpers import COPY_OPS, GEMM_OPS, SMALL_LAYOUT, aten_counts, devices, rel_err, requires_cuda
 from sparse_grad_samples import sample_inputs, segments, strided_variants
 from torch import nn
 
@@ -330,7 +330,8 @@ def test_gemm_plan_columns_and_single_copy_for_stride0(strided_plan):
 
 def _qkv_args(heads=12, head_dim=4):
     spec = mk.fused_qkv_heads(heads, head_dim)
-    return ([s for h in spec for s, _ in h], [n for h in spec for _, n in h], [i for i, h in enumerate(spec) for _ in h])
+    return ([s for h in spec for s, _ in h], [n for h in spec for _, n in h],
+            [i for i, h in enumerate(spec) for _ in h])
 
 
 @pytest.mark.parametrize("mask", [[h % 2 == 0 for h in range(12)], [h in (0, 1, 5, 7) for h in range(12)],

@@ -5,7 +5,7 @@
     import mat_kernels.integrations.hf
 
     trainer = transformers.Trainer(model=model, args=args, train_dataset=ds, data_collator=collator)
-    trainer = mat_kernels.integrations.hf.with_mat(trainer, interval=50)     # the one extra line (MAT keywords as for MAT)
+    trainer = mat_kernels.integrations.hf.with_mat(trainer, interval=50)  # the one extra line (MAT's keywords)
     trainer.train()
     trainer.mat.log                                              # one entry per measurement (step, λ, active set)
 
@@ -27,9 +27,9 @@ import weakref
 
 import torch
 
-from mat_kernels.train.controller import MAT
-from mat_kernels.measure.forward import default_forward
 from mat_kernels.integrations.hf_optimizer import MATOptimizer, to_device, unwrap_optimizer
+from mat_kernels.measure.forward import default_forward
+from mat_kernels.train.controller import MAT
 from mat_kernels.train.optim import SUPPORTED_OPTIMIZERS
 
 __all__ = ["with_mat", "MATOptimizer", "MATCallback"]
@@ -189,14 +189,15 @@ class MATCallback:
                 f"({' -> '.join(type(o).__name__ for o in chain) or None}); something replaced trainer.optimizer "
                 "after with_mat() (model_init, hyperparameter_search, DeepSpeed or FSDP?)")
         if model is not None and model is not self.mat.module and getattr(model, "module", None) is not self.mat.module:
-            raise RuntimeError("mat_kernels.integrations.hf: the Trainer trains another model than the one MAT was set up on "
-                               "(was trainer.model replaced after with_mat()?)")
+            raise RuntimeError("mat_kernels.integrations.hf: the Trainer trains another model than the one MAT was set "
+                               "up on (was trainer.model replaced after with_mat()?)")
         if isinstance(self.probe_source, str) and self._probe is None:
             self._build_probe(args, train_dataloader)
         if state.global_step > 0 and self.mat.step_count == 0:
             warnings.warn(
-                f"mat_kernels.integrations.hf: resuming at step {state.global_step} without MAT state (the checkpoint was made "
-                "without MAT, or with save_only_model=True): MAT starts afresh, its schedule counted from here",
+                f"mat_kernels.integrations.hf: resuming at step {state.global_step} without MAT state (the checkpoint "
+                "was made without MAT, or with save_only_model=True): MAT starts afresh, its schedule counted from "
+                "here",
                 UserWarning, stacklevel=2)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -256,8 +257,8 @@ def _refuse_unsupported(trainer) -> None:
     if why is not None:
         raise NotImplementedError(f"mat_kernels.integrations.hf.with_mat: unsupported setup: {why}")
     if trainer.model_init is not None:
-        raise ValueError("mat_kernels.integrations.hf.with_mat: the Trainer has a model_init, so train() builds a new model and "
-                         "optimizer that MAT does not wrap; build the model and pass model= instead")
+        raise ValueError("mat_kernels.integrations.hf.with_mat: the Trainer has a model_init, so train() builds a new "
+                         "model and optimizer that MAT does not wrap; build the model and pass model= instead")
 
 
 def with_mat(trainer, *, probe="train", probe_size: int | None = None, probe_seed: int = 0,
@@ -331,9 +332,9 @@ def with_mat(trainer, *, probe="train", probe_size: int | None = None, probe_see
         else:
             hint = "pass a torch.optim SGD, Adam or AdamW as optimizers=(opt, scheduler)"
         raise TypeError(
-            f"mat_kernels.integrations.hf.with_mat: MAT cannot wrap the Trainer's optimizer {type(optimizer).__name__}: it keeps "
-            f"frozen slices frozen (no update, no moment update, no weight decay) for torch.optim.SGD, Adam and "
-            f"AdamW only; {hint}")
+            f"mat_kernels.integrations.hf.with_mat: MAT cannot wrap the Trainer's optimizer "
+            f"{type(optimizer).__name__}: it keeps frozen slices frozen (no update, no moment update, no weight "
+            f"decay) for torch.optim.SGD, Adam and AdamW only; {hint}")
 
     lambda_kwargs = dict(mat_kwargs.pop("lambda_kwargs", None) or {})
     if "causal" not in lambda_kwargs and _is_causal_lm(trainer.model):

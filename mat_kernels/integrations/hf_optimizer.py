@@ -1,5 +1,6 @@
-"""The optimizer a Hugging Face ``Trainer`` steps under :func:`mat_kernels.integrations.hf.with_mat`: a ``torch.optim.Optimizer``
-whose ``param_groups``/``state`` are the wrapped optimizer's and whose ``step()`` is :meth:`mat_kernels.MAT.step`."""
+"""The optimizer a Hugging Face ``Trainer`` steps under :func:`mat_kernels.integrations.hf.with_mat`: a
+``torch.optim.Optimizer`` whose ``param_groups``/``state`` are the wrapped optimizer's and whose ``step()`` is
+:meth:`mat_kernels.MAT.step`."""
 from __future__ import annotations
 
 import collections.abc
@@ -14,7 +15,8 @@ __all__ = ["MATOptimizer", "unwrap_optimizer", "to_device"]
 def _forwarded(name: str) -> property:
     """An attribute read from and written to the wrapped optimizer: LR schedulers and accelerate see its own
     objects."""
-    return property(lambda self: getattr(self.optimizer, name), lambda self, value: setattr(self.optimizer, name, value))
+    return property(lambda self: getattr(self.optimizer, name),
+                    lambda self, value: setattr(self.optimizer, name, value))
 
 
 class MATOptimizer(torch.optim.Optimizer):

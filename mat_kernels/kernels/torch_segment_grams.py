@@ -2,8 +2,8 @@
 
 Used where Triton cannot run (CPU without the interpreter), and as the hand-written baselines of the benchmarks
 (``einsum`` = per-sample-gradient route, ``ghost_einsum`` = ghost route). Contract and notation are those of
-:mod:`mat_kernels.kernels.triton_segment_grams`: ``a`` is the shared side ``[n, T, DA]``, ``b`` the segmented side ``[n, T, DB]``,
-segments are ranges of ``b``'s last dimension, the result is fp32 ``[S, n, n]``.
+:mod:`mat_kernels.kernels.triton_segment_grams`: ``a`` is the shared side ``[n, T, DA]``, ``b`` the segmented side
+``[n, T, DB]``, segments are ranges of ``b``'s last dimension, the result is fp32 ``[S, n, n]``.
 
 Memory is bounded by chunking: the per-sample-gradient route over shared-side columns, the ghost route over
 blocks of samples, each under ``scratch_bytes``.

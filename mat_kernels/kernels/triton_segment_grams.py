@@ -1,6 +1,6 @@
 """Triton kernels for per-segment Grams of per-sample gradients of one linear layer.
 
-Notation (DESIGN §1). The layer sees, per sample i and token t, a *shared-side* vector ``a_it`` (length DA) and a
+Notation (docs/maths.md). The layer sees, per sample i and token t, a *shared-side* vector ``a_it`` (length DA) and a
 *segmented-side* vector ``b_it`` (length DB). For row blocks (heads' Q/K/V rows) ``a = x`` and ``b = dy``; for
 column blocks (a head's columns of an output projection) the roles swap: ``a = dy``, ``b = x``. A segment is a
 contiguous range R of the segmented side; its per-sample gradient is ``G_i[R] = Σ_t b_it[R] a_itᵀ`` and the kernels
@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mat_kernels._backend import device_ints as _device_ints, interpreter_enabled
+from mat_kernels._backend import device_ints as _device_ints
+from mat_kernels._backend import interpreter_enabled
 from mat_kernels.kernels import triton_autotune as autotune
 from mat_kernels.kernels.triton_autotune import Config, config
 

@@ -18,7 +18,7 @@ import triton.language as tl
 from mat_kernels._backend import device_ints as _device_ints
 from mat_kernels.kernels import triton_autotune as autotune
 from mat_kernels.kernels.triton_autotune import Config, config
-from mat_kernels.kernels.triton_segment_grams import sm_count, precision
+from mat_kernels.kernels.triton_segment_grams import precision, sm_count
 
 __all__ = ["FUSED_MAX_N", "LOCAL_MAX_N", "psg_plan", "fused_segment_grams", "local_segment_grams"]
 

@@ -1,6 +1,6 @@
 """``model_lambda_max``: ``{module name: λmax}`` for every MAT module of a model on one batch.
 
-The NTK is taken of a per-sample scalar output s_i, chosen explicitly (DESIGN §1):
+The NTK is taken of a per-sample scalar output s_i, chosen explicitly (docs/maths.md §3):
 
 * ``"logprob"`` (default; the paper's choice, on a probe batch): s_i = Σ_t log p(y_it | x_i), the log-probability
   of the true labels summed over the sample's labelled positions (label ``ignore_index`` = -100 is skipped). With
@@ -24,9 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mat_kernels.measure.capture import LambdaCapture
-from mat_kernels.measure.layer import GramOptions
-from mat_kernels.measure.forward import batch_size, check_samples_independent, default_forward
 from mat_kernels.measure.discovery import ModuleSpec, discover_modules
+from mat_kernels.measure.forward import batch_size, check_samples_independent, default_forward
+from mat_kernels.measure.layer import GramOptions
 from mat_kernels.measure.result import LambdaMaxResult
 from mat_kernels.measure.solvers import lambda_max as _solve
 
@@ -85,8 +85,8 @@ def check_label_values(logits: torch.Tensor, labels: torch.Tensor, *, causal: bo
     if bad:
         raise ValueError(f"labels must be in [0, {classes}) or -100 (ignored); found {labels[bad_mask][:5].tolist()}")
     if not any_valid:
-        raise ValueError("labels select no position (every label is -100" + (" after the causal shift" if causal else "")
-                         + "): every λ would be 0")
+        raise ValueError("labels select no position (every label is -100"
+                         + (" after the causal shift" if causal else "") + "): every λ would be 0")
 
 
 def per_sample_output(kind: str, logits: torch.Tensor, labels: torch.Tensor | None, *, causal: bool = False,

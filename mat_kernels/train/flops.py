@@ -1,6 +1,6 @@
 """FLOPs accounting for MAT and dense training: forward, dX, the dW actually executed, and λmax measurement.
 
-Convention (PAPER.md [D]): FLOPs = 2 × multiply-adds of the matrix products (what
+Convention (docs/paper.md [D]): FLOPs = 2 × multiply-adds of the matrix products (what
 ``torch.utils.flop_counter.FlopCounterMode`` counts: mm, addmm, bmm, convolutions, attention kernels); elementwise
 work is not counted.
 

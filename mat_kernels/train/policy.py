@@ -1,9 +1,9 @@
 """MAT decisions from measured module Grams: the scores, the threshold policies and the temporal convergence rule.
 
-Pure functions and small state objects, no model: the controller (:mod:`mat_kernels.train.controller`) calls them after each
-measurement. Provenance (PAPER.md): the dynamic threshold on λmax is the paper's idea [V]; α·mean with α = 1, the
-other policies, the criteria other than λmax, smoothing, hysteresis and the patience of the temporal rule are our
-choices [D]; the temporal rule itself comes from a third-party reading of MAT [D].
+Pure functions and small state objects, no model: the controller (:mod:`mat_kernels.train.controller`) calls them
+after each measurement. Provenance (docs/paper.md): the dynamic threshold on λmax is the paper's idea [V]; α·mean with
+α = 1, the other policies, the criteria other than λmax, smoothing, hysteresis and the patience of the temporal rule
+are our choices [D]; the temporal rule itself comes from a third-party reading of MAT [D].
 
 Criteria (a score per module from its Gram Θ = J Jᵀ over the n samples, :func:`module_scores`):
 
@@ -33,7 +33,6 @@ converged by the rule.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 
 import torch

@@ -19,8 +19,8 @@ from collections import defaultdict
 import torch
 import torch.nn as nn
 
-from mat_kernels.measure.layouts.attention import HEAD_ATTRS, KV_HEAD_ATTRS, head_count
 from mat_kernels.measure.discovery import discover_modules
+from mat_kernels.measure.layouts.attention import HEAD_ATTRS, KV_HEAD_ATTRS, head_count
 
 __all__ = ["prune_heads", "lowest_heads"]
 
