@@ -26,7 +26,17 @@ Public API:
 
 ``python -m mat_kernels`` prints what is usable on this machine.
 """
-from mat_kernels.measure.blocks import WeightBlocks, fused_qkv_heads, resolve_blocks
+from mat_kernels.blocks import WeightBlocks, fused_qkv_heads, resolve_blocks
+from mat_kernels.measure.capture import capture_lambda_max
+from mat_kernels.measure.discovery import (
+    Discovery,
+    ModuleSpec,
+    ParamSlice,
+    discover_modules,
+    group_by_weight,
+    register_layout,
+    unregister_layout,
+)
 from mat_kernels.measure.layer import (
     DEFAULT_SKETCH_SIZE,
     GramOptions,
@@ -35,22 +45,13 @@ from mat_kernels.measure.layer import (
     layer_grams,
     route_costs,
 )
+from mat_kernels.measure.model import model_lambda_max
 from mat_kernels.measure.result import LambdaMaxResult
 from mat_kernels.measure.solvers import lambda_max
-from mat_kernels.measure.discovery import (
-    Discovery,
-    ModuleSpec,
-    ParamSlice,
-    discover_modules,
-    group_by_weight,
-    register_layout,
-)
-from mat_kernels.measure.capture import capture_lambda_max
-from mat_kernels.measure.model import model_lambda_max
-from mat_kernels.train.controller import MAT
-from mat_kernels.train.prune import lowest_heads, prune_heads
 from mat_kernels.nn.sparse_linear import SparseUpdateConv1D, SparseUpdateLinear, sparse_update_linear
 from mat_kernels.nn.sparse_mha import SparseUpdateMHAWeight
+from mat_kernels.train.controller import MAT
+from mat_kernels.train.prune import lowest_heads, prune_heads
 
 __version__ = "0.3.0"
 
@@ -68,6 +69,7 @@ __all__ = [
     "group_by_weight",
     "WeightBlocks",
     "register_layout",
+    "unregister_layout",
     "ModuleSpec",
     "ParamSlice",
     "Discovery",

@@ -38,14 +38,14 @@ def _extension_rows() -> list[tuple[str, str]]:
     if not sparse_update.extension_available():
         return [("C++ extension", f"not built ({sparse_update.extension_error()}); build with "
                                   "`MAX_JOBS=2 python setup.py build_ext --inplace`")]
-    ext = sparse_update._C
-    rows = [("C++ extension", f"mat_kernels._C built for {ext.BUILT_DEVICES} against torch {ext.TORCH_VERSION}; "
-                              f"CUDA: {ext.CUDA_BUILD}")]
-    if "cuda" not in ext.BUILT_DEVICES.split(","):
+    ext = sparse_update.extension_build()
+    rows = [("C++ extension", f"mat_kernels._C built for {ext['built_devices']} against torch "
+                              f"{ext['torch_version']}; CUDA: {ext['cuda']}")]
+    if "cuda" not in ext["built_devices"].split(","):
         why = ("this torch is a CPU build" if torch.version.cuda is None else
                "built without a CUDA toolkit or with MAT_KERNELS_USE_CUDA=0; rebuild to get the CUDA kernels")
         rows.append(("  CUDA kernels", f"absent: {why}"))
-    if ext.TORCH_VERSION != torch.__version__.split("+")[0]:
+    if ext["torch_version"] != torch.__version__.split("+")[0]:
         rows.append(("  warning", f"running torch {torch.__version__}: rebuild the extension for this torch"))
     for name in CPP_OPS:
         qual = f"mat_kernels::{name}"

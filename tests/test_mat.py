@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import mat_kernels as mk
 from helpers import assert_moved_iff_active
 from models import TinyLM
+
+import mat_kernels as mk
+from mat_kernels import routing
 
 transformers = pytest.importorskip("transformers")
 
@@ -268,7 +269,9 @@ def test_multihead_attention_routing_bypassed_by_torch_compile_is_an_error():
     model(x, mem, k, v)  # eager: routed
     with pytest.raises(RuntimeError, match="were bypassed"):
         torch.compile(model.kv, backend="aot_eager")(x, k, v, need_weights=False)
-    assert F.linear is torch._C._nn.linear and mat.report()["masked_weights"] == []
+    assert routing.linear_handlers() == 1 and mat.report()["masked_weights"] == []  # the routing, while MAT lives
+    mat.close()
+    assert F.linear is torch._C._nn.linear and routing.linear_handlers() == 0
     torch._dynamo.reset()
 
 

@@ -1,6 +1,6 @@
 """Model-level λmax (discovery, capture, NTK outputs) against an independent oracle: whole-model per-sample
-gradients by torch.func in float64 (mat_kernels.testing.reference.model_per_sample_grads), sliced per module spec, explicit
-Grams, eigvalsh.
+gradients by torch.func in float64 (mat_kernels.testing.reference.model_per_sample_grads), sliced per module spec,
+explicit Grams, eigvalsh.
 
 Tolerance: the model runs in fp32 (forward, backward and Grams), the oracle in float64. Relative λmax error per
 module ≤ MODEL_RTOL = 1e-5 (measured on these models: ≤ 7e-7).
@@ -13,11 +13,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from helpers import HAS_CUDA
-
-import mat_kernels as mk
 from models import FusedBlock, MHAModel, TinyLM, hf_bert, small_cnn  # noqa: F401
 from oracle import MODEL_RTOL, _gen, assert_matches, oracle, run_and_check  # noqa: F401
 
+import mat_kernels as mk
+from mat_kernels import _backend
 from mat_kernels.measure.model import projection_vectors
 from mat_kernels.testing.reference import model_per_sample_grads, reference_model_grams
 
@@ -216,12 +216,17 @@ def test_capture_holds_one_layer_of_gradients_at_a_time():
     assert res.peak_held_bytes == largest < total / 10
 
 
-def test_triton_kernels_path():
-    """Same model through the Triton kernels (interpreter on CPU, native on GPU)."""
+@pytest.mark.skipif(_backend.triton_mode()[0] != "interpreter", reason="the Triton interpreter is off (CUDA machine)")
+def test_every_case_runs_the_triton_kernels():
+    """run_and_check runs each model-level case through the Triton kernels too (interpreter on CPU); this guards
+    the runner itself, so that a change to it cannot silently drop the Triton half of every layout test."""
+    from oracle import backends
+
+    assert backends() == ("torch", "triton")
     torch.manual_seed(14)
     model = TinyLM(vocab=11, d=8, heads=2, ffn=6, layers=1).eval()
     ids = torch.randint(0, 11, (3, 4), generator=_gen(17))
-    res = run_and_check(model, ids, ids, backend="auto")
+    res = mk.model_lambda_max(model, ids, labels=ids, backend="auto")
     assert res.backend.startswith("triton")
 
 
@@ -292,7 +297,8 @@ def test_bad_arguments():
     (torch.tensor([[-100, 4, 5], [-100, -100, -100]]), True, None, None),  # one labelled position is enough
     (torch.tensor([[1, 4, 5], [2, 0, 22]], dtype=torch.int8), False, None, None),  # any integer dtype
     (torch.tensor([[3, -100, -100], [1, -100, -100]]), True, ValueError, "after the causal shift"),
-    (torch.tensor([[0, -1, 2], [1, 1, 1]]), False, ValueError, r"labels must be in \[0, 23\) or -100 \(ignored\); found \[-1\]"),
+    (torch.tensor([[0, -1, 2], [1, 1, 1]]), False, ValueError,
+     r"labels must be in \[0, 23\) or -100 \(ignored\); found \[-1\]"),
     (torch.tensor([[0, 23, 2], [1, 1, 1]]), False, ValueError, r"found \[23\]"),
     (torch.zeros(2, 3), False, TypeError, "labels must be an integer tensor"),
     (torch.zeros(2, 1, dtype=torch.long), True, ValueError, "causal=True needs at least 2 positions"),
@@ -339,7 +345,6 @@ def test_layer_never_called_is_an_error():
 
 
 def test_register_a_custom_layout():
-    from mat_kernels.measure import discovery as modules
 
     class Gate(nn.Module):
         def __init__(self):
@@ -365,7 +370,9 @@ def test_register_a_custom_layout():
         assert disc.names() == ["0.gate_half0", "0.gate_half1"]
         run_and_check(model, torch.randn(4, 6, generator=_gen(19)), torch.randint(0, 3, (4,)), specs=disc.specs)
     finally:
-        modules._LAYOUTS[:] = [(n, f) for n, f in modules._LAYOUTS if n != "test_gate"]
+        mk.unregister_layout("test_gate")
+    with pytest.raises(ValueError, match="no layout named"):
+        mk.unregister_layout("test_gate")
 
 
 def _hook_count(model):

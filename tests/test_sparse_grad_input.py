@@ -12,13 +12,13 @@ out in this file (fused QKV layouts: the ranges of ``mk.fused_qkv_heads``; the o
 """
 import pytest
 import torch
-from helpers import SMALL_LAYOUT, COPY_OPS, GEMM_OPS, aten_counts, devices, rel_err
+from helpers import COPY_OPS, GEMM_OPS, SMALL_LAYOUT, aten_counts, devices, rel_err
 from sparse_grad_samples import strided_variants
 
 import mat_kernels as mk
-from mat_kernels.testing.tolerances import SPARSE_GRAD_RTOL
-from mat_kernels.measure.blocks import resolve_blocks
+from mat_kernels.blocks import resolve_blocks
 from mat_kernels.ops import sparse_grad as su
+from mat_kernels.testing.tolerances import SPARSE_GRAD_RTOL
 
 FP64_RTOL, FP32_RTOL, BF16_RTOL = (SPARSE_GRAD_RTOL[d] for d in (torch.float64, torch.float32, torch.bfloat16))
 OPS = torch.ops.mat_kernels

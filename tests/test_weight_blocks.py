@@ -5,12 +5,11 @@ same object, validated once when it is constructed; these tests pin that down an
 """
 import pytest
 import torch
+from models import TinyLM
 
 import mat_kernels as mk
-from mat_kernels.measure.blocks import WeightBlocks
+from mat_kernels.blocks import WeightBlocks
 from mat_kernels.ops import sparse_grad as ops
-
-from models import TinyLM
 
 
 def test_every_user_holds_weight_blocks():

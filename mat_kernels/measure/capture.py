@@ -12,9 +12,10 @@ How calls are seen:
 
 * ``nn.Linear``, ``Conv1D``, ``nn.Conv2d``: forward hooks on the layer; a tensor hook on its output for dy.
 * ``nn.MultiheadAttention``: it calls ``F.linear`` on its own parameters (``in_proj_weight``, row views of it for
-  cross-attention, ``out_proj.weight``), so no hook on ``out_proj`` ever fires. Between the attention module's
-  pre- and post-forward hooks, ``torch.nn.functional.linear`` is replaced by a recording wrapper (restored even
-  when the forward raises). Its tensors are sequence-first (``[T, n, E]``, and ``[T·n, E]`` for ``out_proj``).
+  cross-attention, ``out_proj.weight``), so no hook on ``out_proj`` ever fires. Within the capture a recording
+  handler of :mod:`mat_kernels.routing` sees those calls (while the attention module runs its forward), outside
+  any sparse-update routing of the same weights, so it records what that route computes. Its tensors are
+  sequence-first (``[T, n, E]``, and ``[T·n, E]`` for ``out_proj``).
 
 Several calls of one weight (shared weights) are one per-sample gradient: their tokens are concatenated before
 the Gram. With gradient checkpointing, calls recomputed during the backward are ignored unless their output
@@ -34,28 +35,27 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from mat_kernels.measure.layer import GramOptions, layer_grams, route_costs
+from mat_kernels import routing
+from mat_kernels.measure.capture_records import (
+    GEMM_DTYPES,
+    Record,
+    Site,
+    conv_parts,
+    ranges_in_call,
+    samples_first,
+    stack_samples,
+)
 from mat_kernels.measure.discovery import group_by_weight
-from mat_kernels.measure.capture_records import (GEMM_DTYPES, Record, Site, conv_parts, ranges_in_call, samples_first,
-                                                 stack_samples)
 from mat_kernels.measure.forward import check_samples_independent
+from mat_kernels.measure.layer import GramOptions, layer_grams, route_costs
 from mat_kernels.measure.result import LambdaMaxResult
 from mat_kernels.measure.specs import ModuleSpec, is_conv1d, linear_shape
 
 __all__ = ["LambdaCapture", "capture_lambda_max"]
 
-_ORIG_LINEAR = F.linear
-_ACTIVE: list["LambdaCapture"] = []  # captures whose MHA patch is in force (innermost last)
-_PATCH_DEPTH = [0]
 # what a capture's Grams are over when one step accumulates gradients over several micro-batches
 MICRO_BATCHES = ("first", "all")
-
-
-def recording() -> bool:
-    """Whether a measurement's recording ``F.linear`` is installed (an ``nn.MultiheadAttention`` is being captured)."""
-    return _PATCH_DEPTH[0] > 0
 
 
 class LambdaCapture:
@@ -70,7 +70,8 @@ class LambdaCapture:
             raise ValueError(f"micro_batches must be one of {MICRO_BATCHES}, got {micro_batches!r}")
         self._by_weight = group_by_weight(model, specs)  # validates the specs
         if sample_dim not in (0, 1):
-            raise ValueError(f"sample_dim must be 0 (inputs [n, ...]) or 1 (sequence-first [T, n, ...]), got {sample_dim!r}")
+            raise ValueError(f"sample_dim must be 0 (inputs [n, ...]) or 1 (sequence-first [T, n, ...]), got "
+                             f"{sample_dim!r}")
         self.sample_dim = sample_dim
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n <= 0):
             raise ValueError(f"n must be a positive int (the number of samples), got {n!r}")
@@ -92,6 +93,7 @@ class LambdaCapture:
         self._records: dict[tuple, list[Record]] = {}
         self._done: set[tuple] = set()
         self._handles: list = []
+        self._in_mha = 0  # depth of captured nn.MultiheadAttention forwards running
         self._stack = contextlib.ExitStack()
         self._z = torch.zeros((), requires_grad=True) if tap else None
         self._tapped = 0
@@ -148,17 +150,15 @@ class LambdaCapture:
     def __enter__(self) -> "LambdaCapture":
         if self._handles:
             raise RuntimeError("this capture is already active")
-        # Sparse-update layers (MAT) run the exact backward while captured: gradients must flow through frozen
-        # blocks (frozen_backward="detach" would stop them), and a measurement's own backward needs no dW at all.
-        from mat_kernels.nn.sparse_linear import SparseUpdateMixin
-
+        # Sparse-update layers and gates (MAT) run the exact backward while captured: gradients must flow through
+        # frozen blocks (frozen_backward="detach" would stop them), and a measurement's own backward needs no dW.
         self._stack = contextlib.ExitStack()
-        for site in self.sites.values():
-            if isinstance(site.owner, SparseUpdateMixin):
-                self._stack.enter_context(site.owner.exact_backward(weight_grad=not self.tap))
+        self._stack.enter_context(routing.exact_backward(self.model, weight_grad=not self.tap))
         scopes_done = set()
         for site in self.sites.values():
             if site.kind == "mha":
+                if not scopes_done:
+                    self._stack.enter_context(routing.linear_handler(self._on_linear, routing.RECORD))
                 if id(site.scope) in scopes_done:
                     continue
                 scopes_done.add(id(site.scope))
@@ -182,17 +182,19 @@ class LambdaCapture:
         return self._record(site, x, output, 0, site.d_out, bias is not None)
 
     def _mha_enter(self, module, args):
-        _ACTIVE.append(self)
-        if _PATCH_DEPTH[0] == 0:
-            F.linear = _recording_linear
-        _PATCH_DEPTH[0] += 1
+        self._in_mha += 1  # (an interrupted forward leaves it raised: harmless, the capture ends with its `with`)
 
     def _mha_exit(self, module, args, output):
-        _PATCH_DEPTH[0] -= 1
-        if _PATCH_DEPTH[0] == 0:
-            F.linear = _ORIG_LINEAR
-        if _ACTIVE and _ACTIVE[-1] is self:
-            _ACTIVE.pop()
+        self._in_mha = max(self._in_mha - 1, 0)
+
+    def _on_linear(self, nxt, input, weight, bias=None):
+        """The ``F.linear`` handler: records the calls an ``nn.MultiheadAttention`` makes on a captured weight."""
+        out = nxt(input, weight, bias)
+        site, r0, rows = self._lookup(weight) if self._in_mha else (None, 0, 0)
+        if site is None:
+            return out
+        new = self._record(site, input, out, r0, rows, bias is not None)
+        return out if new is None else new
 
     def _lookup(self, weight: torch.Tensor):
         site = self._by_id.get(id(weight))
@@ -202,10 +204,9 @@ class LambdaCapture:
         site = self._by_id.get(id(base)) if base is not None else None
         if site is None:
             return None, 0, 0
-        p = site.param
-        if weight.dim() != 2 or weight.stride() != p.stride() or weight.shape[1] != p.shape[1]:
+        r0 = routing.is_view_of_rows(weight, site.param)
+        if r0 is None:
             raise ValueError(f"{site.weight}: used through a view that is not a block of whole rows")
-        r0 = (weight.storage_offset() - p.storage_offset()) // p.stride(0)
         return site, r0, weight.shape[0]
 
     # ------------------------------------------------------------------------------------------------ records
@@ -432,18 +433,6 @@ class LambdaCapture:
         if scale == "mean":  # the loss is the mean over every sample of the step: micro_n per micro-batch
             scale = 1.0 / (self.micro_n * (self._micro + 1))
         return self.grams / (scale ** 2)
-
-
-def _recording_linear(input, weight, bias=None):
-    out = _ORIG_LINEAR(input, weight, bias)
-    if not _ACTIVE:
-        return out
-    cap = _ACTIVE[-1]
-    site, r0, rows = cap._lookup(weight)
-    if site is None:
-        return out
-    new = cap._record(site, input, out, r0, rows, bias is not None)
-    return out if new is None else new
 
 
 def capture_lambda_max(model: nn.Module, specs: list[ModuleSpec] | None = None, *, n: int | None = None,

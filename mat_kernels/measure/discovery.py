@@ -17,11 +17,19 @@ the reason (embeddings and norms are "always trained"; a linear no layout recogn
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch.nn as nn
 
-from mat_kernels.measure.blocks import Range, WeightBlocks
+from mat_kernels.blocks import Range, WeightBlocks
+from mat_kernels.measure import layouts as _builtin_layouts  # noqa: F401  (registers the built-in layouts)
+from mat_kernels.measure.layout_registry import (  # noqa: F401
+    LAYOUTS,
+    LayoutFn,
+    layouts,
+    register_layout,
+    unregister_layout,
+)
 from mat_kernels.measure.specs import Discovery, ModuleSpec, ParamSlice, is_conv1d, linear_shape
 
 __all__ = [
@@ -30,40 +38,12 @@ __all__ = [
     "Discovery",
     "discover_modules",
     "register_layout",
+    "unregister_layout",
     "layouts",
     "validate_specs",
     "WeightBlocks",
     "group_by_weight",
 ]
-
-# ----------------------------------------------------------------------------------------------------------------
-# registry
-# ----------------------------------------------------------------------------------------------------------------
-LayoutFn = Callable[[str, nn.Module, nn.Module, dict], "list[ModuleSpec] | None"]
-_LAYOUTS: list[tuple[str, LayoutFn]] = []
-
-
-def register_layout(name: str) -> Callable[[LayoutFn], LayoutFn]:
-    """Decorator registering a layout ``fn(prefix, module, model, options) -> list[ModuleSpec] | None``.
-
-    ``prefix`` is the module's name in ``model.named_modules()``; return None when the module is not of this layout.
-    Layouts are tried in registration order; a parameter already claimed by an earlier match is never claimed
-    again, so put more specific layouts first.
-    """
-
-    def deco(fn: LayoutFn) -> LayoutFn:
-        if any(n == name for n, _ in _LAYOUTS):
-            raise ValueError(f"a layout named {name!r} is already registered")
-        _LAYOUTS.append((name, fn))
-        return fn
-
-    return deco
-
-
-def layouts() -> list[str]:
-    """Names of the registered layouts, in the order they are tried."""
-    return [n for n, _ in _LAYOUTS]
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # discovery
@@ -99,7 +79,7 @@ def discover_modules(
     claimed: set[str] = set()
     specs: list[ModuleSpec] = []
     for prefix, mod in model.named_modules():
-        for _, fn in _LAYOUTS:
+        for _, fn in LAYOUTS:
             found = fn(prefix, mod, model, opts)
             if not found:
                 continue
@@ -221,6 +201,3 @@ def group_by_weight(model: nn.Module, specs: list[ModuleSpec], *,
                                    weight=wname, bias_name=bias, name=wname)
                       for (axis, bias), mods in groups.items()]
     return out
-
-
-from mat_kernels.measure import layouts as _builtin_layouts  # noqa: E402,F401  (registers the built-in layouts, one per file)

@@ -31,10 +31,10 @@ from dataclasses import dataclass
 import torch
 
 from mat_kernels import _backend
-from mat_kernels.measure.blocks import BlockSpec, WeightBlocks, layer_blocks
-from mat_kernels.ops import segment_grams
+from mat_kernels.blocks import BlockSpec, WeightBlocks, layer_blocks
 from mat_kernels.measure.result import LambdaMaxResult, layer_names
 from mat_kernels.measure.solvers import lambda_max as _solve
+from mat_kernels.ops import segment_grams
 
 __all__ = [
     "estimate_lambda_max",

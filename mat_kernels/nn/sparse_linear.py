@@ -24,18 +24,18 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mat_kernels import _backend
-from mat_kernels.measure.blocks import BlockSpec, WeightBlocks
+from mat_kernels import _backend, routing
+from mat_kernels.blocks import BlockSpec, WeightBlocks
 from mat_kernels.ops import sparse_grad as _ops
 
 __all__ = ["sparse_update_linear", "SparseUpdateLinear", "SparseUpdateConv1D", "SparseUpdateMixin",
-           "sparse_layout", "FROZEN_BACKWARD", "ORIGINAL_LINEAR"]
+           "sparse_layout", "FROZEN_BACKWARD"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-ORIGINAL_LINEAR = F.linear
+# not F.linear: that is intercepted while a measurement or an nn.MultiheadAttention's sparse updates run
+ORIGINAL_LINEAR = routing.ORIGINAL_LINEAR
 
 if _ops.extension_available():  # OpOverloads, resolved once: the backward calls them on every step
     _WEIGHT_GRAD = torch.ops.mat_kernels.sparse_weight_grad.default
@@ -141,7 +141,7 @@ class _SparseUpdateLinearFunction(torch.autograd.Function):
         else:
             snapshot, ctx.summary = _mask_snapshot(active)
         ctx.save_for_backward(x if needs_w and mode[1] else None, weight if needs_x else None, snapshot)
-        return ORIGINAL_LINEAR(x, weight, bias)  # not F.linear: it is rerouted while an nn.MultiheadAttention runs
+        return ORIGINAL_LINEAR(x, weight, bias)
 
     @staticmethod
     def backward(ctx, dy):
@@ -312,7 +312,8 @@ def sparse_update_linear(
             dtype as ``x`` (under ``torch.autocast`` they are cast like ``F.linear`` would be) and device.
         active: 1-D bool CPU tensor, one entry per module of the layout (``[1]`` for the whole weight). Pass a
             tensor you update in place (``active.copy_(...)``) so ``torch.compile`` does not recompile.
-        row_blocks / col_blocks: block spec of the layout (see :class:`mat_kernels.WeightBlocks`), or ``layout`` prebuilt;
+        row_blocks / col_blocks: block spec of the layout (see :class:`mat_kernels.WeightBlocks`), or ``layout``
+            prebuilt;
             none of them: the whole weight is one module.
         accumulate_grad: eager-only gradient-accumulation mode: the backward adds the active blocks' ``dW``/``db``
             straight into ``weight.grad``/``bias.grad`` (allocated as zeros on first use) instead of returning a
@@ -368,9 +369,10 @@ def _check_frozen_backward(value) -> str:
     return value
 
 
-class SparseUpdateMixin:
-    """What the sparse-update layers (here and :mod:`mat_kernels.nn.sparse_mha`) share: the layout, the CPU activity mask, the backward modes. The layer's
-    linear map is ``self._linear_weight()`` (``[out_features, in_features]``, a view of the stored weight)."""
+class SparseUpdateMixin(routing.ExactBackward):
+    """What the sparse-update layers (here and :mod:`mat_kernels.nn.sparse_mha`) share: the layout, the CPU activity
+    mask, the backward modes. The layer's linear map is ``self._linear_weight()`` (``[out_features, in_features]``,
+    a view of the stored weight)."""
 
     def _init_sparse(self, row_blocks, col_blocks, accumulate_grad, frozen_backward, shared_bias) -> None:
         _ops.require_extension()
@@ -468,7 +470,8 @@ class SparseUpdateLinear(SparseUpdateMixin, nn.Linear):
 
     Args:
         in_features, out_features, bias, device, dtype: as ``nn.Linear``.
-        row_blocks / col_blocks: block spec (see :class:`mat_kernels.WeightBlocks`); neither: the whole weight is one module.
+        row_blocks / col_blocks: block spec (see :class:`mat_kernels.WeightBlocks`); neither: the whole weight is one
+            module.
         accumulate_grad: see :func:`sparse_update_linear` (eager-only).
         frozen_backward: ``"dw"`` (default) or ``"detach"`` (no gradient through frozen blocks), see
             :func:`sparse_update_linear`; changed with :meth:`set_frozen_backward`.

@@ -1,18 +1,18 @@
-"""Sparse updates for the projection weights of ``nn.MultiheadAttention``, which has no linear layer to swap:
-while the attention runs, ``F.linear`` is routed to :func:`mat_kernels.sparse_update_linear` for the weights that
-have a :class:`SparseUpdateMHAWeight` (its forward calls ``F.linear`` on the whole ``in_proj_weight`` or on row
-slices of it, and on ``out_proj.weight``).
+"""Sparse updates for the projection weights of ``nn.MultiheadAttention``, which has no linear layer to swap: its
+forward calls ``F.linear`` on the whole ``in_proj_weight`` or on row slices of it, and on ``out_proj.weight``;
+those calls are routed to :func:`mat_kernels.sparse_update_linear` by a handler of :mod:`mat_kernels.routing`
+(registered while any :class:`SparseUpdateMHAWeight` lives).
 """
 from __future__ import annotations
 
 import weakref
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mat_kernels.measure.blocks import BlockSpec, WeightBlocks
-from mat_kernels.nn.sparse_linear import ORIGINAL_LINEAR, SparseUpdateMixin, sparse_layout, sparse_update_linear
+from mat_kernels import routing
+from mat_kernels.blocks import BlockSpec, WeightBlocks
+from mat_kernels.nn.sparse_linear import SparseUpdateMixin, sparse_layout, sparse_update_linear
 
 __all__ = ["SparseUpdateMHAWeight"]
 
@@ -24,32 +24,40 @@ __all__ = ["SparseUpdateMHAWeight"]
 # parameter, so the id cannot be reused by another tensor.
 _MHA_WEIGHTS: "weakref.WeakValueDictionary[int, SparseUpdateMHAWeight]" = weakref.WeakValueDictionary()
 _MHA_BY_MODULE: dict[int, list] = {}  # id(attention module) -> weak references to its weights' states
-_MHA_PATCH_DEPTH = [0]
+_ROUTER: list[int] = []  # the routing handler's token while any state lives
 
 
-def _mha_sparse_linear(input, weight, bias=None):
-    """``F.linear`` while a gated ``nn.MultiheadAttention`` runs its forward: calls on a gated weight (or on a row
-    view of it: cross-attention splits ``in_proj_weight`` into Q and K/V rows) take the sparse-update route."""
+def _route(nxt, input, weight, bias=None):
+    """The ``F.linear`` handler: calls on a gated weight (or on a row view of it: cross-attention splits
+    ``in_proj_weight`` into Q and K/V rows) take the sparse-update route; every other call goes on."""
     holder, r0 = _MHA_WEIGHTS.get(id(weight)), 0
     if holder is None and isinstance(weight, torch.Tensor) and weight._base is not None:
         holder = _MHA_WEIGHTS.get(id(weight._base))
         if holder is not None:
-            p = holder.weight
-            if weight.dim() != 2 or weight.stride() != p.stride() or weight.shape[1] != p.shape[1]:
+            r0 = routing.is_view_of_rows(weight, holder.weight)
+            if r0 is None:
                 holder = None  # not a block of whole rows: leave it to autograd (exact)
-            else:
-                r0 = (weight.storage_offset() - p.storage_offset()) // p.stride(0)
     if holder is None:
-        return ORIGINAL_LINEAR(input, weight, bias)
+        return nxt(input, weight, bias)
     return holder._call(input, weight, bias, r0)
+
+
+def _update_router(*_) -> None:
+    """Register the routing handler while any state lives, and remove it when the last one is gone."""
+    live = any(True for _ in _MHA_WEIGHTS.values())  # (a state being collected may still be counted by len)
+    if live and not _ROUTER:
+        _ROUTER.append(routing.add_linear_handler(_route, routing.ROUTE))
+    elif not live and _ROUTER:
+        routing.remove_linear_handler(_ROUTER.pop())
 
 
 class SparseUpdateMHAWeight(SparseUpdateMixin):
     """Sparse updates for a weight of ``nn.MultiheadAttention`` (``in_proj_weight``, ``q/k/v_proj_weight``,
     ``out_proj.weight``), which ``F.multi_head_attention_forward`` passes straight to ``F.linear`` (whole, or as
-    row views for cross-attention): there is no layer to swap. While the attention module runs its forward,
-    ``torch.nn.functional.linear`` is routed through :func:`sparse_update_linear` for this weight (forward pre- and
-    post-hooks; restored even when the forward raises), with the layout restricted to the rows a view covers.
+    row views for cross-attention): there is no layer to swap. While this state lives, ``F.linear`` calls on this
+    weight are routed through :func:`sparse_update_linear` (:mod:`mat_kernels.routing`), with the layout
+    restricted to the rows a view covers; a forward of the attention that was not routed (``torch.compile``
+    traced it) raises.
 
     Same interface as :class:`SparseUpdateLinear` (``set_active``, ``exact_backward``, ``set_frozen_backward``);
     not an ``nn.Module`` (the parameter stays where it is). :meth:`remove` undoes the hooks.
@@ -72,6 +80,9 @@ class SparseUpdateMHAWeight(SparseUpdateMixin):
         self._views: dict[tuple[int, int], tuple[WeightBlocks, torch.Tensor]] = {}
         self._routed = 0  # calls taken through the sparse route (a forward with none was bypassed)
         _MHA_WEIGHTS[id(weight)] = self
+        weakref.finalize(self, _update_router)
+        _update_router()
+        routing.register_exact(attention, self)
         refs = _MHA_BY_MODULE.setdefault(id(attention), [])
         refs[:] = [r for r in refs if r() is not None]  # states whose MAT is gone
         refs.append(weakref.ref(self))
@@ -84,6 +95,8 @@ class SparseUpdateMHAWeight(SparseUpdateMixin):
             h.remove()
         self._handles = []
         _MHA_WEIGHTS.pop(id(self.weight), None)
+        _update_router()
+        routing.unregister_exact(self.attention, self)
         refs = [r for r in _MHA_BY_MODULE.get(id(self.attention), ()) if r() is not None and r() is not self]
         if refs:
             _MHA_BY_MODULE[id(self.attention)] = refs
@@ -129,26 +142,16 @@ def _holders_of(module) -> list["SparseUpdateMHAWeight"]:
 
 
 def _mha_enter(module, args, kwargs=None):
-    if _MHA_PATCH_DEPTH[0] == 0:
-        F.linear = _mha_sparse_linear
-    _MHA_PATCH_DEPTH[0] += 1
     module._mk_routed = sum(h._routed for h in _holders_of(module))
 
 
 def _mha_exit(module, args, output):
-    if _MHA_PATCH_DEPTH[0] == 0:
-        return  # an earlier pre-hook raised before ours ran: nothing to undo
-    _MHA_PATCH_DEPTH[0] -= 1
-    if _MHA_PATCH_DEPTH[0] == 0:
-        F.linear = ORIGINAL_LINEAR
     holders = _holders_of(module)
     before = getattr(module, "_mk_routed", None)
+    module._mk_routed = None
     if before is None or not holders or not torch.is_grad_enabled():
         return
-    from mat_kernels.measure import capture  # a measurement's recording F.linear (registered later) takes precedence on purpose
-
-    if not capture.recording() and any(h.weight.requires_grad for h in holders) and \
-            sum(h._routed for h in holders) == before:
+    if any(h.weight.requires_grad for h in holders) and sum(h._routed for h in holders) == before:
         # The attention ran with gradients but never through the routed F.linear: torch.compile traced it with
         # the original F.linear (or something else replaced it). Training would silently differ from eager.
         raise RuntimeError(

@@ -48,7 +48,7 @@ _BUILD_HINT = (
 )
 
 try:
-    from mat_kernels import _C  # noqa: F401  (loading the library registers the ops in torch.ops.mat_kernels)
+    import mat_kernels._C as _C  # loading the library registers the ops in torch.ops.mat_kernels
 
     _EXT_ERROR: str | None = None
 except ImportError as _e:  # pragma: no cover - depends on the build
@@ -64,6 +64,13 @@ def extension_available() -> bool:
 def extension_error() -> str | None:
     """Why ``mat_kernels._C`` could not be imported, or None."""
     return _EXT_ERROR
+
+
+def extension_build() -> dict[str, str] | None:
+    """What ``mat_kernels._C`` was built for (``built_devices``, ``torch_version``, ``cuda``), or None when absent."""
+    if _C is None:
+        return None
+    return {"built_devices": _C.BUILT_DEVICES, "torch_version": _C.TORCH_VERSION, "cuda": _C.CUDA_BUILD}
 
 
 def require_extension(device: torch.device | str | None = None) -> None:

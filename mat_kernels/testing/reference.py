@@ -5,14 +5,14 @@ They build each sample's parameter gradient with autograd (a real backward pass 
 ``torch.func.vmap(grad)``), slice it per module, and form the Gram ``J Jᵀ`` explicitly, by default in float64.
 
 The scalar output of sample ``i`` is ``s_i = Σ_t ⟨dy_it, y_it⟩`` with ``y_it = W x_it + b``, so that
-``∂s_i/∂y_it = dy_it``: the stored output gradient plays the role of δ in DESIGN §1.
+``∂s_i/∂y_it = dy_it``: the stored output gradient plays the role of δ in docs/maths.md §1.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from mat_kernels.measure.blocks import BlockSpec, WeightBlocks, layer_blocks
+from mat_kernels.blocks import BlockSpec, WeightBlocks, layer_blocks
 
 __all__ = [
     "per_sample_grads_loop",

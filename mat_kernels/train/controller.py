@@ -16,7 +16,7 @@ threshold trainable, and make sure frozen modules are truly frozen.
         mat.step()
 
 What it does (modules, frozen-skipping, partial backpropagation, schedule, decisions, distributed, ledger,
-state): ``docs/mat_controller.md``; defaults and their provenance: PAPER.md and python/README.md.
+state): ``docs/mat_controller.md``; defaults and their provenance: docs/paper.md and python/README.md.
 """
 from __future__ import annotations
 
@@ -30,17 +30,17 @@ import torch
 import torch.nn as nn
 
 from mat_kernels.measure.capture import MICRO_BATCHES, capture_lambda_max
-from mat_kernels.train.flops import FlopsLedger
+from mat_kernels.measure.discovery import discover_modules, validate_specs
 from mat_kernels.measure.forward import check_samples_independent
 from mat_kernels.measure.layer import GramOptions
 from mat_kernels.measure.model import model_lambda_max
 from mat_kernels.measure.result import LambdaMaxResult
-from mat_kernels.measure.discovery import discover_modules, validate_specs
 from mat_kernels.measure.specs import ModuleSpec
+from mat_kernels.nn.sparse_linear import FROZEN_BACKWARD
+from mat_kernels.train.flops import FlopsLedger
 from mat_kernels.train.freezing import frozen_optimizer, install_sparse
 from mat_kernels.train.permute import HeadPermuter
-from mat_kernels.train.policy import check_number, CRITERIA, POLICIES, TemporalRule, module_scores, threshold_mask
-from mat_kernels.nn.sparse_linear import FROZEN_BACKWARD
+from mat_kernels.train.policy import CRITERIA, POLICIES, TemporalRule, check_number, module_scores, threshold_mask
 
 __all__ = ["MAT"]
 
@@ -143,7 +143,8 @@ class MAT:
         if frozen_backward not in FROZEN_BACKWARD:
             raise ValueError(f"frozen_backward must be one of {FROZEN_BACKWARD}, got {frozen_backward!r}")
         if ledger is not None and not isinstance(ledger, FlopsLedger):
-            raise TypeError(f"ledger must be a mat_kernels.train.flops.FlopsLedger or None, got {type(ledger).__name__}")
+            raise TypeError(f"ledger must be a mat_kernels.train.flops.FlopsLedger or None, got "
+                            f"{type(ledger).__name__}")
         if lambda_kwargs is not None and not isinstance(lambda_kwargs, dict):
             raise TypeError(f"lambda_kwargs must be a dict or None, got {type(lambda_kwargs).__name__}")
         self.model = model
@@ -191,7 +192,8 @@ class MAT:
         self._swapped: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, child, original layer), for close()
         self.closed = False
         self.sparse_layers, self.gated, self.masked_weights = install_sparse(
-            self.module, self.specs, wanted=sparse_backward, frozen_backward=self.frozen_backward, swapped=self._swapped)
+            self.module, self.specs, wanted=sparse_backward, frozen_backward=self.frozen_backward,
+            swapped=self._swapped)
         self.compiled = _is_compiled(model)
         self._marked = [self.module] + [layer if isinstance(layer, nn.Module) else layer.attention
                                         for layer, _, _ in self.sparse_layers] + [g.owner for g in self.gated]
@@ -226,16 +228,6 @@ class MAT:
         return (tuple(self.active.tolist()), self.probe is None and self.measuring_now())
 
     @contextlib.contextmanager
-    def _exact(self, *, weight_grad: bool):
-        """Exact backward in every gated layer (no partial backpropagation); ``weight_grad=False``: no dW at all."""
-        with contextlib.ExitStack() as stack:
-            for layer, _, _ in self.sparse_layers:
-                stack.enter_context(layer.exact_backward(weight_grad=weight_grad))
-            for gate in self.gated:
-                stack.enter_context(gate.open())
-            yield
-
-    @contextlib.contextmanager
     def measure_step(self, *, loss_scale: float | str, micro_batches: str = "first"):
         """Context for one optimizer step's forwards and backwards. When this step measures from the training
         backward (``probe=None``), the module Grams are captured from it (the step then runs the exact backward,
@@ -265,7 +257,8 @@ class MAT:
         try:
             # a compiled model runs this step eagerly: the capture's hooks would otherwise be traced and guarded on
             # (one recompilation per measurement); the compiled graphs are used again from the next step on
-            with self._exact(weight_grad=True), torch.compiler.set_stance("force_eager"):
+            # (the capture runs every sparse layer and gate exactly: gradients through frozen blocks, active dW)
+            with torch.compiler.set_stance("force_eager"):
                 with capture_lambda_max(self.module, self.specs, loss_scale=loss_scale, micro_batches=micro_batches,
                                         options=options) as cap:
                     yield
@@ -417,10 +410,10 @@ class MAT:
         was = [(m, m.training) for m in self.module.modules()]
         self.module.eval()
         try:
-            with self._exact(weight_grad=False):
-                counted, res = count_flops(model_lambda_max, self.module, batch, labels=labels, specs=self.specs,
-                                           return_grams=True, options=self.gram_options,
-                                           **{"output": self.output, **self._model_kwargs})
+            # the capture runs every sparse layer and gate exactly, with no weight gradients
+            counted, res = count_flops(model_lambda_max, self.module, batch, labels=labels, specs=self.specs,
+                                       return_grams=True, options=self.gram_options,
+                                       **{"output": self.output, **self._model_kwargs})
         finally:
             for m, t in was:
                 m.train(t)

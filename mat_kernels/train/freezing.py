@@ -19,7 +19,8 @@ import warnings
 import torch
 import torch.nn as nn
 
-from mat_kernels.measure.blocks import WeightBlocks
+from mat_kernels import routing
+from mat_kernels.blocks import WeightBlocks
 from mat_kernels.measure.discovery import group_by_weight
 from mat_kernels.measure.specs import ModuleSpec, is_conv1d
 from mat_kernels.train.optim import FrozenSliceOptimizer
@@ -153,7 +154,7 @@ def complement(ranges, dim: int) -> list[tuple[int, int]]:
 LINEAR_EQUIVALENT = ("FalconLinear",)
 
 
-class Gate:
+class Gate(routing.ExactBackward):
     """Whole weights (and their biases) of one layer owned by modules, gated by ``requires_grad``: while every
     owning module is frozen they do not require grad, so autograd computes no weight gradient for them; with
     partial backpropagation a forward pre-hook also detaches the layer's input, so no gradient flows through it."""
@@ -171,9 +172,11 @@ class Gate:
         self.names = [n for n, p in module.named_parameters() if id(p) in ids]
         self._detach = frozen_backward == "detach"
         self._handle = self.owner.register_forward_pre_hook(self._pre_hook) if self._detach else None
+        routing.register_exact(self.owner, self)
 
     def remove(self) -> None:
         """Every tensor requires grad again; the detach hook is removed."""
+        routing.unregister_exact(self.owner, self)
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
@@ -196,8 +199,10 @@ class Gate:
                 t.requires_grad_(active or keep_requires_grad)
 
     @contextlib.contextmanager
-    def open(self):
-        """Exact behaviour (weights require grad, no detach) within the context: measurements."""
+    def exact_backward(self, *, weight_grad: bool):
+        """Exact behaviour (weights require grad, no detach) within the context: measurements (entered by
+        :func:`mat_kernels.routing.exact_backward`). The weights require grad whatever ``weight_grad`` says: with
+        ``False`` the measurement's backward asks for no weight gradient."""
         self._open += 1
         for t in self.tensors:
             t.requires_grad_(True)

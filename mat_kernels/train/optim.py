@@ -9,7 +9,7 @@ formulas, over *segments*: per parameter, the runs of active entries that have t
 * frozen entries are neither read nor written, in the parameter or in any state tensor (``momentum_buffer``,
   ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``); a tensor whose entries are all frozen gets ``grad = None``.
   State is created as torch's first step creates it (zeros), so a slice frozen from the start reads as never
-  touched; stale moments are kept while a slice is frozen and used again when it re-enters (PAPER.md [D]);
+  touched; stale moments are kept while a slice is frozen and used again when it re-enters (docs/paper.md [D]);
 * every segment keeps its own step count (Adam/AdamW bias correction; SGD's first momentum step), on the host;
 * the updates are torch's multi-tensor formulas (``torch/optim/sgd.py``, ``adam.py``: ``_foreach_*`` ops over
   the segments' views, bias corrections as host scalars) for loop and foreach groups, and torch's fused kernels
@@ -38,7 +38,7 @@ from typing import Sequence, Union
 import torch
 
 from mat_kernels import _backend
-from mat_kernels.measure.blocks import WeightBlocks
+from mat_kernels.blocks import WeightBlocks
 
 __all__ = ["FrozenSliceOptimizer", "SUPPORTED_OPTIMIZERS", "TRITON_DEVICES"]
 

@@ -1,5 +1,6 @@
 """The built-in layouts of :func:`mat_kernels.discover_modules`, one file per family, each registered with
-:func:`mat_kernels.register_layout`. Imported (in this order, the order they are tried) by :mod:`mat_kernels.measure.discovery`.
+:func:`mat_kernels.register_layout`. Imported (in this order, the order they are tried) by
+:mod:`mat_kernels.measure.discovery`.
 
 ==================  ==========================  ============================================================
 layout              file                        recognises
@@ -15,8 +16,11 @@ layout              file                        recognises
 A new family: a file with a ``@register_layout("name")`` function and a test calling the shared oracle runner
 (``tests/oracle.py``: λ of every discovered module against float64 whole-model per-sample gradients).
 """
-from mat_kernels.measure.layouts import moe
-from mat_kernels.measure.layouts import mha
-from mat_kernels.measure.layouts import attention
-from mat_kernels.measure.layouts import ffn
-from mat_kernels.measure.layouts import conv  # noqa: F401  (registration order = the order layouts are tried)
+# the registration order is the order layouts are tried
+# isort: off
+from mat_kernels.measure.layouts import moe  # noqa: F401
+from mat_kernels.measure.layouts import mha  # noqa: F401
+from mat_kernels.measure.layouts import attention  # noqa: F401
+from mat_kernels.measure.layouts import ffn  # noqa: F401
+from mat_kernels.measure.layouts import conv  # noqa: F401
+# isort: on

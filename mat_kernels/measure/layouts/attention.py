@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from mat_kernels.measure.discovery import register_layout
+from mat_kernels.measure.layout_registry import register_layout
 from mat_kernels.measure.specs import ModuleSpec, ParamSlice, get_path, is_linear_like, linear_shape, param_name
 
 HEAD_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head", "heads")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from mat_kernels.measure.discovery import register_layout
+from mat_kernels.measure.layout_registry import register_layout
 from mat_kernels.measure.specs import ModuleSpec, ParamSlice, whole_slice
 
 

@@ -4,7 +4,7 @@ weights and biases: BERT/RoBERTa ``intermediate.dense`` + ``output.dense``, ViT 
 ``gate_up_proj``/``down_proj``, GPT-NeoX ``dense_h_to_4h``/``dense_4h_to_h``, T5 ``wi``/``wo``, ..."""
 from __future__ import annotations
 
-from mat_kernels.measure.discovery import register_layout
+from mat_kernels.measure.layout_registry import register_layout
 from mat_kernels.measure.specs import ModuleSpec, get_path, is_linear_like, whole_slice
 
 _FFN_PAIRS = (

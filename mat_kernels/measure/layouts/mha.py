@@ -6,7 +6,7 @@ import dataclasses
 
 import torch.nn as nn
 
-from mat_kernels.measure.discovery import register_layout
+from mat_kernels.measure.layout_registry import register_layout
 from mat_kernels.measure.specs import ModuleSpec, ParamSlice
 
 
