@@ -283,7 +283,7 @@ def analyse_sparse(arch: int, dtype_name: str, T: int) -> dict:
     rows and output-projection columns, ``T`` tokens, every mask of SPARSE_MASKS, ``dw`` and ``detach``) and count
     the launches of one backward + frozen-slice optimizer step (torch's fused AdamW) in steady state."""
     dtype, tf32 = DTYPES[dtype_name]
-    from mat_kernels.nn import sparse_linear as sl
+    from mat_kernels.nn import sparse_function as sl
     from mat_kernels.train.optim import FrozenSliceOptimizer
 
     prev_driver = getattr(triton.runtime.driver, "_active", None)

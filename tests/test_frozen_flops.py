@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mat_kernels as mk
-from mat_kernels.measure.discovery import linear_shape
+from mat_kernels.layers import linear_shape
 from mat_kernels.train.flops import count_flops
 
 transformers = pytest.importorskip("transformers")

@@ -1,5 +1,6 @@
-"""Layout ``conv2d`` (mat_kernels/layouts/conv.py): every ``nn.Conv2d`` (stride, groups, dilation, string padding,
-padding modes, eval-mode BatchNorm between), measured with the shared oracle runner (tests/oracle.py)."""
+"""Layer type ``conv2d`` (mat_kernels/layers/conv2d.py, discovered by the ``layer_types`` layout): every
+``nn.Conv2d`` (stride, groups, dilation, string padding, padding modes, eval-mode BatchNorm between), measured with
+the shared oracle runner (tests/oracle.py)."""
 import pytest
 import torch
 import torch.nn as nn

@@ -17,7 +17,7 @@ if _backend.triton_mode()[0] == "unavailable":
     pytest.skip("Triton cannot run here (no CUDA device, TRITON_INTERPRET unset)", allow_module_level=True)
 
 from mat_kernels.kernels import triton_sparse_grad as tk  # noqa: E402
-from mat_kernels.nn import sparse_linear as sl  # noqa: E402
+from mat_kernels.nn import sparse_function as sl  # noqa: E402
 
 _device_masks = tk.device_masks
 

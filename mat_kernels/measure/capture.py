@@ -37,20 +37,19 @@ import torch
 import torch.nn as nn
 
 from mat_kernels import routing
+from mat_kernels.layers import layer_type_of, layer_types
 from mat_kernels.measure.capture_records import (
     GEMM_DTYPES,
     Record,
     Site,
-    conv_parts,
     ranges_in_call,
-    samples_first,
     stack_samples,
 )
 from mat_kernels.measure.discovery import group_by_weight
 from mat_kernels.measure.forward import check_samples_independent
 from mat_kernels.measure.layer import GramOptions, layer_grams, route_costs
 from mat_kernels.measure.result import LambdaMaxResult
-from mat_kernels.measure.specs import ModuleSpec, is_conv1d, linear_shape
+from mat_kernels.measure.specs import ModuleSpec
 
 __all__ = ["LambdaCapture", "capture_lambda_max"]
 
@@ -126,25 +125,14 @@ class LambdaCapture:
     def _make_site(self, name: str, params, owners) -> Site:
         owner_name, attr = name.rsplit(".", 1) if "." in name else ("", name)
         owner = owners[owner_name]
+        parent = owners.get(owner_name.rsplit(".", 1)[0] if "." in owner_name else "") if owner_name else None
+        layer = layer_type_of(owner, attr, parent)
+        if layer is None:
+            raise ValueError(f"parameter {name} belongs to a {type(owner).__name__}, which is no registered layer type "
+                             f"({layer_types()}); mat_kernels.layers.register_layer_type teaches it one")
         p = params[name]
-        d_out, d_in = linear_shape(owner, attr, p)
-        parent_name = owner_name.rsplit(".", 1)[0] if "." in owner_name else ""
-        parent = owners.get(parent_name) if owner_name else None
-        if isinstance(owner, nn.MultiheadAttention) and attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight",
-                                                                 "v_proj_weight"):
-            return Site(name, "mha", owner, owner, p, d_out, d_in)
-        if isinstance(parent, nn.MultiheadAttention) and owner is parent.out_proj and attr == "weight":
-            return Site(name, "mha", owner, parent, p, d_out, d_in)
-        if attr == "weight" and isinstance(owner, nn.Linear):
-            return Site(name, "linear", owner, owner, p, d_out, d_in)
-        if attr == "weight" and is_conv1d(owner):
-            return Site(name, "conv1d", owner, owner, p, d_out, d_in)
-        if attr == "weight" and isinstance(owner, nn.Conv2d):
-            return Site(name, "conv2d", owner, owner, p, d_out, d_in)
-        raise ValueError(
-            f"parameter {name} belongs to a {type(owner).__name__}; mat_kernels captures nn.Linear, Hugging Face "
-            "Conv1D, nn.Conv2d and nn.MultiheadAttention weights"
-        )
+        d_out, d_in = layer.linear_shape(owner, attr, p)
+        return Site(name, layer, owner, layer.scope(owner, parent), p, d_out, d_in)
 
     # ------------------------------------------------------------------------------------------------ hooks
     def __enter__(self) -> "LambdaCapture":
@@ -156,7 +144,7 @@ class LambdaCapture:
         self._stack.enter_context(routing.exact_backward(self.model, weight_grad=not self.tap))
         scopes_done = set()
         for site in self.sites.values():
-            if site.kind == "mha":
+            if site.layer.calls == "linear":
                 if not scopes_done:
                     self._stack.enter_context(routing.linear_handler(self._on_linear, routing.RECORD))
                 if id(site.scope) in scopes_done:
@@ -238,7 +226,7 @@ class LambdaCapture:
         return None
 
     def _samples_in(self, site: Site, x: torch.Tensor) -> int:
-        return x.shape[1] if site.kind == "mha" or site.sample_dim == 1 else x.shape[0]
+        return site.layer.samples_in(site, x)
 
     def _next_micro(self, site: Site, x: torch.Tensor) -> None:
         self._micro += 1
@@ -314,31 +302,22 @@ class LambdaCapture:
         if self.grams is None:
             self.grams = torch.zeros(len(self.specs), self.n, self.n, dtype=torch.float32, device=rec0.x.device)
         n = self.micro_n
-        if site.kind == "conv2d":
-            per_micro = []
-            for group in micro_groups:
-                per_rec = [conv_parts(site, r, n) for r in group]
-                per_micro.append([(torch.cat([p[g][0] for p in per_rec], 1), torch.cat([p[g][1] for p in per_rec], 1))
-                                  for g in range(len(per_rec[0]))])
-            og = site.d_out // site.owner.groups
-            chunks = [(*stack_samples([m[g] for m in per_micro]), g * og) for g in range(site.owner.groups)]
-            width = chunks[0][1].shape[-1]
-        else:
-            per_micro = []
-            for group in micro_groups:
-                pairs = [samples_first(site, r, n) for r in group]
-                per_micro.append((torch.cat([p[0] for p in pairs], 1), torch.cat([p[1] for p in pairs], 1))
-                                 if len(pairs) > 1 else pairs[0])
-            x3, dy3 = stack_samples(per_micro)
-            chunks = [(x3, dy3, 0)]
-            width = rec0.rows
+        # per micro-batch, the layer type's samples-first parts (one linear map each: a grouped convolution has one
+        # per group), each call's tokens concatenated; micro-batches then stack their samples
+        per_micro, offsets = [], None
+        for group in micro_groups:
+            per_rec = [site.layer.samples(site, r, n) for r in group]
+            offsets = [off for _, _, off in per_rec[0]]
+            per_micro.append([(torch.cat([p[k][0] for p in per_rec], 1), torch.cat([p[k][1] for p in per_rec], 1))
+                              if len(per_rec) > 1 else per_rec[0][k][:2] for k in range(len(offsets))])
+        chunks = [(*stack_samples([m[k] for m in per_micro]), off) for k, off in enumerate(offsets)]
         for axis, bias, entries in site.groups:
             if bias and not rec0.has_bias:
                 raise ValueError(f"{site.weight}: a module owns bias entries but the layer was called without bias")
             for x3, dy3, off in chunks:
                 mods, blocks = [], []
                 for m, ranges in entries:
-                    r = ranges_in_call(ranges, axis, rec0.r0 + off, width, site.d_out)
+                    r = ranges_in_call(ranges, axis, rec0.r0 + off, dy3.shape[-1], site.d_out)
                     if r:
                         mods.append(m)
                         blocks.append(r)

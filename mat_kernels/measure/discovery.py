@@ -22,6 +22,7 @@ from typing import Iterable
 import torch.nn as nn
 
 from mat_kernels.blocks import Range, WeightBlocks
+from mat_kernels.layers import layer_type_of, linear_shape
 from mat_kernels.measure import layouts as _builtin_layouts  # noqa: F401  (registers the built-in layouts)
 from mat_kernels.measure.layout_registry import (  # noqa: F401
     LAYOUTS,
@@ -30,7 +31,7 @@ from mat_kernels.measure.layout_registry import (  # noqa: F401
     register_layout,
     unregister_layout,
 )
-from mat_kernels.measure.specs import Discovery, ModuleSpec, ParamSlice, is_conv1d, linear_shape
+from mat_kernels.measure.specs import Discovery, ModuleSpec, ParamSlice
 
 __all__ = [
     "ParamSlice",
@@ -118,7 +119,7 @@ def discover_modules(
         owner = owners.get(pname.rsplit(".", 1)[0] if "." in pname else "", model)
         if isinstance(owner, _ALWAYS_TRAINED) or type(owner).__name__.endswith(("RMSNorm", "LayerNorm")):
             unclaimed[pname] = f"always trained ({type(owner).__name__})"
-        elif isinstance(owner, (nn.Linear, nn.Conv2d)) or is_conv1d(owner):
+        elif layer_type_of(owner, pname.rsplit(".", 1)[-1]) is not None:
             unclaimed[pname] = f"unrecognised layout ({type(owner).__name__}); add an explicit ModuleSpec"
         else:
             unclaimed[pname] = f"unrecognised parameter of {type(owner).__name__}; add an explicit ModuleSpec"

@@ -1,16 +1,16 @@
 """What a MAT module is: :class:`ParamSlice` (rows, columns or all of one weight, in the linear-map orientation
 ``[d_out, d_in]``), :class:`ModuleSpec` (a named set of slices), :class:`Discovery` (specs and unclaimed
-parameters), and the helpers that view a layer's weight as a linear map, shared by discovery, its layouts, the
-capture and the controller."""
+parameters), and the helpers the layouts share (a weight's linear-map shape is its layer type's:
+:mod:`mat_kernels.layers`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 import torch.nn as nn
 
-__all__ = ["ParamSlice", "ModuleSpec", "Discovery", "is_conv1d", "is_linear_like", "linear_shape", "param_name",
-           "get_path", "whole_slice"]
+from mat_kernels.layers import layer_type_of
+
+__all__ = ["ParamSlice", "ModuleSpec", "Discovery", "is_linear_like", "param_name", "get_path", "whole_slice"]
 
 Range = tuple[int, int]
 
@@ -66,28 +66,8 @@ class Discovery:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# linear-map view of a weight
+# helpers of the layouts
 # ----------------------------------------------------------------------------------------------------------------
-def is_conv1d(mod: nn.Module) -> bool:
-    """Hugging Face's transposed linear (GPT-2's ``Conv1D``, weight ``[d_in, d_out]``) or its sparse-update twin."""
-    # Hugging Face's transposed linear (GPT-2): weight [nx, nf], y = x @ W + b. Recognised by name and shape so
-    # that transformers stays an optional dependency.
-    # mat_kernels' own SparseUpdateConv1D (the sparse-update twin MAT swaps in) is one too.
-    return (type(mod).__name__ in ("Conv1D", "SparseUpdateConv1D") and hasattr(mod, "nf")
-            and getattr(mod, "weight", None) is not None)
-
-
-def linear_shape(owner: nn.Module, attr: str, param: torch.Tensor) -> tuple[int, int]:
-    """``(d_out, d_in)`` of a weight in linear-map orientation."""
-    if is_conv1d(owner) and attr == "weight":
-        return param.shape[1], param.shape[0]
-    if param.dim() == 2:
-        return param.shape[0], param.shape[1]
-    if param.dim() > 2:  # conv: [O, C/groups, k...] -> O x (C/groups·k...)
-        return param.shape[0], param[0].numel()
-    raise ValueError(f"a weight must have at least 2 dimensions, got shape {tuple(param.shape)}")
-
-
 def param_name(prefix: str, mod: nn.Module, child: str, attr: str = "weight") -> str | None:
     """The name in ``model.named_parameters()`` of ``<prefix>.<child>.<attr>``, or None if it does not exist."""
     sub = mod
@@ -110,8 +90,10 @@ def get_path(mod: nn.Module, path: str):
 
 
 def is_linear_like(mod) -> bool:
-    """``nn.Linear`` or Hugging Face's transposed ``Conv1D``."""
-    return isinstance(mod, nn.Linear) or is_conv1d(mod)
+    """A layer whose ``weight`` is a plain matrix of a registered layer type (``nn.Linear``, Hugging Face's
+    transposed ``Conv1D``, a user type), as the attention and FFN layouts need: not a convolution."""
+    t = layer_type_of(mod, "weight") if isinstance(mod, nn.Module) else None
+    return t is not None and t.calls == "module" and mod.weight.dim() == 2
 
 
 def whole_slice(prefix: str, mod: nn.Module, child: str) -> ParamSlice:

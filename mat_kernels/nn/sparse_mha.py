@@ -12,7 +12,8 @@ from torch import nn
 
 from mat_kernels import routing
 from mat_kernels.blocks import BlockSpec, WeightBlocks
-from mat_kernels.nn.sparse_linear import SparseUpdateMixin, sparse_layout, sparse_update_linear
+from mat_kernels.nn.sparse_function import sparse_layout, sparse_update_linear
+from mat_kernels.nn.sparse_linear import SparseUpdateMixin
 
 __all__ = ["SparseUpdateMHAWeight"]
 

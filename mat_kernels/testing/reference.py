@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mat_kernels.blocks import BlockSpec, WeightBlocks, layer_blocks
+from mat_kernels.layers import layer_type_of
 
 __all__ = [
     "per_sample_grads_loop",
@@ -201,12 +202,10 @@ def model_per_sample_grads(model: torch.nn.Module, batch, s_fn, param_names: lis
 def reference_model_grams(model: torch.nn.Module, grads: dict[str, torch.Tensor], specs) -> torch.Tensor:
     """Explicit Grams ``[M, n, n]`` of the modules ``specs`` from whole-model per-sample gradients ``grads``.
 
-    Each weight's per-sample gradient is put in linear-map orientation ``[n, d_out, d_in]`` (Hugging Face
-    ``Conv1D`` stores the transpose; a convolution weight is flattened to ``[O, C·kh·kw]``), then each slice's rows,
-    columns or all entries (+ bias entries) are concatenated per module and ``J Jᵀ`` is formed.
+    Each weight's per-sample gradient is put in linear-map orientation ``[n, d_out, d_in]`` by its layer type
+    (Hugging Face ``Conv1D`` stores the transpose; a convolution weight is flattened to ``[O, C·kh·kw]``), then
+    each slice's rows, columns or all entries (+ bias entries) are concatenated per module and ``J Jᵀ`` is formed.
     """
-    from mat_kernels.measure.specs import is_conv1d
-
     owners = dict(model.named_modules())
     grams = []
     for spec in specs:
@@ -214,10 +213,14 @@ def reference_model_grams(model: torch.nn.Module, grads: dict[str, torch.Tensor]
         for sl in spec.slices:
             g = grads[sl.weight]
             n = g.shape[0]
-            owner = owners[sl.weight.rsplit(".", 1)[0] if "." in sl.weight else ""]
-            if is_conv1d(owner):
-                g = g.transpose(1, 2)
-            g = g.reshape(n, g.shape[1], -1)
+            owner_name, attr = sl.weight.rsplit(".", 1) if "." in sl.weight else ("", sl.weight)
+            owner = owners[owner_name]
+            parent = owners.get(owner_name.rsplit(".", 1)[0] if "." in owner_name else "") if owner_name else None
+            layer_type = layer_type_of(owner, attr, parent)
+            if layer_type is not None:
+                g = layer_type.grad_as_linear_map(owner, attr, g)
+            else:
+                g = g.reshape(n, g.shape[1], -1)
             if sl.axis == "all":
                 parts.append(g.reshape(n, -1))
                 if sl.bias is not None:

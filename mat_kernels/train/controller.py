@@ -36,7 +36,7 @@ from mat_kernels.measure.layer import GramOptions
 from mat_kernels.measure.model import model_lambda_max
 from mat_kernels.measure.result import LambdaMaxResult
 from mat_kernels.measure.specs import ModuleSpec
-from mat_kernels.nn.sparse_linear import FROZEN_BACKWARD
+from mat_kernels.nn.sparse_function import FROZEN_BACKWARD
 from mat_kernels.train.flops import FlopsLedger
 from mat_kernels.train.freezing import frozen_optimizer, install_sparse
 from mat_kernels.train.permute import HeadPermuter

@@ -1,11 +1,13 @@
 """How frozen modules are truly frozen (used by :class:`mat_kernels.MAT`).
 
-* Every ``nn.Linear`` that holds module slices is swapped for a :class:`mat_kernels.SparseUpdateLinear` sharing its
-  parameters (so the optimizer stays valid), every Hugging Face ``Conv1D`` for a
-  :class:`mat_kernels.SparseUpdateConv1D`, and the projection weights of ``nn.MultiheadAttention`` get a
-  :class:`mat_kernels.SparseUpdateMHAWeight`: frozen modules skip their weight-gradient GEMMs.
-* A module that owns whole weights of other layers (``nn.Conv2d``, ``nn.Linear`` subclasses other than Falcon's) is
-  gated by ``requires_grad`` (:class:`Gate`): while it is frozen autograd computes no weight gradient for it.
+* Every weight whose layer type (:mod:`mat_kernels.layers`) has a sparse-update twin gets it: a plain ``nn.Linear``
+  is swapped for a :class:`mat_kernels.SparseUpdateLinear` sharing its parameters (so the optimizer stays valid), a
+  Hugging Face ``Conv1D`` for a :class:`mat_kernels.SparseUpdateConv1D`, and the projection weights of
+  ``nn.MultiheadAttention`` get a :class:`mat_kernels.SparseUpdateMHAWeight`: frozen modules skip their
+  weight-gradient GEMMs.
+* A module that owns whole weights of other layers (``nn.Conv2d``, ``nn.Linear`` subclasses other than Falcon's,
+  user layer types without a twin) is gated by ``requires_grad`` (:class:`Gate`): while it is frozen autograd
+  computes no weight gradient for it.
 * Row or column slices of any other weight still compute their weight gradient, of which the frozen part is
   discarded: they are reported (``masked_weights``).
 * :func:`frozen_optimizer`: :class:`mat_kernels.train.optim.FrozenSliceOptimizer` over the blocks of
@@ -21,17 +23,28 @@ import torch.nn as nn
 
 from mat_kernels import routing
 from mat_kernels.blocks import WeightBlocks
+from mat_kernels.layers import layer_type_of
 from mat_kernels.measure.discovery import group_by_weight
-from mat_kernels.measure.specs import ModuleSpec, is_conv1d
+from mat_kernels.measure.specs import ModuleSpec
 from mat_kernels.train.optim import FrozenSliceOptimizer
 
-__all__ = ["install_sparse", "frozen_optimizer", "owner_of", "complement", "Gate", "LINEAR_EQUIVALENT"]
+__all__ = ["install_sparse", "frozen_optimizer", "owner_of", "layer_type_at", "complement", "Gate"]
 
 
 def owner_of(module: nn.Module, pname: str):
     """``(owner name, owner module, attribute)`` of parameter ``pname``."""
     owner_name, attr = pname.rsplit(".", 1) if "." in pname else ("", pname)
     return owner_name, module.get_submodule(owner_name) if owner_name else module, attr
+
+
+def layer_type_at(module: nn.Module, pname: str):
+    """``(layer type or None, owner, attribute, parent)`` of weight ``pname`` of ``module``."""
+    owner_name, owner, attr = owner_of(module, pname)
+    parent = None
+    if owner_name:
+        parent_name = owner_name.rsplit(".", 1)[0] if "." in owner_name else ""
+        parent = module.get_submodule(parent_name) if parent_name else module
+    return layer_type_of(owner, attr, parent), owner, attr, parent
 
 
 def install_sparse(module: nn.Module, specs: list[ModuleSpec], *, wanted: bool, frozen_backward: str,
@@ -47,19 +60,14 @@ def install_sparse(module: nn.Module, specs: list[ModuleSpec], *, wanted: bool, 
     reason = None
     if wanted and not ops.extension_available():
         reason = f"the C++ extension is not built ({ops.extension_error()})"
-    mha_of = {id(mod.out_proj): mod for mod in module.modules() if isinstance(mod, nn.MultiheadAttention)}
     for wname, groups in by_weight.items():
-        owner_name, owner, attr = owner_of(module, wname)
+        layer_type, owner, attr, parent = layer_type_at(module, wname)
         axes = {g.axis for g in groups}
         biases = sorted({g.bias_name for g in groups if g.bias_name is not None})
-        conv1d = type(owner).__name__ == "Conv1D" and is_conv1d(owner)
-        # nn.MultiheadAttention's projections: no layer to swap, F.linear is routed while the attention runs
-        mha = owner if isinstance(owner, nn.MultiheadAttention) and attr.endswith("proj_weight") else (
-            mha_of.get(id(owner)) if attr == "weight" else None)
-        linear = type(owner) is nn.Linear or (isinstance(owner, nn.Linear) and type(owner).__name__ in
-                                              LINEAR_EQUIVALENT)
-        plain = ((linear or conv1d) and attr == "weight" and id(owner) not in mha_of) or mha is not None
-        if wanted and axes == {"all"} and not (plain and reason is None):
+        twin = layer_type.sparse_twin(owner, attr, parent) if layer_type is not None else None
+        if twin is not None and layer_type.swaps_owner and parent is None:
+            twin = None  # the model itself is the layer: nothing to swap it in
+        if wanted and axes == {"all"} and not (twin is not None and reason is None):
             # a whole weight of a layer without a sparse-update twin (Conv2d, Conv1D, ...): requires_grad gate.
             # Tensors the user froze (requires_grad=False) are left alone.
             tensors = [params[wname]] + [params[b] for b in biases]
@@ -67,12 +75,9 @@ def install_sparse(module: nn.Module, specs: list[ModuleSpec], *, wanted: bool, 
             if tensors:
                 gated.append(Gate(owner, tensors, sorted({m for g in groups for m in g.index})))
             continue
-        if not wanted or reason is not None or not plain or len(axes) != 1:
+        if not wanted or reason is not None or twin is None or len(axes) != 1:
             masked.append(wname)
             continue
-        from mat_kernels.nn.sparse_linear import SparseUpdateConv1D, SparseUpdateLinear
-        from mat_kernels.nn.sparse_mha import SparseUpdateMHAWeight
-
         axis = axes.pop()
         per_module: dict[int, list] = {}  # a head's Q, K and V ranges are one module of the layer
         for g in groups:
@@ -80,14 +85,8 @@ def install_sparse(module: nn.Module, specs: list[ModuleSpec], *, wanted: bool, 
                 per_module.setdefault(m, []).extend(ranges)
         order = list(per_module)
         owns_bias = bool(biases)
-        # Conv1D: the same kernels on the transposed view of its [d_in, d_out] storage
-        if mha is not None:
-            def wrap(_, *, _mha=mha, _w=params[wname], **kw):
-                return SparseUpdateMHAWeight(_mha, _w, **kw)
-        else:
-            wrap = SparseUpdateConv1D.from_conv1d if conv1d else SparseUpdateLinear.from_linear
         if axis == "all":
-            layer = wrap(owner, shared_bias=not owns_bias)
+            layer = twin(shared_bias=not owns_bias)
             extra = 0
         else:
             blocks = list(per_module.values())
@@ -96,17 +95,17 @@ def install_sparse(module: nn.Module, specs: list[ModuleSpec], *, wanted: bool, 
             extra = int(bool(rest))
             if rest:  # entries no module owns: one more block, always active (they train like the rest)
                 blocks.append(rest)
-            layer = wrap(owner, shared_bias=axis == "cols" or not owns_bias,
+            layer = twin(shared_bias=axis == "cols" or not owns_bias,
                          **({"row_blocks": blocks} if axis == "rows" else {"col_blocks": blocks}))
         layer.set_frozen_backward(frozen_backward)
-        if mha is None:
-            parent_name, child = owner_name.rsplit(".", 1) if "." in owner_name else ("", owner_name)
-            parent = module.get_submodule(parent_name) if parent_name else module
+        if layer_type.swaps_owner:
+            owner_name = owner_of(module, wname)[0]
+            child = owner_name.rsplit(".", 1)[-1]
             swapped.append((parent, child, owner))
             setattr(parent, child, layer)
         layers.append((layer, order, extra))
     if masked and wanted:
-        why = reason or "they are row or column slices of layers that are not plain nn.Linear"
+        why = reason or "they are row or column slices of layers without a sparse-update twin (mat_kernels.layers)"
         warnings.warn(
             f"mat_kernels.MAT: {len(masked)} weight(s) compute their full weight gradient, of which the frozen "
             f"part is discarded ({why}): {masked[:4]}{' ...' if len(masked) > 4 else ''}. MAT.report() lists them.",
@@ -127,8 +126,8 @@ def frozen_optimizer(module: nn.Module, specs: list[ModuleSpec], optimizer) -> F
     blocks: dict[torch.Tensor, list[WeightBlocks]] = {}
     transposed = set()
     for wname, groups in group_by_weight(module, specs, validate=False).items():
-        _, owner, _ = owner_of(module, wname)
-        if is_conv1d(owner):
+        layer_type = layer_type_at(module, wname)[0]
+        if layer_type is not None and layer_type.transposed:
             transposed.add(params[wname])
         for g in groups:
             blocks.setdefault(params[wname], []).append(g)
@@ -151,7 +150,6 @@ def complement(ranges, dim: int) -> list[tuple[int, int]]:
 
 # nn.Linear subclasses whose forward is exactly F.linear(x, weight, bias), so a SparseUpdateLinear may replace them
 # (other subclasses may override forward: their slices are masked, and said so).
-LINEAR_EQUIVALENT = ("FalconLinear",)
 
 
 class Gate(routing.ExactBackward):

@@ -31,14 +31,29 @@ accordingly.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Sequence, Union
 
 import torch
 
 from mat_kernels import _backend
-from mat_kernels.blocks import WeightBlocks
+from mat_kernels.train.optim_blocks import (
+    WHOLE,
+    BlocksArg,
+    Runs,
+    blocks_of,
+    is_full,
+    mask_key,
+    merge_runs,
+    owner_runs,
+)
+from mat_kernels.train.optim_updates import (
+    Seg,
+    adam_update,
+    init_state,
+    masked_adam_update,
+    sgd_update,
+    steps_in_state,
+)
 
 __all__ = ["FrozenSliceOptimizer", "SUPPORTED_OPTIMIZERS", "TRITON_DEVICES"]
 
@@ -49,257 +64,6 @@ TRITON_DEVICES = {"cuda"}
 
 SUPPORTED_OPTIMIZERS = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 _STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-
-
-@dataclass(frozen=True)
-class _Block:
-    """Entries ``[start, start + size)`` along ``axis`` (0 rows, 1 columns; ``size = None``: the whole tensor) of a
-    parameter's linear view, owned by module ``module``: the optimizer's internal unit, one per range of a
-    :class:`mat_kernels.WeightBlocks`."""
-
-    module: int
-    axis: int = 0
-    start: int = 0
-    size: int | None = None
-
-
-BlocksArg = Union[WeightBlocks, Sequence[WeightBlocks]]
-
-
-def _parts(p: torch.Tensor, given: BlocksArg, transposed: bool) -> list[_Block]:
-    """The internal blocks of parameter ``p`` from its WeightBlocks (checked against its linear view)."""
-    items = [given] if isinstance(given, WeightBlocks) else list(given)
-    if not items or not all(isinstance(b, WeightBlocks) for b in items):
-        raise TypeError(f"blocks of each parameter must be WeightBlocks or a list of them, got {given!r}")
-    shape = tuple(_view(p, transposed).shape)
-    out = []
-    for wb in items:
-        if wb.shape is not None and any(s is not None and s != t for s, t in zip(wb.shape, shape)):
-            raise ValueError(f"blocks {wb.name}: built for shape {wb.shape}, but the parameter's linear view is "
-                             f"{shape}")
-        if wb.shape is None or None in wb.shape:
-            wb = WeightBlocks(wb.axis, wb.modules, shape, index=wb.index, name=wb.name)  # bounds checked here
-        for m, ranges in zip(wb.index, wb.modules):
-            if wb.axis == "all":
-                out.append(_Block(m))
-            out += [_Block(m, wb.dim, start, size) for start, size in ranges]
-    return out
-
-
-def _view(t: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """2-D linear-map view ``[d_out, d_in]`` of a parameter-shaped tensor (1-D: ``[d, 1]``)."""
-    if t.dim() == 1:
-        return t.unsqueeze(1)
-    if transposed:
-        return t.t()
-    return t if t.dim() == 2 else t.view(t.shape[0], -1)
-
-
-def _mask_key(active, num_modules: int) -> tuple:
-    """The activity mask as a tuple of bools, read on the host (``tolist`` dispatches no aten op)."""
-    if isinstance(active, torch.Tensor):
-        if active.dtype != torch.bool:
-            raise TypeError(f"active must be a bool tensor, got {active.dtype}")
-        shape, values = tuple(active.shape), active.tolist()
-    else:
-        values = [bool(a) for a in active]
-        shape = (len(values),)
-    if shape != (num_modules,):
-        raise ValueError(f"active must have shape [{num_modules}], got {list(shape)}")
-    return tuple(values)
-
-
-@dataclass(frozen=True)
-class _Runs:
-    """A parameter's entries along its blocked axis as consecutive runs ``(size, module)`` (module -1: owned by no
-    module, always trained), and how to cut the stored tensor (and its gradient, its state) along that axis."""
-
-    runs: tuple
-    dim: int  # dimension of the stored tensor that the blocked axis is
-    flat: bool  # >2-D weight (convolution) cut along its flattened columns
-
-    def splitter(self, sizes: list[int]):
-        dim, flat = self.dim, self.flat
-
-        def split(t: torch.Tensor):  # one aten op (two for a flattened >2-D weight): views, no copies
-            return (t.flatten(1) if flat else t).split_with_sizes(sizes, dim)
-        return split
-
-
-_WHOLE = _Runs(((1, -1),), 0, False)  # a parameter no module owns: one run, always trained
-
-
-def _owner_runs(p: torch.Tensor, parts: list[_Block], transposed: bool) -> _Runs:
-    if any(b.size is None for b in parts):
-        if len({b.module for b in parts}) != 1:
-            raise ValueError("a parameter owned whole by a module cannot belong to another module too")
-        return _Runs(((1, parts[0].module),), 0, False)
-    axes = {b.axis for b in parts}
-    if len(axes) != 1:
-        raise ValueError("blocks of one parameter must all be rows or all be columns of its linear view")
-    (axis,) = axes
-    owner = [-1] * _view(p, transposed).shape[axis]
-    for b in parts:
-        for i in range(b.start, b.start + b.size):
-            if owner[i] != -1:
-                raise ValueError(f"entry {i} of a parameter belongs to two modules' blocks")
-            owner[i] = b.module
-    runs = []
-    for m in owner:
-        if runs and runs[-1][1] == m:
-            runs[-1][0] += 1
-        else:
-            runs.append([1, m])
-    if p.dim() == 1:
-        dim, flat = 0, False
-    elif transposed:
-        dim, flat = 1 - axis, False
-    else:
-        dim, flat = axis, p.dim() > 2 and axis == 1
-    return _Runs(tuple((n, m) for n, m in runs), dim, flat)
-
-
-def _merge(runs: _Runs, keys: list) -> tuple[list[int], list]:
-    """Sizes and keys of the segments: a key is a run's step count (active) or None (frozen); neighbouring runs with
-    equal keys merge (an all-active tensor whose blocks took equal steps is one segment)."""
-    sizes, out = [], []
-    for (n, _), k in zip(runs.runs, keys):
-        if out and out[-1] == k:
-            sizes[-1] += n
-        else:
-            sizes.append(n)
-            out.append(k)
-    return sizes, out
-
-
-def _full(t, p) -> bool:
-    return isinstance(t, torch.Tensor) and t.shape == p.shape
-
-
-def _steps_in_state(opt: torch.optim.Optimizer, p: torch.Tensor) -> int:
-    """Steps torch's state says ``p`` took (read once, when a state is adopted; never per step)."""
-    st = opt.state.get(p, {})
-    if "step" in st:
-        return int(st["step"])
-    return 1 if st.get("momentum_buffer") is not None else 0
-
-
-def _init_state(opt: torch.optim.Optimizer, group: dict, p: torch.Tensor) -> dict:
-    """``opt.state[p]``, created as torch's first step would (zeros; SGD's momentum buffer as zeros, filled by
-    each segment's first step)."""
-    state = opt.state[p]
-    if isinstance(opt, torch.optim.SGD):
-        if group["momentum"] != 0 and state.get("momentum_buffer") is None:
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state.setdefault("momentum_buffer", None)
-        return state
-    if len(state) == 0:
-        from torch.optim.optimizer import _get_scalar_dtype
-
-        fused = bool(group.get("fused"))
-        state["step"] = (torch.zeros((), dtype=_get_scalar_dtype(is_fused=fused), device=p.device)
-                         if fused or group.get("capturable") else torch.tensor(0.0, dtype=_get_scalar_dtype()))
-        for k in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group.get("amsgrad") else ()):
-            state[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    elif group.get("amsgrad") and "max_exp_avg_sq" not in state:
-        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    return state
-
-
-# ------------------------------------------------------------------------------------------------------------
-# the updates: torch's multi-tensor formulas (torch/optim/sgd.py, adam.py) over segment views, step counts on the
-# host; fused groups call torch's fused kernels (on contiguous copies of segments that are not contiguous)
-# ------------------------------------------------------------------------------------------------------------
-def _sgd(group: dict, segs: list[_Seg], grads: list[torch.Tensor]) -> None:
-    lr, momentum, dampening = group["lr"], group["momentum"], group["dampening"]
-    wd, nesterov, maximize = group["weight_decay"], group["nesterov"], group["maximize"]
-    params = [s.param for s in segs]
-    if group.get("fused"):
-        first = [i for i, s in enumerate(segs) if s.count == 0]
-        rest = [i for i, s in enumerate(segs) if s.count != 0]
-        for idx, is_first in ((first, True), (rest, False)):
-            if not idx:
-                continue
-            bufs = [] if momentum == 0 else [segs[i].state["momentum_buffer"] for i in idx]
-            with _contiguous([params[i] for i in idx], bufs) as (ps, bs):
-                torch._fused_sgd_(ps, [grads[i].contiguous() for i in idx], bs, weight_decay=wd,
-                                  momentum=momentum, lr=lr, dampening=dampening, nesterov=nesterov,
-                                  maximize=maximize, is_first_step=is_first and momentum != 0)
-        return
-    lr = float(lr)
-    if maximize:
-        grads = torch._foreach_neg(grads)
-    if wd != 0:
-        grads = torch._foreach_add(grads, params, alpha=wd)
-    if momentum != 0:
-        bufs = [s.state["momentum_buffer"] for s in segs]
-        first = [i for i, s in enumerate(segs) if s.count == 0]
-        rest = [i for i, s in enumerate(segs) if s.count != 0]
-        if rest:
-            br = [bufs[i] for i in rest]
-            torch._foreach_mul_(br, momentum)
-            torch._foreach_add_(br, [grads[i] for i in rest], alpha=1 - dampening)
-        if first:  # torch's first step: the buffer is a copy of the gradient
-            torch._foreach_copy_([bufs[i] for i in first], [grads[i] for i in first])
-        grads = torch._foreach_add(grads, bufs, alpha=momentum) if nesterov else bufs
-    torch._foreach_add_(params, grads, alpha=-lr)
-
-
-def _adam(group: dict, segs: list[_Seg], grads: list[torch.Tensor], decoupled: bool, step_ts) -> None:
-    beta1, beta2 = group["betas"]
-    lr, eps, wd, amsgrad, maximize = group["lr"], group["eps"], group["weight_decay"], group["amsgrad"], \
-        group["maximize"]
-    params = [s.param for s in segs]
-    m = [s.state["exp_avg"] for s in segs]
-    v = [s.state["exp_avg_sq"] for s in segs]
-    vmax = [s.state["max_exp_avg_sq"] for s in segs] if amsgrad else []
-    if step_ts is not None:  # fused: the step tensors were advanced (FrozenSliceOptimizer.step), the kernel reads them
-        fn = torch._fused_adamw_ if decoupled else torch._fused_adam_
-        with _contiguous(params, m, v, vmax) as (ps, ms, vs, vms):
-            fn(ps, [g.contiguous() for g in grads], ms, vs, vms, step_ts, amsgrad=amsgrad, lr=lr, beta1=beta1,
-               beta2=beta2, weight_decay=wd, eps=eps, maximize=maximize)
-        return
-    lr, beta1, beta2 = float(lr), float(beta1), float(beta2)
-    if maximize:
-        grads = torch._foreach_neg(grads)
-    if wd != 0:
-        if decoupled:
-            torch._foreach_mul_(params, 1 - lr * wd)
-        else:
-            grads = torch._foreach_add(grads, params, alpha=wd)
-    torch._foreach_lerp_(m, grads, 1 - beta1)
-    torch._foreach_mul_(v, beta2)
-    torch._foreach_addcmul_(v, grads, grads, 1 - beta2)
-    steps = [float(s.count + 1) for s in segs]
-    step_size = [(lr / (1 - beta1 ** t)) * -1 for t in steps]
-    bc2_sqrt = [(1 - beta2 ** t) ** 0.5 for t in steps]
-    if amsgrad:
-        torch._foreach_maximum_(vmax, v)
-        denom = torch._foreach_sqrt(vmax)
-    else:
-        denom = torch._foreach_sqrt(v)
-    torch._foreach_div_(denom, bc2_sqrt)
-    torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(params, m, denom, step_size)
-
-
-def _masked_adam(opt, group: dict, pp, companion) -> None:
-    """The masked kernel's launch for ``pp`` (and ``companion``, a whole contiguous tensor of the group)."""
-    from mat_kernels.kernels.triton_masked_adam import masked_adam_step
-
-    mk, view = pp.masked, pp.masked.view
-    st = opt.state[pp.p]
-    amsgrad = group["amsgrad"]
-    comp = None
-    if companion is not None:
-        cs = companion.segs[0]
-        comp = (companion.p, companion.p.grad, cs.state["exp_avg"], cs.state["exp_avg_sq"],
-                cs.state.get("max_exp_avg_sq"), cs.step_t)
-    masked_adam_step(view(pp.p), view(pp.p.grad), (view(st["exp_avg"]), view(st["exp_avg_sq"]),
-                     view(st["max_exp_avg_sq"]) if amsgrad else None), mk.run, mk.act, mk.steps, axis=mk.axis,
-                     lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
-                     amsgrad=amsgrad, maximize=group["maximize"], companion=comp,
-                     adamw=isinstance(opt, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay")))
 
 
 def _pair_companions(planned: list) -> None:
@@ -315,29 +79,6 @@ def _pair_companions(planned: list) -> None:
                     and all(t.is_contiguous() for t in s.state.values())):
                 pp.host, host.masked.companion = host, pp
                 break
-
-
-@contextlib.contextmanager
-def _contiguous(*lists):
-    """Contiguous stand-ins for tensors of ``lists`` that are not (torch's fused kernels assume dense storage),
-    copied back afterwards; contiguous ones are used as they are."""
-    out = [[t if t.is_contiguous() else t.contiguous() for t in ts] for ts in lists]
-    yield out
-    back = [(t, c) for ts, cs in zip(lists, out) for t, c in zip(ts, cs) if c is not t]
-    if back:
-        torch._foreach_copy_([t for t, _ in back], [c for _, c in back])
-
-
-@dataclass
-class _Seg:
-    """A run of entries of one parameter updated together: its views of the parameter and the optimizer state,
-    the steps it has taken (host int), and in fused groups its own step tensor."""
-
-    index: int | None  # position in the parameter's split (None: the whole tensor)
-    count: int
-    param: torch.Tensor
-    state: dict
-    step_t: torch.Tensor | None = None
 
 
 @dataclass
@@ -419,18 +160,18 @@ class FrozenSliceOptimizer:
             raise TypeError("complex parameters are not supported")
         self.optimizer = optimizer
         self.transposed = {id(p) for p in (transposed or ())}
-        self.blocks = {p: _parts(p, b, id(p) in self.transposed) for p, b in blocks.items()}
+        self.blocks = {p: blocks_of(p, b, id(p) in self.transposed) for p, b in blocks.items()}
         self.num_modules = num_modules
         for p, parts in self.blocks.items():
             if any(not 0 <= b.module < num_modules for b in parts):
                 raise ValueError(f"a block's module index is outside [0, {num_modules}) (num_modules)")
-        self._runs = {p: _owner_runs(p, self.blocks[p], id(p) in self.transposed) if p in self.blocks else _WHOLE
+        self._runs = {p: owner_runs(p, self.blocks[p], id(p) in self.transposed) if p in self.blocks else WHOLE
                       for p in known}
         self._steps = [0] * num_modules  # steps each module took (block_steps; host ints: no device reads)
         for p, runs in self._runs.items():
             for _, m in runs.runs:
                 if m >= 0:
-                    self._steps[m] = max(self._steps[m], _steps_in_state(optimizer, p))
+                    self._steps[m] = max(self._steps[m], steps_in_state(optimizer, p))
         self._run_steps: dict = {}
         self.steps_taken = 0  # steps run (a GradScaler skips the call on inf/NaN gradients)
         self._plan: _Plan | None = None
@@ -457,7 +198,7 @@ class FrozenSliceOptimizer:
         tensor's count in torch's state), and the next step builds a new plan. :meth:`step` notices a replaced
         state by itself."""
         self._plan = None
-        self._run_steps = {p: [self._steps[m] if m >= 0 else _steps_in_state(self.optimizer, p)
+        self._run_steps = {p: [self._steps[m] if m >= 0 else steps_in_state(self.optimizer, p)
                                for _, m in runs.runs] for p, runs in self._runs.items()}
 
     # --------------------------------------------------------------------------------------------------------
@@ -471,7 +212,7 @@ class FrozenSliceOptimizer:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        key = _mask_key(active, self.num_modules)
+        key = mask_key(active, self.num_modules)
         plan = self._plan
         if plan is not None and plan.state_obj is not self.optimizer.state:  # the optimizer's state was loaded
             self.refresh_from_optimizer()
@@ -528,15 +269,15 @@ class FrozenSliceOptimizer:
             if ts:
                 torch._foreach_add_(ts, 1)
         for group, pp, c in masked:
-            _masked_adam(self.optimizer, group, pp, c)
+            masked_adam_update(self.optimizer, group, pp, c)
             for s in pp.segs + (c.segs if c is not None else []):
                 s.count += 1
         for group, segs, grads in work:
             if isinstance(self.optimizer, torch.optim.SGD):
-                _sgd(group, segs, grads)
+                sgd_update(group, segs, grads)
             else:
                 decoupled = isinstance(self.optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay"))
-                _adam(group, segs, grads, decoupled, [s.step_t for s in segs] if group.get("fused") else None)
+                adam_update(group, segs, grads, decoupled, [s.step_t for s in segs] if group.get("fused") else None)
             for s in segs:
                 s.count += 1
         for p in plan.frozen:
@@ -574,15 +315,15 @@ class FrozenSliceOptimizer:
                 if not active_runs:
                     frozen.append(p)
                     continue
-                sizes, seg_keys = _merge(runs, keys)
-                state = _init_state(opt, group, p)
-                tensors = {k: t for k, t in state.items() if k in _STATE_KEYS and _full(t, p)}
+                sizes, seg_keys = merge_runs(runs, keys)
+                state = init_state(opt, group, p)
+                tensors = {k: t for k, t in state.items() if k in _STATE_KEYS and is_full(t, p)}
                 if len(sizes) == 1:
-                    split, segs = None, [_Seg(None, seg_keys[0], p, tensors)]
+                    split, segs = None, [Seg(None, seg_keys[0], p, tensors)]
                 else:
                     split = runs.splitter(sizes)
                     pviews, views = split(p), {k: split(t) for k, t in tensors.items()}
-                    segs = [_Seg(i, k, pviews[i], {n: v[i] for n, v in views.items()})
+                    segs = [Seg(i, k, pviews[i], {n: v[i] for n, v in views.items()})
                             for i, k in enumerate(seg_keys) if k is not None]
                 masked = self._masked_plan(group, p, runs, keys, counts, segs, tensors) if split else None
                 if group.get("fused") and "step" in state and masked is None:  # fused Adam reads each segment's count
@@ -593,7 +334,7 @@ class FrozenSliceOptimizer:
             groups.append((gi, planned))
         return _Plan(key, opt.state, groups, frozen)
 
-    def _masked_plan(self, group: dict, p, runs: _Runs, keys: list, counts: list, segs: list, tensors: dict):
+    def _masked_plan(self, group: dict, p, runs: Runs, keys: list, counts: list, segs: list, tensors: dict):
         """The masked-kernel record of ``p`` when its active segments are strided views in a fused Adam/AdamW group
         and the kernel can run here; None otherwise, with the route and its reason in :attr:`routes`."""
         if all(s.param.is_contiguous() for s in segs):

@@ -28,8 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from mat_kernels.measure.specs import ModuleSpec, is_conv1d
-from mat_kernels.train.freezing import owner_of
+from mat_kernels.measure.specs import ModuleSpec
+from mat_kernels.train.freezing import layer_type_at
 from mat_kernels.train.optim import FrozenSliceOptimizer
 
 __all__ = ["HeadPermuter", "not_interchangeable"]
@@ -214,8 +214,8 @@ class HeadPermuter:
         if axis == "bias":
             dim = 0
         else:
-            _, owner, attr = owner_of(self.module, pname)
-            row_dim = 1 if is_conv1d(owner) and attr == "weight" else 0
+            layer_type = layer_type_at(self.module, pname)[0]
+            row_dim = 1 if layer_type is not None and layer_type.transposed else 0
             dim = row_dim if axis == "rows" else 1 - row_dim
         if pname not in maps:
             maps[pname] = (dim, torch.arange(p.shape[dim]))

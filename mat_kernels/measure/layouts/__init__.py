@@ -10,7 +10,7 @@ layout              file                        recognises
 ``separate_qkv``    :mod:`.attention`           separate Q/K/V projections (MHA or grouped-query)
 ``fused_qkv``       :mod:`.attention`           one fused QKV weight whose layout is known
 ``ffn``             :mod:`.ffn`                 feed-forward blocks
-``conv2d``          :mod:`.conv`                ``nn.Conv2d``
+``layer_types``     :mod:`.layer_types`         every layer whose layer type is its own module (``nn.Conv2d``)
 ==================  ==========================  ============================================================
 
 A new family: a file with a ``@register_layout("name")`` function and a test calling the shared oracle runner
@@ -22,5 +22,5 @@ from mat_kernels.measure.layouts import moe  # noqa: F401
 from mat_kernels.measure.layouts import mha  # noqa: F401
 from mat_kernels.measure.layouts import attention  # noqa: F401
 from mat_kernels.measure.layouts import ffn  # noqa: F401
-from mat_kernels.measure.layouts import conv  # noqa: F401
+from mat_kernels.measure.layouts import layer_types  # noqa: F401
 # isort: on

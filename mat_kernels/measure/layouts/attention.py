@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from mat_kernels.layers import linear_shape
 from mat_kernels.measure.layout_registry import register_layout
-from mat_kernels.measure.specs import ModuleSpec, ParamSlice, get_path, is_linear_like, linear_shape, param_name
+from mat_kernels.measure.specs import ModuleSpec, ParamSlice, get_path, is_linear_like, param_name
 
 HEAD_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head", "heads")
 KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "n_kv_head", "kv_heads")
