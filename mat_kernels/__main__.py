@@ -1,4 +1,4 @@
 """``python -m mat_kernels``: what is usable on this machine."""
-from mat_kernels._info import main
+from mat_kernels.info import main
 
 main()

@@ -8,20 +8,12 @@ imported when a plot is drawn, and its absence raises ``ImportError`` saying so.
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 
+from mat_kernels.train.policy import layer_of
+
 __all__ = ["scores", "layer_of", "score_table"]
-
-_MODULE_PART = re.compile(r"\.?(head\d+(\.out)?|group\d+(\.out)?|ffn|experts\.[^.]+)$")
-
-
-def layer_of(name: str) -> str:
-    """The layer a module belongs to: its name up to the module's own part (``layers.3`` for ``layers.3.head1``,
-    ``layers.3.head1.out``, ``layers.3.group0`` and ``layers.3.ffn``); the name itself otherwise (a conv)."""
-    return _MODULE_PART.sub("", name) or name
-
 
 def score_table(log: list[dict], names: list[str], kinds: list[str]):
     """``(order, steps, score [T, M] float64, active [T, M] bool)`` from a ``MAT.log``: modules in ``order``

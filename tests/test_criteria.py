@@ -130,3 +130,104 @@ def test_score_plot_of_a_mat_run(tmp_path):
     plot.scores(mat, str(tmp_path / "m.png"))
     assert (tmp_path / "m.png").stat().st_size > 1000
     mat.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# MAT: held-out alignment, the shuffle and fixed controls
+# --------------------------------------------------------------------------------------------------------------
+def _cnn():
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(3, 3, 3),
+                               torch.nn.ReLU(), torch.nn.Conv2d(3, 2, 1), torch.nn.Flatten(),
+                               torch.nn.Linear(2 * 2 * 2, 3))
+
+
+def _xy(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 4, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _train(mat, model, steps=4):
+    for s in range(steps):
+        x, y = _xy(6, 100 + s)
+        mat.backward(torch.nn.functional.cross_entropy(model(x), y))
+        mat.step()
+        mat.zero_grad()
+
+
+def test_mat_heldout_alignment_matches_the_oracle_and_decides_by_sign():
+    model = _cnn()
+    probe, heldout = _xy(5, 1), _xy(3, 2)
+    mat = mk.MAT(model, torch.optim.SGD(model.parameters(), lr=0.1), warmup_steps=0, interval=1, gate_after=1,
+                 probe=probe, heldout=heldout, output="loss", criterion="heldout", temporal_rule=False,
+                 lambda_kwargs={"backend": "torch"})
+    assert mat.policy["policy"] == "positive"
+    res = mat.measure()
+    x = torch.cat([probe[0], heldout[0]])
+    y = torch.cat([probe[1], heldout[1]])
+    ref = mk.model_lambda_max(model.eval(), x, labels=y, output="loss", specs=mat.specs, return_grams=True,
+                              backend="torch")
+    model.train()
+    want = module_scores(ref.grams.double(), "heldout", n_train=5)
+    assert torch.allclose(res.scores, want, rtol=1e-4, atol=1e-9)
+    lam_train = torch.linalg.eigvalsh(ref.grams.double()[:, :5, :5])[:, -1]
+    assert torch.allclose(res.values.double(), lam_train, rtol=1e-4)  # λ (the logs) over the training probe
+    _train(mat, model, 1)
+    assert mat.log[-1]["active"] == (torch.tensor(mat.log[-1]["score"]) > 0).tolist()
+    mat.close()
+
+
+def test_mat_heldout_bad_input():
+    model = _cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = _xy(4, 0)
+    with pytest.raises(ValueError, match="needs a held-out probe: pass heldout="):
+        mk.MAT(model, opt, probe=probe, output="loss", criterion="heldout")
+    with pytest.raises(ValueError, match="pass probe="):
+        mk.MAT(model, opt, heldout=probe, output="loss", criterion="heldout")
+    with pytest.raises(ValueError, match="output='loss'"):
+        mk.MAT(model, opt, probe=probe, heldout=probe, criterion="heldout")
+    with pytest.raises(TypeError, match="heldout must be"):
+        mk.MAT(model, opt, probe=probe, heldout=3, output="loss", criterion="heldout")
+    with pytest.raises(ValueError, match="policy must be one of"):
+        mk.MAT(model, opt, policy="nope")
+
+
+def _lm_run(policy, steps=5):
+    from models import TinyLM
+
+    torch.manual_seed(2)
+    model = TinyLM()
+    ids = lambda seed: torch.randint(0, 23, (4, 5), generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    probe = ids(99)
+    mat = mk.MAT(model, torch.optim.SGD(model.parameters(), lr=0.1), warmup_steps=0, interval=1, gate_after=1,
+                 probe=(probe, probe), policy=policy, temporal_rule=False, seed=3, lambda_kwargs={"backend": "torch"})
+    for s in range(steps):
+        x = ids(s)
+        logits = model(x)
+        mat.backward(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.reshape(-1)))
+        mat.step()
+        mat.zero_grad()
+    out = [torch.tensor(e["active"]) for e in mat.log], mat._layer_kind
+    mat.close()
+    return out
+
+
+def test_mat_shuffle_keeps_the_count_of_each_layer_and_kind_and_moves_the_modules():
+    """Same initial weights and batches: at the first decision (same weights, same scores) the shuffle control
+    has the mean rule's active count in every layer and kind, and over the run it picks other modules."""
+    mean, groups = _lm_run("mean")
+    shuffled, _ = _lm_run("shuffle")
+    assert any(len(g) > 1 for g in groups)  # heads: several modules per layer and kind
+    assert [int(shuffled[0][g].sum()) for g in groups] == [int(mean[0][g].sum()) for g in groups]
+    assert any(not torch.equal(a, b) for a, b in zip(mean, shuffled))
+
+
+def test_mat_fixed_keeps_the_first_decision():
+    model = _cnn()
+    mat = mk.MAT(model, torch.optim.SGD(model.parameters(), lr=0.1), warmup_steps=0, interval=1, gate_after=1,
+                 probe=_xy(5, 1), policy="fixed", temporal_rule=False, lambda_kwargs={"backend": "torch"})
+    _train(mat, model, 4)
+    first = mat.log[0]["active"]
+    assert all(e["active"] == first for e in mat.log) and mat.state_dict()["fixed"].tolist() == first
+    mat.close()

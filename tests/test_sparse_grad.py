@@ -820,7 +820,7 @@ def test_cpp_library_and_python_custom_op_share_the_namespace():
     )
     assert r.returncode == 0, r.stderr
     assert "segment_grams" in r.stdout and "sparse_weight_grad" in r.stdout
-    r = _python("from mat_kernels._info import main; main()")
+    r = _python("from mat_kernels.info import main; main()")
     assert r.returncode == 0, r.stderr
     assert "mat_kernels::sparse_weight_grad" in r.stdout and "cpu, " in r.stdout
 

@@ -375,7 +375,7 @@ def test_fake_kernel_output_metadata():
 
 
 def test_info_lists_the_op():
-    from mat_kernels._info import CPP_OPS, _extension_rows
+    from mat_kernels.info import CPP_OPS, _extension_rows
 
     assert "sparse_input_grad" in CPP_OPS
     row = dict(_extension_rows())["  mat_kernels::sparse_input_grad"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["check_samples_independent", "batch_size", "default_forward"]
+__all__ = ["check_samples_independent", "batch_size", "concat_batches", "default_forward"]
 
 
 def check_samples_independent(model: nn.Module) -> None:
@@ -31,6 +31,34 @@ def batch_size(batch) -> int:
         if isinstance(v, torch.Tensor) and v.dim() > 0:
             return v.shape[0]
     raise ValueError("batch holds no tensor with a sample dimension")
+
+
+def concat_batches(a, b):
+    """Two batches of the same structure as one: tensors with a sample dimension concatenated along it (tensors of
+    a dict, tuple or list item by item; scalars and non-tensors must be equal and are kept). A training probe and
+    a held-out probe measured in one pass."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            raise TypeError(f"cannot concatenate a {type(a).__name__} with a {type(b).__name__}")
+        if a.dim() == 0 or b.dim() == 0:
+            if not torch.equal(a, b):
+                raise ValueError("0-d tensors of the two batches differ")
+            return a
+        if a.shape[1:] != b.shape[1:] or a.dtype != b.dtype or a.device != b.device:
+            raise ValueError(f"tensors of shapes {tuple(a.shape)} ({a.dtype}, {a.device}) and {tuple(b.shape)} "
+                             f"({b.dtype}, {b.device}) cannot be concatenated along the samples")
+        return torch.cat([a, b])
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            raise ValueError(f"the batches' keys differ: {sorted(a)} and {sorted(b)}")
+        return {k: concat_batches(a[k], b[k]) for k in a}
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and type(a) is type(b):
+        if len(a) != len(b):
+            raise ValueError(f"the batches have {len(a)} and {len(b)} items")
+        return type(a)(concat_batches(x, y) for x, y in zip(a, b))
+    if a is None and b is None or a == b:
+        return a
+    raise ValueError(f"cannot concatenate {a!r} and {b!r}")
 
 
 def default_forward(model: nn.Module, batch):

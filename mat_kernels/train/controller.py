@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from mat_kernels.measure.capture import MICRO_BATCHES, capture_lambda_max
 from mat_kernels.measure.discovery import discover_modules, validate_specs
-from mat_kernels.measure.forward import check_samples_independent
+from mat_kernels.measure.forward import batch_size, check_samples_independent, concat_batches
 from mat_kernels.measure.layer import GramOptions
 from mat_kernels.measure.model import model_lambda_max
 from mat_kernels.measure.result import LambdaMaxResult
@@ -40,9 +40,22 @@ from mat_kernels.nn.sparse_function import FROZEN_BACKWARD
 from mat_kernels.train.flops import FlopsLedger
 from mat_kernels.train.freezing import frozen_optimizer, install_sparse
 from mat_kernels.train.permute import HeadPermuter
-from mat_kernels.train.policy import CRITERIA, POLICIES, TemporalRule, check_number, module_scores, threshold_mask
+from mat_kernels.train.policy import (
+    CONTROLS,
+    CRITERIA,
+    NEEDS_HELDOUT,
+    POLICIES,
+    TemporalRule,
+    check_number,
+    layer_of,
+    module_scores,
+    shuffle_within,
+    threshold_mask,
+)
 
-__all__ = ["MAT"]
+__all__ = ["MAT", "MAT_POLICIES"]
+
+MAT_POLICIES = POLICIES + CONTROLS
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -78,11 +91,18 @@ class MAT:
         gate_after: number of measurements before the first gating decision (all modules train until then).
         probe: None (training backward), ``(batch, labels)`` or ``probe(step) -> (batch, labels)``.
         output: NTK output of probe measurements (``"logprob"``, ``"loss"``, ``"projection"``).
-        criterion: score of a module from its Gram: ``"lambda"`` (λmax, MAT), ``"trace"`` (Σ_i ‖g_i‖²) or
-            ``"grad_norm"`` (‖Σ_i g_i‖²).
-        policy, alpha, q, top_k: threshold (:func:`mat_kernels.policy.threshold_mask`); ``policy="random"``: the
-            ablation at the same budget as ``"mean"``.
-        seed: seed of ``policy="random"``'s choices.
+        criterion: score of a module from its Gram (:mod:`mat_kernels.train.policy`): ``"lambda"`` (λmax, MAT),
+            ``"trace"``, ``"grad_norm"``, ``"coherence"``, ``"offdiag_coherence"``, ``"lambda_ratio"``, or
+            ``"heldout"`` (⟨ḡ_train, ḡ_heldout⟩: needs ``heldout``, ``output="loss"`` and a ``probe``; decided by
+            the ``"positive"`` policy, the default for it).
+        heldout: a held-out probe ``(batch, labels)`` or ``heldout(step) -> (batch, labels)``: a slice of the
+            *training* data kept out of the training batches (never the validation set), measured together with
+            ``probe`` in one pass (criterion ``"heldout"``).
+        policy, alpha, q, top_k: threshold (:func:`mat_kernels.train.policy.threshold_mask`); ``"random"``: the
+            ablation at the same budget as ``"mean"``; ``"positive"``: scores above 0; the controls at the
+            criterion's own active counts: ``"shuffle"`` (each decision of ``"mean"``, its count per layer and
+            kind kept, the modules picked at random) and ``"fixed"`` (the first decision kept for the run).
+        seed: seed of the random policies' choices.
         smoothing: weight ρ of the past in an exponential moving average of the scores across measurements
             (``s_t = ρ·s_{t−1} + (1−ρ)·score_t``); 0: no smoothing.
         hysteresis: relative band h around the threshold τ: an active module stays active while its score is above
@@ -114,7 +134,8 @@ class MAT:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, specs: list[ModuleSpec] | None = None,
                  out_proj: str = "separate", always_trained="rest", warmup_steps: int = 300, interval: int = 100,
                  gate_after: int = 2, probe=None, output: str = "logprob", criterion: str = "lambda",
-                 policy: str = "mean", alpha: float = 1.0, q: float = 0.5, top_k: int | None = None, seed: int = 0,
+                 heldout=None, policy: str | None = None, alpha: float = 1.0, q: float = 0.5,
+                 top_k: int | None = None, seed: int = 0,
                  smoothing: float = 0.0, hysteresis: float = 0.0, group_by: str = "kind", beta: float = 1e-3,
                  patience: int = 2, temporal_rule: bool = True, stop_when_converged: bool = False,
                  frozen_backward: str = "dw", sparse_backward: bool = True, lambda_kwargs: dict | None = None,
@@ -129,13 +150,26 @@ class MAT:
             raise ValueError(f"output must be 'logprob', 'loss' or 'projection', got {output!r}")
         if criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if heldout is not None and not callable(heldout) and not (isinstance(heldout, (tuple, list))
+                                                                  and len(heldout) == 2):
+            raise TypeError("heldout must be None, a (batch, labels) pair or a callable heldout(step) -> (batch, "
+                            "labels)")
+        if criterion in NEEDS_HELDOUT and heldout is None:
+            raise ValueError(f"criterion={criterion!r} needs a held-out probe: pass heldout=(batch, labels)")
+        if heldout is not None and probe is None:
+            raise ValueError("heldout: a held-out probe is measured with the training probe in one pass: pass "
+                             "probe=(batch, labels) too")
+        if criterion in NEEDS_HELDOUT and output != "loss":
+            raise ValueError(f"criterion={criterion!r} aligns loss gradients: pass output='loss', got {output!r}")
+        policy = ("positive" if criterion in NEEDS_HELDOUT else "mean") if policy is None else policy
+        if policy not in MAT_POLICIES:
+            raise ValueError(f"policy must be one of {MAT_POLICIES}, got {policy!r}")
         alpha = check_number("alpha", alpha, lo=0)
-        threshold_mask(torch.ones(max(top_k or 1, 1)), policy, alpha=alpha, q=q, k=top_k)  # validates q and top_k
+        threshold_mask(torch.ones(max(top_k or 1, 1)), policy if policy in POLICIES else "mean", alpha=alpha, q=q,
+                       k=top_k)  # validates q and top_k
         smoothing = check_number("smoothing", smoothing, lo=0, hi=1, hi_open=True)
         hysteresis = check_number("hysteresis", hysteresis, lo=0, hi=1, hi_open=True)
-        if hysteresis and policy in ("top_k", "random"):
+        if hysteresis and policy not in ("mean", "max", "quantile"):
             raise ValueError(f"hysteresis applies to threshold policies (mean, max, quantile), not policy={policy!r}")
         beta = check_number("beta", beta, lo=0)
         if group_by not in ("kind", "layer", "all"):
@@ -154,11 +188,15 @@ class MAT:
         validate_specs(self.module, self.specs)
         self.names = [s.name for s in self.specs]
         self.kinds = [s.kind for s in self.specs]
-        kinds = {"kind": self.kinds, "all": ["all"] * len(self.specs), "layer": _layer_groups(self.specs)}[group_by]
+        layers = _layer_groups(self.specs)
+        kinds = {"kind": self.kinds, "all": ["all"] * len(self.specs), "layer": layers}[group_by]
+        # the shuffle control's groups: every module's kind within its layer
+        per_layer = [f"{k}@{layer_of(s.name)}" for k, s in zip(self.kinds, self.specs)]
+        self._layer_kind = [[i for i, x in enumerate(per_layer) if x == key] for key in dict.fromkeys(per_layer)]
         self.groups = {k: torch.tensor([i for i, x in enumerate(kinds) if x == k]) for k in dict.fromkeys(kinds)}
         self.always_trained = self._always_trained(always_trained)
         self.warmup_steps, self.interval, self.gate_after = warmup_steps, interval, gate_after
-        self.probe, self.output, self.criterion = probe, output, criterion
+        self.probe, self.output, self.criterion, self.heldout = probe, output, criterion, heldout
         self.policy = dict(policy=policy, alpha=alpha, q=q, k=top_k)
         self.smoothing, self.hysteresis = smoothing, hysteresis
         self.rule = TemporalRule(beta, patience) if temporal_rule else None
@@ -174,6 +212,8 @@ class MAT:
         self.active = torch.ones(M, dtype=torch.bool)
         self.converged = torch.zeros(M, dtype=torch.bool)
         self._smoothed: torch.Tensor | None = None
+        self._fixed: torch.Tensor | None = None  # policy="fixed": the first decision
+        self._n_train: int | None = None  # samples of the training probe in the last measurement (heldout)
         self.step_count = 0
         self.measurements = 0
         self.should_stop = False
@@ -394,8 +434,10 @@ class MAT:
 
         if self._perm is not None:  # measured per place: back to the modules' order
             grams = self._perm.to_identity(grams)
-        lam = lambda_max(grams, check_finite=self.gram_options.check_finite)
-        score = module_scores(grams, self.criterion, lam=lam.double().cpu())
+        n = self._n_train
+        train = grams if n is None else grams[:, :n, :n]  # λ (the logs) over the training probe
+        lam = lambda_max(train, check_finite=self.gram_options.check_finite)
+        score = module_scores(grams, self.criterion, lam=lam.double().cpu(), n_train=n)
         return LambdaMaxResult(tuple(self.names), lam, grams, grams.shape[-1], "mat", specs=self.specs, scores=score,
                                **fields)
 
@@ -407,6 +449,11 @@ class MAT:
 
         t0 = time.perf_counter()
         batch, labels = self.probe(self.step_count) if callable(self.probe) else self.probe
+        self._n_train = None
+        if self.heldout is not None:  # the training probe's samples first, then the held-out probe's, in one pass
+            ho_batch, ho_labels = self.heldout(self.step_count) if callable(self.heldout) else self.heldout
+            self._n_train = batch_size(batch)
+            batch, labels = concat_batches(batch, ho_batch), concat_batches(labels, ho_labels)
         was = [(m, m.training) for m in self.module.modules()]
         self.module.eval()
         try:
@@ -443,8 +490,11 @@ class MAT:
         if self.rule is not None:
             self.converged = self.rule.update(lam)
         thr, tau = torch.ones_like(self.active), {}
-        if self.measurements >= self.gate_after:
-            pol = self.policy
+        gating = self.measurements >= self.gate_after
+        if gating:
+            pol = dict(self.policy)
+            if pol["policy"] in CONTROLS:  # the controls start from the mean rule's decision
+                pol["policy"] = "mean"
             for kind, idx in self.groups.items():
                 k = pol["k"]
                 if k is not None:  # top-k per group: the same share of each group
@@ -460,6 +510,12 @@ class MAT:
                     h = self.hysteresis
                     thr[idx] = torch.where(was, s > tau[kind] * (1 - h), s > tau[kind] * (1 + h))
         self.active = thr & ~self.converged
+        if gating and self.policy["policy"] == "shuffle":
+            self.active = shuffle_within(self.active, self._layer_kind, self._rng, eligible=~self.converged)
+        elif gating and self.policy["policy"] == "fixed":
+            if self._fixed is None:
+                self._fixed = self.active.clone()
+            self.active = self._fixed.clone()
         if self._perm is not None:
             self._perm.arrange(self.active)
         self._apply_masks()
@@ -524,6 +580,7 @@ class MAT:
             "rule": self.rule.state_dict() if self.rule is not None else None, "names": list(self.names),
             "block_steps": self._module_steps(), "rng": self._rng.get_state(),
             "smoothed": None if self._smoothed is None else self._smoothed.clone(),
+            "fixed": None if self._fixed is None else self._fixed.clone(),
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -541,6 +598,7 @@ class MAT:
         if sd.get("rng") is not None:
             self._rng.set_state(sd["rng"])
         self._smoothed = sd.get("smoothed")
+        self._fixed = sd.get("fixed")
         self._apply_masks()
 
     def _module_steps(self) -> torch.Tensor:

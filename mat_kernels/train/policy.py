@@ -51,14 +51,16 @@ converged by the rule.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["threshold_mask", "module_scores", "criterion_flops", "shuffle_within", "TemporalRule", "POLICIES",
-           "CRITERIA", "NEEDS_HELDOUT", "check_number"]
+__all__ = ["threshold_mask", "module_scores", "criterion_flops", "shuffle_within", "layer_of", "TemporalRule",
+           "POLICIES", "CONTROLS", "CRITERIA", "NEEDS_HELDOUT", "check_number"]
 
 POLICIES = ("mean", "max", "quantile", "top_k", "random", "positive")
+CONTROLS = ("shuffle", "fixed")  # MAT's controls at the criterion's own active counts (mat_kernels.MAT)
 CRITERIA = ("lambda", "trace", "grad_norm", "coherence", "offdiag_coherence", "lambda_ratio", "heldout")
 NEEDS_HELDOUT = ("heldout",)  # criteria that need a held-out probe
 _NEEDS_LAMBDA = ("lambda", "lambda_ratio")
@@ -118,10 +120,24 @@ def criterion_flops(criterion: str, num_modules: int, n: int) -> int:
     return num_modules * (n * n + (9 * n ** 3 if criterion in _NEEDS_LAMBDA else 0))
 
 
-def shuffle_within(active: torch.Tensor, groups: list[list[int]], generator: torch.Generator | None = None):
+_MODULE_PART = re.compile(r"\.?(head\d+(\.out)?|group\d+(\.out)?|ffn|experts\.[^.]+)$")
+
+
+def layer_of(name: str) -> str:
+    """The layer a module belongs to: its name up to the module's own part (``layers.3`` for ``layers.3.head1``,
+    ``layers.3.head1.out``, ``layers.3.group0`` and ``layers.3.ffn``); the name itself otherwise (a conv)."""
+    return _MODULE_PART.sub("", name) or name
+
+
+def shuffle_within(active: torch.Tensor, groups: list[list[int]], generator: torch.Generator | None = None, *,
+                   eligible: torch.Tensor | None = None):
     """The per-layer shuffle control: for each group of module indices (one layer and kind), as many active
-    modules as ``active`` has there, chosen uniformly at random (seeded by ``generator``)."""
+    modules as ``active`` has there, chosen uniformly at random (seeded by ``generator``) among the ``eligible``
+    ones (bool, default all; must include the active ones)."""
     active = torch.as_tensor(active, dtype=torch.bool).cpu()
+    eligible = torch.ones_like(active) if eligible is None else torch.as_tensor(eligible, dtype=torch.bool).cpu()
+    if bool((active & ~eligible).any()):
+        raise ValueError("eligible must include every active module")
     out = torch.zeros_like(active)
     seen = set()
     for idx in groups:
@@ -130,7 +146,8 @@ def shuffle_within(active: torch.Tensor, groups: list[list[int]], generator: tor
         seen |= set(idx)
         t = torch.tensor(idx, dtype=torch.long)
         count = int(active[t].sum())
-        out[t[torch.randperm(len(idx), generator=generator)[:count]]] = True
+        t = t[eligible[t]]
+        out[t[torch.randperm(len(t), generator=generator)[:count]]] = True
     if seen != set(range(active.numel())):
         raise ValueError(f"groups must cover every module index 0..{active.numel() - 1}")
     return out
