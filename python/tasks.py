@@ -59,6 +59,8 @@ class Task:
     info: dict = field(default_factory=dict)
     lr_peak: float = 0.0  # the rate after warm-up (budgeted(): the decay starts from it)
     lr_warmup: int = 0  # warm-up steps
+    # the held-out probe: (batch, labels) of training samples no training batch holds (build(..., heldout=n))
+    heldout_probe: Callable[[int], tuple] | None = None
 
 
 SCHEDULES = ("linear", "cosine")
@@ -105,11 +107,15 @@ def names() -> list[str]:
     return list(_TASKS)
 
 
-def build(name: str, seed: int, *, tiny: bool = False) -> Task:
-    """The task ``name`` for ``seed`` (``tiny``: a seconds-long version of it for tests)."""
+def build(name: str, seed: int, *, tiny: bool = False, heldout: int = 0) -> Task:
+    """The task ``name`` for ``seed`` (``tiny``: a seconds-long version of it for tests). ``heldout``: how many
+    training samples to keep out of the training batches as a held-out probe (``Task.heldout_probe``; 0: none).
+    Every arm of a comparison must use the same ``heldout``, so that all train on the same data."""
     if name not in _TASKS:
         raise ValueError(f"unknown task {name!r}; known: {', '.join(_TASKS)}")
-    return _TASKS[name](seed, tiny=tiny)
+    if isinstance(heldout, bool) or not isinstance(heldout, int) or heldout < 0:
+        raise ValueError(f"heldout must be an int >= 0 (held-out training samples), got {heldout!r}")
+    return _TASKS[name](seed, tiny=tiny, heldout=heldout)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -179,7 +185,7 @@ def mlm_loss_scale(batch) -> float:
 
 
 def _mlm_task(name, description, seed, *, train_plays, d, heads, ffn, layers, vocab, steps, batch, seq_len, lr,
-              lr_warmup, weight_decay, eval_every, val_batches, tiny, lr_floor=0.1):
+              lr_warmup, weight_decay, eval_every, val_batches, tiny, lr_floor=0.1, heldout=0):
     if tiny:
         d, heads, ffn, layers, vocab, batch, seq_len, val_batches = 32, 2, 64, 2, 300, 8, 16, 2
         steps, eval_every, lr_warmup = min(steps, 24), min(eval_every, 8), min(lr_warmup, 4)
@@ -189,6 +195,14 @@ def _mlm_task(name, description, seed, *, train_plays, d, heads, ffn, layers, vo
     train_files = pool if train_plays is None else [p for p in pool if p.stem in train_plays]
     tok = shakespeare.WordTokenizer(play_lines(train_files), vocab)  # counted on the training plays only
     train_stream = shakespeare.token_stream(play_lines(train_files), tok)
+    heldout_batch = None
+    if heldout:  # the stream's last heldout·seq_len tokens, cut into heldout sequences no training batch reaches
+        cut = train_stream.numel() - heldout * seq_len
+        if cut < 10 * seq_len:
+            raise ValueError(f"heldout={heldout} sequences of {seq_len} tokens leave too little training text")
+        ho_stream, train_stream = train_stream[cut:], train_stream[:cut]
+        heldout_batch = shakespeare.mlm_batch(ho_stream, heldout, seq_len, tok,
+                                              torch.Generator().manual_seed(2_000 + seed))
     val_stream = shakespeare.token_stream(play_lines(val_files), tok)
     g = torch.Generator().manual_seed(1_000 + seed)
     val = [shakespeare.mlm_batch(val_stream, batch, seq_len, tok, g) for _ in range(val_batches)]
@@ -232,7 +246,8 @@ def _mlm_task(name, description, seed, *, train_plays, d, heads, ffn, layers, vo
                       f"{lr_warmup} steps, then {'constant' if lr_floor >= 1 else f'linear decay to {lr_floor:g}x'}), "
                       f"weight decay {weight_decay}; validation: {val_batches} fixed batches"}
     return Task(name, description, steps, eval_every, model, make_optimizer, lr_at, get_batch, mlm_loss,
-                mlm_loss_scale, evaluate, "validation loss", False, info, lr_peak=lr, lr_warmup=lr_warmup)
+                mlm_loss_scale, evaluate, "validation loss", False, info, lr_peak=lr, lr_warmup=lr_warmup,
+                heldout_probe=None if heldout_batch is None else (lambda step: heldout_batch))
 
 
 # The one-play MLM setting shared by mlm-small and the held-out configuration (which changes only the play and the
@@ -242,26 +257,27 @@ _ONE_PLAY = dict(d=128, heads=4, ffn=512, vocab=2000, steps=1200, batch=32, seq_
 
 
 @register("mlm-small")
-def mlm_small(seed: int, tiny: bool = False) -> Task:
+def mlm_small(seed: int, tiny: bool = False, heldout: int = 0) -> Task:
     # One play (23.7k training tokens) for a 1.3M-parameter model: 55 parameters per training token. A constant
     # learning rate after the warm-up lets it overfit within the budget (best validation loss near step 850 of 1200
     # in a dense trial run, then rising), the regime in which the paper's claims were made.
     return _mlm_task("mlm-small", "BERT-style MLM on one play, trained past its best validation loss", seed,
-                     train_plays=("twelfth-night",), layers=4, tiny=tiny, **_ONE_PLAY)
+                     train_plays=("twelfth-night",), layers=4, tiny=tiny, heldout=heldout, **_ONE_PLAY)
 
 
 @register("mlm-heldout")
-def mlm_heldout(seed: int, tiny: bool = False) -> Task:
+def mlm_heldout(seed: int, tiny: bool = False, heldout: int = 0) -> Task:
     # The held-out configuration, fixed before any tuning: another play and six layers instead of four.
     return _mlm_task("mlm-heldout", "held out: another play (The Tempest), 6 layers", seed,
-                     train_plays=("the-tempest",), layers=6, tiny=tiny, **_ONE_PLAY)
+                     train_plays=("the-tempest",), layers=6, tiny=tiny, heldout=heldout, **_ONE_PLAY)
 
 
 @register("mlm-default")
-def mlm_default(seed: int, tiny: bool = False) -> Task:
+def mlm_default(seed: int, tiny: bool = False, heldout: int = 0) -> Task:
     return _mlm_task("mlm-default", "the former train_mlm.py default: 34 plays, ~2 epochs (under-trained)", seed,
                      train_plays=None, d=128, heads=4, ffn=512, layers=4, vocab=3000, steps=1000, batch=32,
-                     seq_len=64, lr=1e-3, lr_warmup=50, weight_decay=0.01, eval_every=50, val_batches=16, tiny=tiny)
+                     seq_len=64, lr=1e-3, lr_warmup=50, weight_decay=0.01, eval_every=50, val_batches=16, tiny=tiny,
+                     heldout=heldout)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -336,7 +352,7 @@ def cnn_loss_scale(batch) -> float:
 
 
 def _cnn_task(name, description, seed, *, widths, hidden, n_train, n_test, batch, steps, lr, lr_warmup, momentum,
-              weight_decay, eval_every, tiny):
+              weight_decay, eval_every, tiny, heldout=0):
     if tiny:
         widths, hidden, n_train, n_test, batch, steps, eval_every = ["4", "M", "8", "M"], 16, 96, 64, 16, 18, 6
     widths = [w if w == "M" else int(w) for w in widths]
@@ -347,12 +363,19 @@ def _cnn_task(name, description, seed, *, widths, hidden, n_train, n_test, batch
     def make_optimizer(m):
         return torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
-    per_epoch = n_train // batch
+    if heldout >= n_train - batch:
+        raise ValueError(f"heldout={heldout} leaves fewer than one batch of the {n_train} training images")
+    pool = torch.arange(n_train)
+    ho_idx = None
+    if heldout:  # a seeded choice of training images that no training batch holds
+        perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(2_000 + seed))
+        ho_idx, pool = perm[:heldout], perm[heldout:].sort().values
+    per_epoch = pool.numel() // batch
     order: list = []
 
     def get_batch(step: int):
         while len(order) <= step:  # a fresh seeded permutation per epoch, last partial batch dropped
-            perm = torch.randperm(n_train, generator=g)
+            perm = pool[torch.randperm(pool.numel(), generator=g)]
             order.extend(perm[i * batch:(i + 1) * batch] for i in range(per_epoch))
         idx = order[step]
         return Xtr[idx], ytr[idx]
@@ -376,14 +399,15 @@ def _cnn_task(name, description, seed, *, widths, hidden, n_train, n_test, batch
             "budget": f"{steps} steps of {batch} ({steps * batch / n_train:.0f} epochs), SGD lr {lr} (warm-up "
                       f"{lr_warmup} steps, then constant), momentum {momentum}, weight decay {weight_decay}"}
     return Task(name, description, steps, eval_every, model, make_optimizer, lr_at, get_batch, cnn_loss,
-                cnn_loss_scale, evaluate, "test accuracy", True, info, lr_peak=lr, lr_warmup=lr_warmup)
+                cnn_loss_scale, evaluate, "test accuracy", True, info, lr_peak=lr, lr_warmup=lr_warmup,
+                heldout_probe=None if ho_idx is None else (lambda step, _p=(Xtr[ho_idx], ytr[ho_idx]): _p))
 
 
 @register("cnn-small")
-def cnn_small(seed: int, tiny: bool = False) -> Task:
+def cnn_small(seed: int, tiny: bool = False, heldout: int = 0) -> Task:
     # 1,000 training images for 0.44M parameters; a dense trial run peaked at 97.2% test accuracy near step 250 of
     # 600 and stayed about 0.3 points below after.
     return _cnn_task("cnn-small", "VGG-style CNN, 1,000 MNIST digits, past its best test accuracy", seed,
                      widths=["32", "32", "M", "64", "64", "M", "128", "128", "M"], hidden=128, n_train=1000,
                      n_test=1000, batch=50, steps=600, lr=0.01, lr_warmup=50, momentum=0.9, weight_decay=5e-4,
-                     eval_every=20, tiny=tiny)
+                     eval_every=20, tiny=tiny, heldout=heldout)

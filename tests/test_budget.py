@@ -46,3 +46,23 @@ def test_budget_and_schedule_are_checked(cnn):
             tasks.budgeted(cnn, bad)
     with pytest.raises(ValueError, match="schedule must be one of"):
         tasks.budgeted(cnn, 0.5, "step")
+
+
+@pytest.mark.parametrize("name", ["cnn-small", "mlm-small"])
+def test_the_heldout_probe_is_training_data_no_batch_holds(name):
+    t = tasks.build(name, 0, tiny=True, heldout=6)
+    x, y = t.heldout_probe(0)
+    assert x.shape[0] == 6 and t.heldout_probe(5)[0] is x  # one fixed probe
+    if name == "cnn-small":
+        seen = torch.cat([t.batch(s)[0] for s in range(t.steps)]).flatten(1)
+        ho = x.flatten(1)
+        assert not any(bool((seen == h).all(1).any()) for h in ho)  # no held-out image in any training batch
+    assert tasks.build(name, 0, tiny=True).heldout_probe is None
+
+
+def test_heldout_is_checked(cnn):
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="heldout must be an int"):
+            tasks.build("cnn-small", 0, heldout=bad)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        tasks.build("cnn-small", 0, tiny=True, heldout=90)
