@@ -48,9 +48,10 @@ from mat_kernels.measure.capture_records import (
 )
 from mat_kernels.measure.discovery import group_by_weight
 from mat_kernels.measure.forward import check_samples_independent
-from mat_kernels.measure.layer import GramOptions, layer_grams, route_costs
+from mat_kernels.measure.layer import GramOptions, layer_grams
 from mat_kernels.measure.result import LambdaMaxResult
 from mat_kernels.measure.specs import ModuleSpec, is_conv1d, linear_shape
+from mat_kernels.ops.gram_dispatch import route_costs, route_of
 
 __all__ = ["LambdaCapture", "capture_lambda_max"]
 
@@ -354,7 +355,7 @@ class LambdaCapture:
                 shared = (x3.shape[-1] + int(bias)) if axis == "rows" else dy3.shape[-1]
                 segmented = sum(size for r in blocks for _, size in r)
                 costs = route_costs(self.n, x3.shape[1], shared, segmented, sketch_size=self.options.sketch_size)
-                self.gram_flops += 2 * costs[res.routes[0]]
+                self.gram_flops += 2 * costs[route_of(res.routes[0])]
 
     # ------------------------------------------------------------------------------------------------ driving
     def backward(self, total: torch.Tensor) -> None:

@@ -1,0 +1,132 @@
+"""The Gram dispatcher (mat_kernels.ops.gram_dispatch): every implementation forced against the float64 oracle,
+what a forced kernel that cannot run says, what ``auto`` picks, what ``routes`` names."""
+import warnings
+
+import pytest
+import torch
+from helpers import FP32_RTOL, rel_err
+
+import mat_kernels as mk
+from mat_kernels import _backend
+from mat_kernels.ops import gram_dispatch as gd
+from mat_kernels.testing.reference import reference_lambda_max
+
+TRITON_RUNS = _backend.triton_unusable(torch.device("cpu")) is None  # the interpreter (CI) or a stand-in
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNELS = [k for k, impl in gd.KERNELS.items() if impl.BACKEND == "torch" or TRITON_RUNS or DEVICE == "cuda"]
+
+
+def _inputs(n, T, d_in, d_out, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, T, d_in, generator=g).to(DEVICE), torch.randn(n, T, d_out, generator=g).to(DEVICE))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# every implementation, forced
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("n,T,d_in,d_out", [(1, 1, 5, 7), (3, 7, 9, 11), (17, 2, 13, 6)],
+                         ids=lambda v: str(v))
+def test_every_kernel_forced_against_the_oracle(kernel, n, T, d_in, d_out):
+    """Row modules (one of two separate ranges, with bias) and column modules of one layer through one forced
+    kernel: each layout's Grams against the float64 oracle, and ``routes`` names the kernel for both layouts."""
+    x, dy = _inputs(n, T, d_in, d_out, seed=n * 100 + T)
+    rows = [[(0, 2), (d_out - 3, 3)], [(2, d_out - 5)]]
+    cols = [(0, 4), (4, d_in - 4)]
+    res = mk.estimate_lambda_max(x, dy, row_blocks=rows, col_blocks=cols, bias=True, kernel=kernel,
+                                 return_grams=True)
+    assert res.routes == (kernel, kernel)
+    assert res.backend.startswith(gd.KERNELS[kernel].BACKEND)
+    _, ref_rows = reference_lambda_max(x.cpu(), dy.cpu(), row_blocks=rows, bias=True)
+    _, ref_cols = reference_lambda_max(x.cpu(), dy.cpu(), col_blocks=cols)
+    assert rel_err(res.grams, torch.cat([ref_rows, ref_cols])) <= FP32_RTOL
+
+
+@pytest.mark.parametrize("kernel", [k for k in KERNELS if gd.KERNELS[k].ROUTE == "psg"])
+def test_sketch_runs_on_the_forced_psg_kernel(kernel):
+    """The sketch is a method: it projects the shared side, then the psg kernel chosen (here forced) runs, and the
+    route says both. Every psg kernel gives the same sketched Grams."""
+    x, dy = _inputs(3, 5, 20, 6, seed=5)
+    kw = dict(row_blocks=2, bias=True, method="sketch", sketch_size=8, seed=1)
+    res = mk.layer_grams(x, dy, kernel=kernel, **kw)
+    assert res.routes == (f"sketch+{kernel}",) and gd.route_of(res.routes[0]) == "sketch"
+    assert rel_err(res.grams, mk.layer_grams(x, dy, kernel="torch-psg", **kw).grams) <= FP32_RTOL
+
+
+def test_limits_of_the_one_launch_kernels_are_the_kernels_own():
+    from mat_kernels.kernels.triton_segment_grams_fused import FUSED_MAX_N, LOCAL_MAX_N
+
+    assert gd.TritonFused.MAX_N == FUSED_MAX_N and gd.TritonLocal.MAX_N == LOCAL_MAX_N
+
+
+# --------------------------------------------------------------------------------------------------------------
+# bad choices
+# --------------------------------------------------------------------------------------------------------------
+def test_a_forced_kernel_that_cannot_run_raises_with_every_reason():
+    inp = gd.GramInputs(n=70, T=3, shared=5, segmented=4, add_one=False, dtype=torch.float64,
+                        device=torch.device("meta"))
+    with pytest.raises(ValueError, match="kernel='triton-fused' cannot run") as e:
+        gd.choose(inp, kernel="triton-fused", backend="torch", method="ghost")
+    msg = str(e.value)
+    for reason in ("method='ghost' computes the ghost route", "backend='torch' rules out triton kernels",
+                   "Triton cannot run here: ", "dtype torch.float64", "n = 70 samples > 32"):
+        assert reason in msg, (reason, msg)
+
+
+def test_a_forced_kernel_the_inputs_rule_out_raises_from_the_entry_points():
+    x, dy = _inputs(65, 1, 3, 4, seed=1)
+    with pytest.raises(ValueError, match=r"triton-local: n = 65 samples > 64"):
+        mk.estimate_lambda_max(x, dy, kernel="triton-local")
+    with pytest.raises(ValueError, match=r"method='ghost' computes the ghost route; torch-psg is a psg kernel"):
+        mk.estimate_lambda_max(x, dy, kernel="torch-psg", method="ghost")  # refused by GramOptions, before any work
+    with pytest.raises(ValueError, match=r"backend='torch' rules out triton kernels"):
+        mk.GramOptions(kernel="triton-psg", backend="torch")
+    with pytest.raises(ValueError, match="method='sketch' computes the psg route; triton-ghost is a ghost kernel"):
+        mk.GramOptions(kernel="triton-ghost", method="sketch")
+
+
+def test_an_unknown_kernel_names_the_choices():
+    for call in (lambda: mk.GramOptions(kernel="fused"), lambda: mk.layer_grams(*_inputs(2, 1, 3, 4, 0), kernel="x"),
+                 lambda: gd.choose(gd.GramInputs.of(torch.zeros(2, 1, 3), [4], False), kernel="psg")):
+        with pytest.raises(ValueError, match="kernel must be one of") as e:
+            call()
+        assert all(name in str(e.value) for name in gd.KERNEL_CHOICES)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# auto
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,T,shared,segmented,add_one", [(1, 1, 9, 12, True), (8, 1, 32, 32, False),
+                                                          (4, 64, 16, 16, True), (40, 16, 33, 70, True),
+                                                          (70, 128, 769, 2304, True)])
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_auto_picks_the_cheapest_supported(n, T, shared, segmented, add_one, backend):
+    """``auto``: the fewest multiply-adds (the route_costs of the route), then Triton before PyTorch, then the
+    shortest predicted time; the choice lists every candidate, its cost and its reasons."""
+    if backend == "triton" and not (TRITON_RUNS or DEVICE == "cuda"):
+        pytest.skip("Triton cannot run on CPU tensors here")
+    inp = gd.GramInputs(n, T, shared, segmented, add_one, torch.float32, torch.device(DEVICE))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback warning where Triton cannot run
+        choice = gd.choose(inp, backend=backend)
+    supported = [(c, impl.BACKEND != "triton", s or 0.0) for k, c, s, r in choice.candidates if not r
+                 for impl in [gd.KERNELS[k]]]
+    assert len(choice.candidates) == len(gd.KERNELS) and supported
+    assert (choice.cost, gd.KERNELS[choice.kernel].BACKEND != "triton") == min(supported)[:2]
+    assert choice.cost == min(gd.route_costs(n, T, shared + add_one, segmented).values())
+    assert backend == "auto" or gd.KERNELS[choice.kernel].BACKEND == backend
+    assert choice.kernel in choice.reason
+    for k, cost, _, reasons in choice.candidates:  # the ruled out ones say why
+        assert bool(reasons) == (cost is None)
+        if backend != "auto" and gd.KERNELS[k].BACKEND != backend:
+            assert any("rules out" in r for r in reasons)
+
+
+def test_a_fallback_to_pytorch_is_inspectable(monkeypatch):
+    monkeypatch.setattr(_backend, "triton_unusable", lambda device: "no Triton in this test")
+    monkeypatch.setattr(_backend, "_WARNED", set())
+    inp = gd.GramInputs(4, 8, 10, 12, True, torch.float32, torch.device("cpu"))
+    with pytest.warns(UserWarning, match="no Triton in this test"):
+        choice = gd.choose(inp)
+    assert choice.kernel == "torch-psg" and choice.backend == "torch"
+    assert all("no Triton in this test" in " ".join(r) for k, _, _, r in choice.candidates if k.startswith("triton"))
