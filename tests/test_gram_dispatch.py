@@ -1,15 +1,21 @@
 """The Gram dispatcher (mat_kernels.ops.gram_dispatch): every implementation forced against the float64 oracle,
-what a forced kernel that cannot run says, what ``auto`` picks, what ``routes`` names."""
+what a forced kernel that cannot run says, what ``auto`` picks, what ``routes`` names, and the FLOPs of the Grams
+counted by ``FlopCounterMode`` through the formula of ``mat_kernels::segment_grams`` (the dispatcher's cost)."""
 import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import FP32_RTOL, rel_err
+from models import TinyLM, small_cnn
+from torch.utils.flop_counter import FlopCounterMode
 
 import mat_kernels as mk
 from mat_kernels import _backend
 from mat_kernels.ops import gram_dispatch as gd
+from mat_kernels.ops import segment_grams
 from mat_kernels.testing.reference import reference_lambda_max
+from mat_kernels.train.flops import FlopsLedger, count_flops
 
 TRITON_RUNS = _backend.triton_unusable(torch.device("cpu")) is None  # the interpreter (CI) or a stand-in
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -130,3 +136,83 @@ def test_a_fallback_to_pytorch_is_inspectable(monkeypatch):
         choice = gd.choose(inp)
     assert choice.kernel == "torch-psg" and choice.backend == "torch"
     assert all("no Triton in this test" in " ".join(r) for k, _, _, r in choice.candidates if k.startswith("triton"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# FLOPs: the op's formula is the dispatcher's cost; FlopCounterMode counts measurements
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_the_flop_formula_is_the_cost_function(kernel):
+    a, b = _inputs(5, 3, 7, 9, seed=2)
+    mode = FlopCounterMode(display=False)
+    with mode:
+        segment_grams(a, b, [0, 4], [4, 5], [0, 1], True, kernel, False, 1 << 20)
+    counted = mode.get_flop_counts()["Global"]
+    want = 2 * gd.route_costs(5, 3, 8, 9)[gd.KERNELS[kernel].ROUTE]
+    assert counted == {torch.ops.mat_kernels.segment_grams: want}  # the op alone: nothing inside it counted twice
+    assert gd.flops(kernel, gd.GramInputs.of(a, [4, 5], True)) == want
+
+
+# (what MAT.measure() put in the ledger at each route, before the Grams were counted through the op's formula:
+# FlopCounterMode's count of the probe passes + the capture's gram_flops (2 × route_costs) + eigvalsh)
+TINYLM_MEASUREMENT_FLOPS = {"auto": 263074, "psg": 270234, "ghost": 284354}
+# the sketch's projection is a GEMM that FlopCounterMode counted and gram_flops counted again (bias column included):
+# 2·n·T·k·shared less per layout and layer, n = 4, T = 5, k = 8, shared = 13 (qkv, ffn_in: d + bias), 12 (attn_out's
+# columns: dy), 11 (ffn_out: ffn + bias)
+TINYLM_SKETCH_FLOPS = 293354 - 2 * 4 * 5 * 8 * (2 * (13 + 13 + 12 + 11))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"] if TRITON_RUNS else ["torch"])
+@pytest.mark.parametrize("method", ["auto", "psg", "ghost", "sketch"])
+def test_a_measurement_is_counted_as_before(backend, method):
+    """MAT.measure()'s ledger entry is FlopCounterMode's count (probe passes, Grams) + eigvalsh: for the exact
+    routes, what the parallel bookkeeping it replaced recorded (pinned); the sketch's projection now counted once."""
+    torch.manual_seed(0)
+    model = TinyLM(layers=2)
+    probe = torch.randint(0, 23, (4, 5), generator=torch.Generator().manual_seed(99))
+    mat = mk.MAT(model, torch.optim.SGD(model.parameters(), lr=0.1), warmup_steps=0, interval=1,
+                 probe=(probe, probe), lambda_kwargs={"backend": backend, "method": method, "sketch_size": 8})
+    try:
+        mat.measure()
+    finally:
+        mat.close()
+    want = TINYLM_SKETCH_FLOPS if method == "sketch" else TINYLM_MEASUREMENT_FLOPS[method]
+    assert mat.ledger.measure == [(0, want)]
+
+
+def test_model_lambda_max_is_counted_with_its_grams():
+    """A CNN (grouped convolutions: one Gram call per group) measured under count_flops: the probe passes + the
+    Grams, as the probe count (41904) + gram_flops (37224) of the bookkeeping this replaced."""
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 2, 8, 8), torch.tensor([0, 1, 2])
+    counted, _ = count_flops(mk.model_lambda_max, small_cnn(), x, labels=y, output="loss", backend="torch",
+                             loss_fn=lambda logits, batch: F.cross_entropy(logits, y, reduction="none"))
+    assert counted == 41904 + 37224
+
+
+def test_measuring_from_the_training_backward_is_counted_as_before():
+    """probe=None: the Grams run inside the training backward, which count_step counts; with base_key the measuring
+    step's extra (Grams, exact backward) is the measurement's, MAT adds eigvalsh; the totals are those of the
+    bookkeeping this replaced (340337)."""
+    torch.manual_seed(14)
+    model = TinyLM(layers=1)
+    ledger = FlopsLedger()
+    mat = mk.MAT(model, torch.optim.SGD(model.parameters(), lr=0.1), interval=3, warmup_steps=1, probe=None,
+                 ledger=ledger, lambda_kwargs={"backend": "torch"})
+    try:
+        for s in range(2):
+            ids = torch.randint(0, 23, (4, 5), generator=torch.Generator().manual_seed(30 + s))
+            key = mat.flops_key()
+
+            def fwd_bwd():
+                with mat.measure_step(loss_scale=1 / 20):
+                    mat.backward(F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()))
+
+            ledger.count_step(key, fwd_bwd, base_key=(key[0], False))
+            mat.step()
+            mat.zero_grad()
+    finally:
+        mat.close()
+    eig = len(mat.specs) * 4 * 4 ** 3 // 3
+    assert ledger.train == [145440, 145440] and ledger.measure == [(1, 49457 - eig), (1, eig)]
+    assert ledger.total() == 340337

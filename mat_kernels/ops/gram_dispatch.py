@@ -28,7 +28,8 @@ Triton kernel before a PyTorch one, then the shortest predicted time (the byte m
 :func:`choose` raises ``ValueError`` with every reason. :class:`GramChoice` keeps every candidate's cost and
 reasons, so a choice (and a fallback to PyTorch, which also warns once) can always be inspected.
 
-The same cost gives the FLOPs of a call (2 × multiply-adds, :func:`flops`).
+The same cost gives the op's FLOP formula (2 × multiply-adds, :func:`flops`), registered for
+``torch.utils.flop_counter`` in :mod:`mat_kernels.ops.segment_grams`.
 """
 from __future__ import annotations
 

@@ -1,12 +1,15 @@
 """``mat_kernels::segment_grams``: per-segment Grams of per-sample gradients of one linear layer.
 
 A ``torch.library.custom_op`` (not ``triton_op``: under the CPU interpreter ``triton_op`` fails ``opcheck`` and
-``torch.compile``) with an explicit fake kernel, so the op traces under ``torch.compile``. The op is not
-differentiable: Grams are measurements, computed from detached activations and gradients.
+``torch.compile``) with an explicit fake kernel, so the op traces under ``torch.compile``, and a FLOP formula for
+``torch.utils.flop_counter`` (2 × the multiply-adds of the implementation's route, the dispatcher's cost), so
+``FlopCounterMode`` counts the Grams like any GEMM. The op is not differentiable: Grams are measurements, computed
+from detached activations and gradients.
 """
 from __future__ import annotations
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from mat_kernels.ops import gram_dispatch
 from mat_kernels.ops.gram_dispatch import GramInputs
@@ -49,3 +52,13 @@ def _(a, b, seg_starts, seg_sizes, seg_owners, add_one, kernel, allow_tf32, scra
     torch._check(kernel in gram_dispatch.KERNELS,
                  lambda: f"segment_grams: unknown kernel {kernel!r}; one of {tuple(gram_dispatch.KERNELS)}")
     return a.new_empty((1 + max(seg_owners), a.shape[0], a.shape[0]), dtype=torch.float32)
+
+
+def _segment_grams_flops(a, b, seg_starts, seg_sizes, seg_owners, add_one, kernel, *args, out_val=None,
+                         **kwargs) -> int:
+    """2 × the multiply-adds of ``kernel``'s route on these inputs (the dispatcher's cost function)."""
+    return gram_dispatch.flops(kernel, GramInputs.of(a, seg_sizes, add_one))
+
+
+# registered when the op loads, so every FlopCounterMode made after ``import mat_kernels`` counts the Grams
+register_flop_formula(torch.ops.mat_kernels.segment_grams, get_raw=True)(_segment_grams_flops)
