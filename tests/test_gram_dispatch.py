@@ -153,6 +153,15 @@ def test_the_flop_formula_is_the_cost_function(kernel):
     assert gd.flops(kernel, gd.GramInputs.of(a, [4, 5], True)) == want
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_sketched_layer_is_counted_as_route_costs_prices_it(bias):
+    """The sketch's projection (a GEMM the counter sees) and the psg kernel on the projection (the op's formula) add
+    up to route_costs' sketch price, the bias direction added, not multiplied."""
+    x, dy = _inputs(3, 5, 20, 6, seed=7)
+    counted, _ = count_flops(mk.layer_grams, x, dy, row_blocks=2, bias=bias, method="sketch", sketch_size=8)
+    assert counted == 2 * gd.route_costs(3, 5, 20 + bias, 6, sketch_size=8, bias=bias)["sketch"]
+
+
 # (what MAT.measure() put in the ledger at each route, before the Grams were counted through the op's formula:
 # FlopCounterMode's count of the probe passes + the capture's gram_flops (2 × route_costs) + eigvalsh)
 TINYLM_MEASUREMENT_FLOPS = {"auto": 263074, "psg": 270234, "ghost": 284354}
