@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""Benchmark: the psg Gram kernels side by side, to check ``psg_plan``'s choice on a GPU (NOTES.md §7).
+"""Benchmark: the psg Gram kernels side by side, to check the Gram dispatcher's choice on a GPU (NOTES.md §7).
 
 Providers, each computing the module Grams of one linear layer of BERT-base (n samples, T tokens):
 ``fused`` (the fused per-sample-gradient + Gram kernel, n ≤ 32), ``local`` (the tile-local one, n ≤ 64),
 ``two_kernel`` (per-sample gradients to a scratch, then
-the Gram kernel), ``ghost``. Rows: shape, dtype, provider, median / 20% / 80% ms, what ``psg_plan`` predicted and
-chose, the max relative difference to ``two_kernel``.
+the Gram kernel), ``ghost``. Rows: shape, dtype, provider, median / 20% / 80% ms, what the dispatcher
+(``mat_kernels.ops.gram_dispatch.choose``, psg route, Triton) predicted and chose, the max relative difference to
+``two_kernel``.
 
     python benchmarks/bench_psg_variants.py --csv out.csv            # CUDA: BERT-base QKV and FFN-in, T = 32, 128
     python benchmarks/bench_psg_variants.py --quick --csv out.csv    # CPU smoke run in the Triton interpreter
@@ -27,6 +28,7 @@ import _harness  # noqa: E402  (benchmarks/_harness.py, this script's folder)
 import mat_kernels as mk  # noqa: E402
 from mat_kernels.kernels import triton_segment_grams as tg  # noqa: E402
 from mat_kernels.kernels import triton_segment_grams_fused as tf  # noqa: E402
+from mat_kernels.ops import gram_dispatch  # noqa: E402
 
 # (name, n, T, d_in, d_out, row blocks as (starts, sizes, owners), bias)
 _QKV = mk.WeightBlocks.build(2304, 768, row_blocks=mk.fused_qkv_heads(12, 64)).segments()
@@ -66,7 +68,9 @@ def main(argv=None) -> list[dict]:
             g = torch.Generator().manual_seed(0)
             a = torch.randn(n, T, d_in, generator=g).to(device=device, dtype=dtype)
             b = torch.randn(n, T, d_out, generator=g).to(device=device, dtype=dtype)
-            plan = tf.psg_plan(n, T, d_in + int(bias), d_out, a.element_size())
+            choice = gram_dispatch.choose(gram_dispatch.GramInputs.of(a, [d_out], bias), backend="triton",
+                                          method="psg")
+            predicted = {k: s for k, _, s, _ in choice.candidates}
             ref = PROVIDERS["two_kernel"](a, b, segs, bias, tf32)
             for prov, fn in PROVIDERS.items():
                 if (prov == "fused" and n > tf.FUSED_MAX_N) or (prov == "local" and n > tf.LOCAL_MAX_N):
@@ -77,9 +81,9 @@ def main(argv=None) -> list[dict]:
                                                     min_reps=3, budget_s=0)
                 row = {**env, "shape": shape, "dtype": dname,
                        "provider": prov, "ms": round(med, 4), "ms_p20": round(lo, 4), "ms_p80": round(hi, 4),
-                       "plan": plan["kernel"], "plan_fused_us": round(1e6 * (plan["fused_s"] or 0), 1),
-                       "plan_local_us": round(1e6 * (plan["local_s"] or 0), 1),
-                       "plan_two_kernel_us": round(1e6 * (plan["two_kernel_s"] or 0), 1),
+                       "plan": choice.kernel, "plan_fused_us": round(1e6 * (predicted["triton-fused"] or 0), 1),
+                       "plan_local_us": round(1e6 * (predicted["triton-local"] or 0), 1),
+                       "plan_two_kernel_us": round(1e6 * (predicted["triton-psg"] or 0), 1),
                        "max_rel_diff_to_two_kernel": f"{err:.2e}"}
                 rows.append(row)
                 print(row, flush=True)

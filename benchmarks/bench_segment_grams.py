@@ -66,6 +66,7 @@ import torch
 import torch.nn.functional as F
 
 import mat_kernels as mk
+from mat_kernels.ops import gram_dispatch
 from mat_kernels.testing import reference as mk_ref
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -380,14 +381,12 @@ class Workload:
 
 
 def linear_route(lin: Linear, shape: Shape, method: str, sketch_size: int) -> str:
-    """The route mat_kernels takes for ``method`` on this linear (same rule as ``layer_grams``)."""
+    """The route mat_kernels takes for ``method`` on this linear (the Gram dispatcher's choice)."""
     shared, segmented = lin.widths()
-    if method == "sketch":
-        return "sketch" if sketch_size < shared else "psg"
-    if method in ("auto", "gram"):
-        c = mk.route_costs(shape.n, shape.T, shared, segmented)
-        return "ghost" if c["ghost"] < c["psg"] else "psg"
-    return method
+    if method == "sketch" and sketch_size < shared:
+        return "sketch"
+    inp = gram_dispatch.GramInputs(shape.n, shape.T, shared, segmented, False, torch.float32, torch.device("cpu"))
+    return gram_dispatch.choose(inp, backend="torch", method=method).route
 
 
 def route_flops(shape: Shape, routes: list[str], sketch_size: int) -> int:
@@ -513,11 +512,12 @@ def run_one(wl: Workload, prov: Provider, ref: torch.Tensor, quick: bool) -> dic
         lam = lam.detach().double().cpu()
         row["max_rel_err"] = float(((lam - ref).abs() / ref.abs().clamp_min(1e-300)).max())
         row["backend"] = wl.info.get("backend", "torch")
-        if prov.route is None:
-            routes = list(wl.info["routes"])
+        if prov.route is None:  # the kernels that ran (GramResult.routes), credited by their route
+            row["routes"] = _routes_str(list(wl.info["routes"]))
+            routes = [gram_dispatch.route_of(r) for r in wl.info["routes"]]
         else:
             routes = [prov.route] * len(wl.linears)
-        row["routes"] = _routes_str(routes)
+            row["routes"] = _routes_str(routes)
         row["peak_extra_mib"] = _harness.peak_extra_mib(fn, device)
         (med, p20, p80), timer = _harness.time_ms(fn, device, quick=quick)
         row.update(median_ms=med, p20_ms=p20, p80_ms=p80, timer=timer)

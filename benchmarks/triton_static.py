@@ -191,20 +191,16 @@ def _work(launch: dict) -> tuple[float, float, float]:
 
 def analyse(arch: int, dtype_name: str, n: int, T: int, method: str = "auto", psg: str = "auto") -> dict:
     """Compile one BERT-base layer's λ kernels for ``arch`` as launched; figures per kernel and per layer.
-    ``psg`` other than ``"auto"`` forces that psg variant (``"two-kernel"``, ``"local"``, ``"fused"``) in place of
-    ``psg_plan``'s choice."""
+    ``psg`` other than ``"auto"`` forces that psg kernel (``"two-kernel"``, ``"local"``, ``"fused"``) through the
+    Gram dispatcher (``kernel=``) in place of its choice."""
     dtype, tf32 = DTYPES[dtype_name]
     from mat_kernels import _backend
-    from mat_kernels.kernels import triton_segment_grams_fused as tg
 
-    plan = tg.psg_plan
-    if psg != "auto":
-        tg.psg_plan = lambda *a, **k: {**plan(*a, **k), "kernel": psg}
-
-    prev_driver, prev_pick = getattr(triton.runtime.driver, "_active", None), _backend.pick_backend
+    kernel = {"auto": "auto", "two-kernel": "triton-psg", "local": "triton-local", "fused": "triton-fused"}[psg]
+    prev_driver, prev_unusable = getattr(triton.runtime.driver, "_active", None), _backend.triton_unusable
     triton.runtime.driver.set_active(_StandInDriver(arch))
     _jit.JITFunction.run = _warmup_run
-    _backend.pick_backend = lambda device, requested: ("triton", f"stand-in driver for sm_{arch}")
+    _backend.triton_unusable = lambda device: None  # the dispatcher's Triton kernels run on the stand-in driver
     try:
         g = torch.Generator().manual_seed(0)
         calls = []
@@ -216,7 +212,7 @@ def analyse(arch: int, dtype_name: str, n: int, T: int, method: str = "auto", ps
         def layer(check_finite=True):
             for _, x, dy, kw in calls:
                 mk.layer_grams(x, dy, method=method, allow_tf32=tf32, backend="triton", check_finite=check_finite,
-                               **kw)
+                               kernel=kernel, **kw)
 
         layer()  # first call: compiles, fills the caches
         unchecked = _CountOps()
@@ -228,8 +224,7 @@ def analyse(arch: int, dtype_name: str, n: int, T: int, method: str = "auto", ps
             layer()  # steady state: what every later call launches
     finally:
         _jit.JITFunction.run = _ORIG_RUN
-        _backend.pick_backend = prev_pick
-        tg.psg_plan = plan
+        _backend.triton_unusable = prev_unusable
         triton.runtime.driver._active = prev_driver
     kernels, seen = [], {}
     flops = l2 = scratch = 0.0

@@ -43,7 +43,6 @@ from mat_kernels.measure.layer import (
     GramResult,
     estimate_lambda_max,
     layer_grams,
-    route_costs,
 )
 from mat_kernels.measure.model import model_lambda_max
 from mat_kernels.measure.result import LambdaMaxResult
@@ -51,6 +50,7 @@ from mat_kernels.measure.solvers import lambda_max
 from mat_kernels.nn.sparse_function import sparse_update_linear
 from mat_kernels.nn.sparse_linear import SparseUpdateConv1D, SparseUpdateLinear
 from mat_kernels.nn.sparse_mha import SparseUpdateMHAWeight
+from mat_kernels.ops.gram_dispatch import route_costs
 from mat_kernels.train.controller import MAT
 from mat_kernels.train.prune import lowest_heads, prune_heads
 

@@ -1,8 +1,9 @@
-"""Which implementation runs: Triton on a GPU, Triton in its CPU interpreter, or the PyTorch fallback.
+"""Where Triton can run: natively on a GPU, in its CPU interpreter, or not at all (then the PyTorch
+implementations run).
 
-The choice is made per call from the tensors' device and is always visible: every result carries the backend
-it used, and falling back to PyTorch (or upcasting low-precision inputs for the interpreter) warns once per
-reason.
+The Gram dispatcher (:mod:`mat_kernels.ops.gram_dispatch`) asks :func:`triton_unusable` per call; the sparse-update
+kernels ask :func:`kernel_unusable`. Falling back to PyTorch (or upcasting low-precision inputs for the
+interpreter) warns once per reason (:func:`warn_once`), and every result says what ran.
 """
 from __future__ import annotations
 
@@ -58,30 +59,16 @@ def triton_mode() -> tuple[str, str]:
     return "unavailable", "no CUDA device and TRITON_INTERPRET is not set"
 
 
-def pick_backend(device: torch.device, requested: str) -> tuple[str, str]:
-    """Choose ``"triton"`` or ``"torch"`` for tensors on ``device``; returns ``(backend, reason)``.
-
-    ``requested`` is ``"auto"``, ``"triton"`` or ``"torch"``. ``"triton"`` raises if Triton cannot run here;
-    ``"auto"`` falls back to PyTorch with a one-time warning.
-    """
-    if requested not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {requested!r}")
-    if requested == "torch":
-        return "torch", "requested"
+def triton_unusable(device: torch.device) -> str | None:
+    """None when the Gram kernels (Triton) can run on tensors of ``device`` here, else why not: natively on CUDA
+    tensors, or in the CPU interpreter (``TRITON_INTERPRET=1``). Read at every call (the Gram dispatcher,
+    :mod:`mat_kernels.ops.gram_dispatch`, asks it for each Triton implementation)."""
     mode, reason = triton_mode()
-    usable = (mode == "native" and device.type == "cuda") or mode == "interpreter"
-    if not usable and mode == "native":
-        reason = f"tensors are on {device.type}; Triton kernels run on CUDA tensors"
-    if usable:
-        return "triton", reason
-    if requested == "triton":
-        raise RuntimeError(f"backend='triton' requested but Triton cannot run here: {reason}")
-    warn_once(
-        f"fallback:{reason}",
-        f"mat_kernels: Triton kernels unavailable ({reason}); using the PyTorch implementation. "
-        "The result's `backend` field says which ran.",
-    )
-    return "torch", reason
+    if mode == "interpreter":  # (CUDA tensors go through the host)
+        return None if device.type in ("cpu", "cuda") else f"the Triton interpreter takes CPU tensors, not {device}"
+    if mode == "native":
+        return None if device.type == "cuda" else f"tensors are on {device.type}; Triton kernels run on CUDA tensors"
+    return reason
 
 
 # The Triton mode the sparse-update kernels (backward and optimizer step) run in, read once per process;

@@ -174,7 +174,7 @@ def _prune(model, batch, fraction: float, ledger: FlopsLedger, step: int) -> dic
         flops, res = count_flops(mk.model_lambda_max, model, batch[0], labels=batch[1], specs=specs)
     finally:
         model.train()
-    ledger.add_measurement(step, flops + res.gram_flops)
+    ledger.add_measurement(step, flops)  # the probe passes and the Grams, as counted
     heads = mk.lowest_heads(res, fraction)
     before = sum(p.numel() for p in model.parameters())
     mk.prune_heads(model, heads)

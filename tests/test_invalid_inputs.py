@@ -129,6 +129,8 @@ def test_python_m_mat_kernels_reports():
     ({"scratch_bytes": 1.5}, ValueError, "scratch_bytes must be a positive int"),
     ({"check_finite": 1}, TypeError, "check_finite must be a bool"),
     ({"sketchsize": 4}, TypeError, r"unknown Gram option\(s\) \['sketchsize'\]"),
+    ({"kernel": "cuda"}, ValueError, r"kernel must be one of \('auto', 'triton-fused', 'triton-local', 'triton-psg'"),
+    ({"kernel": "torch-ghost", "method": "psg"}, ValueError, "torch-ghost is a ghost kernel"),
 ])
 def test_gram_options_are_validated_once(kw, exc, match):
     with pytest.raises(exc, match=match):
@@ -140,7 +142,7 @@ def test_gram_options_object_and_keywords():
     opts = mk.GramOptions(method="ghost", backend="torch")
     a = mk.estimate_lambda_max(x, dy, row_blocks=2, options=opts)
     b = mk.estimate_lambda_max(x, dy, row_blocks=2, method="ghost", backend="torch")
-    assert a.routes == b.routes == ("ghost",) and torch.equal(a.values, b.values)
+    assert a.routes == b.routes == ("torch-ghost",) and torch.equal(a.values, b.values)
     with pytest.raises(ValueError, match="not both"):
         mk.layer_grams(x, dy, options=opts, method="psg")
     assert mk.GramOptions.of(opts, seed=3).seed == 3 and mk.GramOptions.of(opts) is opts
@@ -152,3 +154,6 @@ def test_mat_validates_its_gram_settings_at_construction():
     with pytest.raises(ValueError, match="method must be one of"):
         mk.MAT(model, opt, specs=[mk.ModuleSpec.whole("a", "0.weight")], sparse_backward=False,
                lambda_kwargs={"method": "nope"})
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        mk.MAT(model, opt, specs=[mk.ModuleSpec.whole("a", "0.weight")], sparse_backward=False,
+               lambda_kwargs={"kernel": "fused"})

@@ -10,6 +10,7 @@ import torch
 from helpers import FP32_RTOL, TF32_RTOL, backends, rel_err, requires_cuda
 
 import mat_kernels as mk
+from mat_kernels.ops.gram_dispatch import route_of
 from mat_kernels.testing.reference import (
     lambda_max_eigvalsh,
     per_sample_grads_func,
@@ -85,7 +86,7 @@ def test_row_blocks_with_bias(device, backend, route, shape):
     x, dy = _inputs(n, T, d_in, d_out, seed=hash(shape) % 1000, device=device)
     heads = 4 if d_out % 4 == 0 else 3
     res = _check(x, dy, route=route, device=device, backend=backend, row_blocks=heads, bias=True)
-    assert res.routes == (route,)
+    assert route_of(res.routes[0]) == route and res.routes[0].startswith(backend)  # e.g. "triton-fused", psg
     assert res.backend.startswith(backend)
 
 
@@ -127,21 +128,21 @@ def test_fused_two_kernel_and_ghost_agree(device, backend, n, bias):
 
 
 @pytest.mark.parametrize("device,backend", TRITON_BACKENDS)
-@pytest.mark.parametrize("variant,n,T,d_in,d_out,blocks", [
-    ("local", 64, 2, 70, 9, {"row_blocks": [[(0, 3), (6, 2)], [(3, 3)]], "bias": True}),  # n = LOCAL_MAX_N, 2 col tiles
-    ("local", 3, 5, 6, 75, {"row_blocks": [(0, 40), (40, 35)], "bias": True}),  # a segment over two row tiles
-    ("local", 17, 3, 66, 8, {"col_blocks": [(0, 30), (30, 36)]}),  # column blocks: shared side dy, 2 row tiles
-    ("fused", 7, 4, 5, 12, {"row_blocks": 3, "bias": True}),
-    ("two-kernel", 9, 3, 7, 10, {"row_blocks": [[(0, 3), (6, 2)], [(3, 3)]], "bias": True}),
+@pytest.mark.parametrize("kernel,n,T,d_in,d_out,blocks", [
+    ("triton-local", 64, 2, 70, 9, {"row_blocks": [[(0, 3), (6, 2)], [(3, 3)]], "bias": True}),  # n = 64, 2 col tiles
+    ("triton-local", 3, 5, 6, 75, {"row_blocks": [(0, 40), (40, 35)], "bias": True}),  # a segment over 2 row tiles
+    ("triton-local", 17, 3, 66, 8, {"col_blocks": [(0, 30), (30, 36)]}),  # column blocks: shared side dy, 2 row tiles
+    ("triton-fused", 7, 4, 5, 12, {"row_blocks": 3, "bias": True}),
+    ("triton-psg", 9, 3, 7, 10, {"row_blocks": [[(0, 3), (6, 2)], [(3, 3)]], "bias": True}),
 ])
-def test_each_psg_variant_against_the_oracle(device, backend, variant, n, T, d_in, d_out, blocks, monkeypatch):
-    """Each psg variant, forced in place of psg_plan's choice, through the whole layer path: float64 oracle."""
-    from mat_kernels.kernels import triton_segment_grams_fused as tf
-
-    plan = tf.psg_plan
-    monkeypatch.setattr(tf, "psg_plan", lambda *a, **k: {**plan(*a, **k), "kernel": variant})
+def test_each_psg_variant_against_the_oracle(device, backend, kernel, n, T, d_in, d_out, blocks):
+    """Each psg variant, forced through the dispatcher (``kernel=``), through the whole layer path: float64
+    oracle, and the result names the kernel that ran."""
     x, dy = _inputs(n, T, d_in, d_out, seed=n + T, device=device)
-    _check(x, dy, route="psg", device=device, backend=backend, **blocks)
+    res = mk.estimate_lambda_max(x, dy, kernel=kernel, return_grams=True, **blocks)
+    assert res.routes == (kernel,)
+    _, grams_ref = reference_lambda_max(x.cpu(), dy.cpu(), **blocks)
+    assert rel_err(res.grams, grams_ref) <= FP32_RTOL
 
 
 @pytest.mark.parametrize("device,backend", TRITON_BACKENDS)
@@ -161,116 +162,20 @@ def test_tile_local_kernel_reuses_its_slots(device, backend):
                                allow_tf32=False)
 
 
-def test_psg_plan_names_its_choice():
-    """psg_plan predicts each variant that can run and says why; n > 64 leaves the two-kernel route alone."""
-    from mat_kernels.kernels.triton_segment_grams_fused import psg_plan
+def test_psg_variants_are_ranked_by_their_predicted_time():
+    """The Triton psg kernels cost the same multiply-adds; the dispatcher ranks them by the byte model's predicted
+    time (psg_seconds) and says so; n > 64 leaves the two-kernel route alone, with the reasons."""
+    from mat_kernels.kernels.triton_segment_grams_fused import psg_seconds
+    from mat_kernels.ops.gram_dispatch import GramInputs, TritonFused, TritonLocal, TritonPsg
 
-    small = psg_plan(8, 32, 769, 2304, 4)
-    assert small["kernel"] in ("fused", "local", "two-kernel") and "fused" in small["reason"]
-    assert all(small[k] > 0 for k in ("fused_s", "local_s", "two_kernel_s"))
-    big = psg_plan(65, 128, 769, 2304, 2)
-    assert big["kernel"] == "two-kernel" and big["fused_s"] is None and big["local_s"] is None
-    assert "LOCAL_MAX_N" in big["reason"]
-
-
-@pytest.mark.parametrize("device,backend", BACKENDS)
-@pytest.mark.parametrize("route", EXACT_ROUTES)
-def test_n17_t33(device, backend, route):
-    x, dy = _inputs(17, 33, 11, 18, seed=3, device=device)
-    _check(x, dy, route=route, device=device, backend=backend, row_blocks=[(0, 5), (5, 13)], bias=True)
-
-
-@pytest.mark.parametrize("device,backend", BACKENDS)
-@pytest.mark.parametrize("route", EXACT_ROUTES)
-def test_fused_qkv_heads(device, backend, route):
-    """Head h = its Q, K and V rows inside one fused weight: three ranges summed into one module."""
-    heads, hd, d = 3, 5, 15
-    x, dy = _inputs(5, 6, d, 3 * heads * hd, seed=4, device=device)
-    res = _check(x, dy, route=route, device=device, backend=backend,
-                 row_blocks=mk.fused_qkv_heads(heads, hd), bias=True)
-    assert res.values.shape == (heads,)
-
-
-@pytest.mark.parametrize("device,backend", BACKENDS)
-@pytest.mark.parametrize("route", EXACT_ROUTES)
-def test_separate_qkv_equals_fused(device, backend, route):
-    """Separate Q, K, V layers: a head's Gram is the sum of three layers' Grams; equals the fused layout."""
-    heads, hd, d = 2, 4, 9
-    x, dy = _inputs(4, 5, d, 3 * heads * hd, seed=5, device=device)
-    fused = mk.layer_grams(x, dy, row_blocks=mk.fused_qkv_heads(heads, hd), bias=True, method=route,
-                           backend=backend).grams
-    w = heads * hd
-    separate = sum(
-        mk.layer_grams(x, dy[..., p * w:(p + 1) * w], row_blocks=heads, bias=True, method=route,
-                       backend=backend).grams
-        for p in range(3)
-    )
-    assert rel_err(separate, fused) <= FP32_RTOL
-    _, ref = reference_lambda_max(x.cpu(), dy.cpu(), row_blocks=mk.fused_qkv_heads(heads, hd), bias=True)
-    assert rel_err(mk.lambda_max(separate), mk.lambda_max(ref)) <= FP32_RTOL
-
-
-@pytest.mark.parametrize("device,backend", BACKENDS)
-@pytest.mark.parametrize("route", EXACT_ROUTES)
-def test_col_blocks(device, backend, route):
-    """A head's columns of an output projection (roles of x and dy swapped)."""
-    x, dy = _inputs(4, 7, 12, 10, seed=6, device=device)
-    _check(x, dy, route=route, device=device, backend=backend, col_blocks=4)
-    _check(x, dy, route=route, device=device, backend=backend, col_blocks=[(1, 5), [(0, 1), (6, 6)]])
-
-
-@pytest.mark.parametrize("device,backend", BACKENDS)
-@pytest.mark.parametrize("route", EXACT_ROUTES)
-def test_whole_weight_and_rows_plus_cols(device, backend, route):
-    x, dy = _inputs(3, 4, 10, 6, seed=7, device=device)
-    _check(x, dy, route=route, device=device, backend=backend, bias=True)  # whole weight + bias
-    _check(x, dy, route=route, device=device, backend=backend)  # whole weight
-    res = _check(x, dy, route=route, device=device, backend=backend, row_blocks=2, col_blocks=5)
-    assert res.values.shape == (7,)
-    assert [lb.axis for lb in res.blocks] == ["rows", "cols"]
-
-
-@pytest.mark.parametrize("device,backend", BACKENDS)
-@pytest.mark.parametrize("route", EXACT_ROUTES)
-def test_two_d_inputs(device, backend, route):
-    x, dy = _inputs(6, 1, 11, 8, seed=8, device=device, two_d=True)
-    _check(x, dy, route=route, device=device, backend=backend, row_blocks=2, bias=True)
-
-
-@pytest.mark.parametrize("device,backend", BACKENDS)
-@pytest.mark.parametrize("route", EXACT_ROUTES)
-def test_noncontiguous_and_stride0(device, backend, route):
-    g = torch.Generator().manual_seed(9)
-    # transposed storage: x is a [n, T, d] view of a [n, d, T] tensor
-    x = torch.randn(4, 10, 6, generator=g).to(device).transpose(1, 2)
-    # stride-0: the same gradient row broadcast to every token and sample (as from loss.sum().backward())
-    dy = torch.randn(1, 1, 8, generator=g).to(device).expand(4, 6, 8)
-    assert not x.is_contiguous() and dy.stride() == (0, 0, 1)
-    _check(x, dy, route=route, device=device, backend=backend, row_blocks=2, bias=True)
-    # a sliced, strided view of a larger tensor
-    big = torch.randn(8, 7, 30, generator=g).to(device)
-    _check(big[::2, 1:, 3:25:2], big[1::2, 1:, :9], route=route, device=device, backend=backend, col_blocks=1)
-
-
-@pytest.mark.parametrize("device,backend", BACKENDS)
-def test_psg_chunking_under_tiny_scratch(device, backend):
-    """A scratch budget far below one layer's per-sample gradients forces column chunks and segment groups."""
-    x, dy = _inputs(5, 3, 40, 48, seed=10, device=device)
-    full = mk.layer_grams(x, dy, row_blocks=6, bias=True, method="psg", backend=backend).grams
-    tiny = mk.layer_grams(x, dy, row_blocks=6, bias=True, method="psg", backend=backend, scratch_bytes=4096).grams
-    _, ref = reference_lambda_max(x.cpu(), dy.cpu(), row_blocks=6, bias=True)
-    assert rel_err(full, ref) <= FP32_RTOL and rel_err(tiny, ref) <= FP32_RTOL
-
-
-@pytest.mark.parametrize("route", EXACT_ROUTES)
-@pytest.mark.parametrize("device,backend", [("cpu", "torch")] + ([("cuda", "triton")] if torch.cuda.is_available()
-                                                                 else []))
-def test_real_width_fp32_accuracy(device, backend, route):
-    """BERT-base FFN width (768 -> 3072, whole weight + bias): each Gram entry sums K ≈ 2.4M products, where a
-    plain fp32 GEMM accumulates ~1e-4 relative error (measured). The 1e-5 target must hold here too, not only on
-    the small shapes above. (The interpreter is too slow for this width: CPU runs the PyTorch backend.)"""
-    x, dy = _inputs(4, 8, 768, 3072, seed=23, device=device)
-    _check(x, dy, route=route, device=device, backend=backend, bias=True)
+    small = psg_seconds(8, 32, 769, 2304, 4)
+    assert all(small[k] > 0 for k in ("fused", "local", "two-kernel"))
+    big = psg_seconds(65, 128, 769, 2304, 2)
+    assert big["fused"] is None and big["local"] is None and big["two-kernel"] > 0
+    inp = GramInputs(65, 128, 768, 2304, True, torch.bfloat16, torch.device("cpu"))
+    assert "65 samples > 64" in "; ".join(TritonLocal.not_supported_reasons(inp))
+    assert "65 samples > 32" in "; ".join(TritonFused.not_supported_reasons(inp))
+    assert TritonPsg.predicted_seconds(inp) == big["two-kernel"]
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
@@ -283,9 +188,9 @@ def test_tf32_switch(device, backend):
 
 def test_auto_route_follows_cost_model():
     x, dy = _inputs(8, 1, 32, 32, seed=12, two_d=True)
-    assert mk.estimate_lambda_max(x, dy, row_blocks=2, backend="torch").routes == ("ghost",)
+    assert mk.estimate_lambda_max(x, dy, row_blocks=2, backend="torch").routes == ("torch-ghost",)
     x, dy = _inputs(2, 64, 16, 16, seed=12)
-    assert mk.estimate_lambda_max(x, dy, row_blocks=2, backend="torch").routes == ("psg",)
+    assert mk.estimate_lambda_max(x, dy, row_blocks=2, backend="torch").routes == ("torch-psg",)
     c = mk.route_costs(32, 128, 769, 2304, sketch_size=192)
     assert c["psg"] < c["ghost"] and c["sketch"] < c["psg"]
 
@@ -310,20 +215,16 @@ def test_low_precision_inputs(device, backend, dtype):
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("route", EXACT_ROUTES + ["psg:fused", "psg:local", "psg:two-kernel"])
-def test_gpu_low_precision_vs_pytorch(route, dtype, monkeypatch):
+@pytest.mark.parametrize("route", EXACT_ROUTES + ["psg:triton-fused", "psg:triton-local", "psg:triton-psg"])
+def test_gpu_low_precision_vs_pytorch(route, dtype):
     """flash-attention's rule: error vs the fp64 reference ≤ 2× that of plain PyTorch at the same dtype.
-    ``psg:<variant>`` forces that psg variant (the tile-local one keeps its per-sample tiles in 16 bits)."""
-    if ":" in route:
-        from mat_kernels.kernels import triton_segment_grams_fused as tf
-
-        route, variant = route.split(":")
-        plan = tf.psg_plan
-        monkeypatch.setattr(tf, "psg_plan", lambda *a, **k: {**plan(*a, **k), "kernel": variant})
+    ``psg:<kernel>`` forces that psg kernel (the tile-local one keeps its per-sample tiles in 16 bits)."""
+    route, kernel = route.split(":") if ":" in route else (route, "auto")
     x, dy = _inputs(8, 64, 96, 192, seed=14, device="cuda", dtype=dtype)
     blocks = dict(row_blocks=mk.fused_qkv_heads(2, 32), bias=True)
     lam_ref, _ = reference_lambda_max(x.cpu(), dy.cpu(), **blocks)
-    res = mk.estimate_lambda_max(x, dy, method=route, backend="triton", **blocks)
+    res = mk.estimate_lambda_max(x, dy, method=route, backend="triton", kernel=kernel, **blocks)
+    assert kernel == "auto" or res.routes == (kernel,)
     # plain PyTorch at this dtype: per-sample gradients and Gram in 16-bit
     gw = torch.einsum("ntr,ntc->nrc", dy, x)
     gb = dy.sum(1)
@@ -334,18 +235,12 @@ def test_gpu_low_precision_vs_pytorch(route, dtype, monkeypatch):
 
 
 @requires_cuda
-@pytest.mark.parametrize("variant", ["fused", "local", "two-kernel", "ghost"])
-def test_gpu_layer_call_captures_in_a_cuda_graph(variant, monkeypatch):
+@pytest.mark.parametrize("kernel", ["triton-fused", "triton-local", "triton-psg", "triton-ghost"])
+def test_gpu_layer_call_captures_in_a_cuda_graph(kernel):
     """With check_finite=False one layer call has no host sync or copy (tests/test_triton_aot.py checks that
     statically): it is captured in a CUDA graph and replayed on new values in the same buffers."""
-    route = "ghost" if variant == "ghost" else "psg"
-    if route == "psg":
-        from mat_kernels.kernels import triton_segment_grams_fused as tf
-
-        plan = tf.psg_plan
-        monkeypatch.setattr(tf, "psg_plan", lambda *a, **k: {**plan(*a, **k), "kernel": variant})
     x, dy = _inputs(8, 32, 96, 192, seed=15, device="cuda")
-    kw = dict(row_blocks=mk.fused_qkv_heads(2, 32), bias=True, method=route, backend="triton", check_finite=False)
+    kw = dict(row_blocks=mk.fused_qkv_heads(2, 32), bias=True, kernel=kernel, check_finite=False)
     eager = mk.layer_grams(x, dy, **kw).grams.double()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -396,7 +291,7 @@ def test_sketch_default_accuracy():
     blocks = dict(row_blocks=mk.fused_qkv_heads(4, 16), bias=True)
     exact = mk.estimate_lambda_max(x, dy, method="psg", backend="torch", **blocks).values.double()
     res = mk.estimate_lambda_max(x, dy, method="sketch", backend="torch", **blocks)
-    assert res.routes == ("sketch",)
+    assert res.routes == ("sketch+torch-psg",)
     err = (res.values.double() / exact - 1).abs()
     assert err.median().item() <= 0.05, err
 
@@ -415,7 +310,7 @@ def test_sketch_wider_than_layer_is_exact_and_says_so():
     x, dy = _inputs(3, 4, 8, 6, seed=18)
     with pytest.warns(UserWarning, match="sketch_size"):
         res = mk.estimate_lambda_max(x, dy, method="sketch", sketch_size=64, backend="torch")
-    assert res.routes == ("psg",)
+    assert res.routes == ("torch-psg",)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -465,5 +360,6 @@ def test_fallback_warns_once_and_is_inspectable(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mk.estimate_lambda_max(x, dy)  # second call: no warning
-    with pytest.raises(RuntimeError, match="backend='triton'"):
+    with pytest.raises(ValueError, match="backend='triton'") as e:  # every Triton kernel, with its reason
         mk.estimate_lambda_max(x, dy, backend="triton")
+    assert all(f"triton-{k}: Triton cannot run here" in str(e.value) for k in ("fused", "local", "psg", "ghost"))

@@ -411,8 +411,8 @@ def test_ledger_records_steps_and_measurements():
 
 
 def test_measuring_from_the_training_backward_records_its_extra_cost():
-    """probe=None under detach: the measuring step runs the exact backward; what it costs beyond the same step's
-    usual FLOPs is the measurement's."""
+    """probe=None under detach: the measuring step builds the Grams and runs the exact backward; what it costs
+    beyond the same step's usual FLOPs is the measurement's (counted by count_step), and MAT adds eigvalsh."""
     torch.manual_seed(14)
     model = TinyLM(layers=1)
     ledger = FlopsLedger()
@@ -437,7 +437,7 @@ def test_measuring_from_the_training_backward_records_its_extra_cost():
         assert measuring == (s == 1)
     assert keys[1] == (keys[0][0], True)
     steps = [s for s, _ in ledger.measure]
-    assert steps.count(1) == 2  # the Grams (from MAT) and the exact backward's extra dX (from count_step)
+    assert steps.count(1) == 2  # the Grams and the exact backward's extra dX (from count_step), eigvalsh (from MAT)
     assert ledger.train[1] == ledger.train[0]
 
 

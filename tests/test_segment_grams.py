@@ -7,13 +7,14 @@ from hypothesis import strategies as st
 
 import mat_kernels as mk
 from mat_kernels.ops import segment_grams
+from mat_kernels.ops.gram_dispatch import KERNELS
 from mat_kernels.testing.reference import reference_lambda_max
 
 
-def sample_inputs(device: str) -> list[tuple]:
-    """Arguments ``(a, b, seg_starts, seg_sizes, seg_owners, add_one, route)`` of ``mat_kernels::segment_grams`` on
+def sample_inputs(device: str, backend: str) -> list[tuple]:
+    """Arguments ``(a, b, seg_starts, seg_sizes, seg_owners, add_one, kernel)`` of ``mat_kernels::segment_grams`` on
     fresh random data: odd shapes, n = 1 and n > 16, modules made of several segments, unsorted, overlapping and
-    far-apart segments, bias on and off, both routes.
+    far-apart segments, bias on and off, every implementation of ``backend`` (the Gram dispatcher's table).
     One list feeding the op's correctness and opcheck tests (the pattern of extension-cpp's test_extension.py)."""
     g = torch.Generator().manual_seed(0)
     cases = [  # n, T, DA, DB, starts, sizes, owners, add_one
@@ -28,7 +29,7 @@ def sample_inputs(device: str) -> list[tuple]:
     for n, T, da, db, starts, sizes, owners, add_one in cases:
         a = torch.randn(n, T, da, generator=g).to(device)
         b = torch.randn(n, T, db, generator=g).to(device)
-        out += [(a, b, starts, sizes, owners, add_one, route) for route in ("psg", "ghost")]
+        out += [(a, b, starts, sizes, owners, add_one, k) for k, impl in KERNELS.items() if impl.BACKEND == backend]
     return out
 
 
@@ -46,16 +47,16 @@ def _oracle(a, b, starts, sizes, owners, add_one) -> torch.Tensor:
 
 @pytest.mark.parametrize("device,backend", backends())
 def test_segment_grams_against_the_oracle(device, backend):
-    for a, b, starts, sizes, owners, add_one, route in sample_inputs(device):
-        got = segment_grams(a, b, starts, sizes, owners, add_one, route, False, backend, 1 << 20)
+    for a, b, starts, sizes, owners, add_one, kernel in sample_inputs(device, backend):
+        got = segment_grams(a, b, starts, sizes, owners, add_one, kernel, False, 1 << 20)
         assert got.dtype == torch.float32 and got.shape == (1 + max(owners), a.shape[0], a.shape[0])
-        assert rel_err(got, _oracle(a, b, starts, sizes, owners, add_one)) <= FP32_RTOL, (route, a.shape)
+        assert rel_err(got, _oracle(a, b, starts, sizes, owners, add_one)) <= FP32_RTOL, (kernel, a.shape)
 
 
 @pytest.mark.parametrize("device,backend", backends())
 def test_opcheck_segment_grams(device, backend):
-    for a, b, starts, sizes, owners, add_one, route in sample_inputs(device):
-        torch.library.opcheck(segment_grams, (a, b, starts, sizes, owners, add_one, route, False, backend, 1 << 20))
+    for a, b, starts, sizes, owners, add_one, kernel in sample_inputs(device, backend):
+        torch.library.opcheck(segment_grams, (a, b, starts, sizes, owners, add_one, kernel, False, 1 << 20))
 
 
 def test_segment_grams_under_torch_compile():
@@ -63,7 +64,7 @@ def test_segment_grams_under_torch_compile():
     a, b = torch.randn(3, 4, 7), torch.randn(3, 4, 9)
 
     def f(a, b):
-        return segment_grams(a, b, [0, 4], [4, 5], [0, 0], False, "psg", False, "torch", 1 << 20) * 2
+        return segment_grams(a, b, [0, 4], [4, 5], [0, 0], False, "torch-psg", False, 1 << 20) * 2
 
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(a, b)
     torch.testing.assert_close(got, f(a, b))

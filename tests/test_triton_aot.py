@@ -7,11 +7,12 @@ copies of a steady-state call. A change that makes a kernel spill, drops tensor 
 the host per call or adds launches fails here.
 
 Workloads (n samples, T tokens of one BERT-base layer: fused QKV with bias, output projection columns, FFN):
-* ``default``: n = 32, T = 128, ``method="auto"``: psg_plan's choice, the tile-local kernel for bf16 and the
-  two-kernel route for fp32 and TF32 (predicted faster there despite its launches);
-* ``local``: the same layer with the tile-local kernel forced for every dtype;
-* ``fused``: n = 32, T = 32, ``method="psg"``, the fused per-sample-gradient + Gram kernel forced (psg_plan takes
-  it for fp32/TF32 there; for bf16 it predicts the tile-local kernel about as fast);
+* ``default``: n = 32, T = 128, ``method="auto"``: the Gram dispatcher's choice, the tile-local kernel for bf16
+  and the two-kernel route for fp32 and TF32 (predicted faster there despite its launches);
+* ``local``: the same layer with the tile-local kernel forced (``kernel="triton-local"``) for every dtype;
+* ``fused``: n = 32, T = 32, ``method="psg"``, the fused per-sample-gradient + Gram kernel forced
+  (``kernel="triton-fused"``; the dispatcher takes it for fp32/TF32 there; for bf16 it predicts the tile-local
+  kernel about as fast);
 * ``ghost``: n = 8, T = 32, ``method="ghost"``: the ghost kernel with its segments spread over the grid.
 """
 import json

@@ -121,7 +121,8 @@ class MATCallback:
         self.mat: MAT | None = None  # set by with_mat once MAT is built (MAT takes this callback's probe)
         self.count_flops = count_flops
         self._t0: float | None = None
-        self._mode = None
+        self._mode = None  # the FlopCounterMode of the running step (count_flops=True)
+        self._step_flops = 0
         self.optimizer: MATOptimizer | None = None
         self.probe_source = probe
         self.probe_size = probe_size
@@ -201,7 +202,7 @@ class MATCallback:
                 UserWarning, stacklevel=2)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._measured = len(self.mat.measure_counted)
+        self._step_flops = 0
         if self.count_flops:
             from torch.utils.flop_counter import FlopCounterMode
 
@@ -209,18 +210,23 @@ class MATCallback:
             self._mode.__enter__()
         self._t0 = time.perf_counter()
 
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        """The step's FLOPs are counted up to here: its forwards and backwards. The optimizer step (SGD, Adam,
+        AdamW: no work the counter counts) holds MAT's measurement, which MAT puts in the ledger itself."""
+        self._stop_counting()
+
+    def _stop_counting(self) -> None:
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self._step_flops = int(self._mode.get_total_flops())
+            self._mode = None
+
     def on_step_end(self, args, state, control, **kwargs):
         ledger = self.mat.ledger
         if self._t0 is not None:
             seconds = time.perf_counter() - self._t0
-            flops = 0
-            if self._mode is not None:
-                self._mode.__exit__(None, None, None)
-                # the measurement's own forward and backward were counted inside this step too: it is in the
-                # ledger already, apart from the step
-                flops = int(self._mode.get_total_flops()) - sum(self.mat.measure_counted[self._measured:])
-                self._mode = None
-            ledger.add_step(flops, seconds)
+            self._stop_counting()  # already stopped before the optimizer step (on_pre_optimizer_step)
+            ledger.add_step(self._step_flops, seconds)
             self._t0 = None
         if self.mat.should_stop:
             control.should_training_stop = True
@@ -281,9 +287,10 @@ def with_mat(trainer, *, probe="train", probe_size: int | None = None, probe_see
             the training backward) is not supported here.
         probe_size: examples in the default probe batch (default: the per-device batch size).
         probe_seed: seed under which the default probe batch is collated (random collators).
-        count_flops: also count every training step's FLOPs (``FlopCounterMode`` around each optimizer step, which
-            slows small models) into ``trainer.mat.ledger`` (:class:`mat_kernels.train.flops.FlopsLedger`). Step
-            seconds and every measurement's FLOPs and seconds are recorded there in any case.
+        count_flops: also count every training step's FLOPs (``FlopCounterMode`` from the step's first forward to
+            its optimizer step, which slows small models) into ``trainer.mat.ledger``
+            (:class:`mat_kernels.train.flops.FlopsLedger`). Step seconds and every measurement's FLOPs and seconds
+            (made inside the optimizer step, so never counted twice) are recorded there in any case.
         **mat_kwargs: :class:`mat_kernels.MAT` keywords (``interval``, ``warmup_steps``, ``policy``, ``alpha``,
             ``output``, ``group_by``, ``stop_when_converged``, ``lambda_kwargs``, ``specs``...). Steps are
             optimizer steps.

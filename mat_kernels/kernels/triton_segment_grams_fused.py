@@ -1,5 +1,6 @@
 """The one-launch per-sample-gradient + Gram kernels of ``segment_grams``' psg route, and the byte model that
-chooses between them and the two-kernel route (:mod:`mat_kernels.kernels.triton_segment_grams`). See NOTES.md §7.
+predicts their time and the two-kernel route's (:mod:`mat_kernels.kernels.triton_segment_grams`), by which the
+Gram dispatcher (:mod:`mat_kernels.ops.gram_dispatch`) ranks them. See NOTES.md §7.
 
 * fused (``_psg_gram_fused_kernel``, n ≤ 32): every sample's gradient tile in registers (batched 3-D dot), small
   tiles; nothing per sample leaves the SM.
@@ -20,7 +21,7 @@ from mat_kernels.kernels import triton_autotune as autotune
 from mat_kernels.kernels.triton_autotune import Config, config
 from mat_kernels.kernels.triton_segment_grams import precision, sm_count
 
-__all__ = ["FUSED_MAX_N", "LOCAL_MAX_N", "psg_plan", "fused_segment_grams", "local_segment_grams"]
+__all__ = ["FUSED_MAX_N", "LOCAL_MAX_N", "psg_seconds", "fused_segment_grams", "local_segment_grams"]
 
 FUSED_MAX_N = 32
 LOCAL_MAX_N = 64
@@ -158,7 +159,7 @@ def local_candidates(prec: str) -> list[Config]:
     return _LOCAL_CANDIDATES["ieee" if prec == "ieee" else "tc"]
 
 
-# Ceilings of the chooser below (H100 SXM; HBM measured on this workplace's H100, L2 an assumed ~5.5 TB/s from
+# Ceilings of the byte model below (H100 SXM; HBM measured on this workplace's H100, L2 an assumed ~5.5 TB/s from
 # published microbenchmarks) and a per-launch cost. Not yet checked on a GPU: benchmarks/gpu_check.sh times both
 # variants (NOTES.md §7).
 _HBM_BYTES_PER_S = 3.0e12
@@ -176,9 +177,10 @@ def local_programs(work: int, slot_bytes: int, scratch_bytes: int, sm: int) -> i
     return min(work, max(1, scratch_bytes // slot_bytes), 2 * sm)
 
 
-def psg_plan(n: int, T: int, DA1: int, DB: int, esize: int, scratch_bytes: int = 48 << 20) -> dict:
-    """Which psg variant runs, and why: predicted seconds of each from the bytes it moves (a prediction from
-    assumed ceilings, not yet checked on a GPU: ``benchmarks/bench_psg_variants.py``).
+def psg_seconds(n: int, T: int, DA1: int, DB: int, esize: int, scratch_bytes: int = 48 << 20) -> dict:
+    """Predicted seconds of each psg variant from the bytes it moves (a prediction from assumed ceilings, not yet
+    checked on a GPU: ``benchmarks/bench_psg_variants.py``); the Gram dispatcher
+    (:mod:`mat_kernels.ops.gram_dispatch`) ranks the Triton psg kernels by it.
 
     * fused (n ≤ 32): re-reads its input tiles from L2, once per row tile and per column tile (small tiles);
     * tile-local (n ≤ 64): input tiles re-read at 64 × 64 tiles, plus the slots written and read back (from L2
@@ -186,8 +188,8 @@ def psg_plan(n: int, T: int, DA1: int, DB: int, esize: int, scratch_bytes: int =
     * two-kernel: fp32 per-sample gradients to a scratch in HBM and back, in chunks, two launches per chunk.
 
     Args: n samples, T tokens, DA1 shared width (+1 with a bias), DB summed segment width, esize input bytes.
-    Returns: ``{"kernel": "fused" | "local" | "two-kernel", "fused_s", "local_s", "two_kernel_s", "reason"}``
-    (None for a variant that cannot run).
+    Returns: ``{"fused": s, "local": s, "two-kernel": s, "chunks": scratch chunks of the two-kernel route}``
+    (None for a variant that cannot run at this n).
     """
     scratch = n * DB * DA1 * 4
     chunks = max(1, triton.cdiv(scratch, scratch_bytes))
@@ -208,13 +210,7 @@ def psg_plan(n: int, T: int, DA1: int, DB: int, esize: int, scratch_bytes: int =
         l2 = work * n * T * (c["BR"] + c["BC"]) * esize + slots
         hbm = slots if programs * slot_bytes > L2_RESIDENT_BYTES else 0
         local_s = max(l2 / _L2_BYTES_PER_S, hbm / _HBM_BYTES_PER_S) * max(1.0, _SMS / programs) + _LAUNCH_S
-    options = {"fused": fused_s, "local": local_s, "two-kernel": two_s}
-    kernel = min((v, k) for k, v in options.items() if v is not None)[1]
-    shown = ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in options.items() if v is not None)
-    return {"kernel": kernel, "fused_s": fused_s, "local_s": local_s, "two_kernel_s": two_s,
-            "reason": f"predicted {shown} (two-kernel: {chunks} scratch chunk(s)); n = {n}"
-                      + (f" > FUSED_MAX_N = {FUSED_MAX_N}" if n > FUSED_MAX_N else "")
-                      + (f" > LOCAL_MAX_N = {LOCAL_MAX_N}" if n > LOCAL_MAX_N else "")}
+    return {"fused": fused_s, "local": local_s, "two-kernel": two_s, "chunks": chunks}
 
 
 @functools.lru_cache(maxsize=256)

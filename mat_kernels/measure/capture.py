@@ -47,7 +47,7 @@ from mat_kernels.measure.capture_records import (
 )
 from mat_kernels.measure.discovery import group_by_weight
 from mat_kernels.measure.forward import check_samples_independent
-from mat_kernels.measure.layer import GramOptions, layer_grams, route_costs
+from mat_kernels.measure.layer import GramOptions, layer_grams
 from mat_kernels.measure.result import LambdaMaxResult
 from mat_kernels.measure.specs import ModuleSpec
 
@@ -87,7 +87,6 @@ class LambdaCapture:
         self.backend: str | None = None
         self.held_bytes = 0
         self.peak_held_bytes = 0
-        self.gram_flops = 0  # 2 × multiply-adds of the Gram routes run (mat_kernels.route_costs)
         self.gram_seconds = 0.0  # host wall time spent building Grams (inside the backward's hooks)
         self._records: dict[tuple, list[Record]] = {}
         self._done: set[tuple] = set()
@@ -330,10 +329,6 @@ class LambdaCapture:
                     raise ValueError(f"{site.weight}: {e}") from e
                 self.backend = res.backend
                 self.grams.index_add_(0, torch.tensor(mods, device=self.grams.device), res.grams)
-                shared = (x3.shape[-1] + int(bias)) if axis == "rows" else dy3.shape[-1]
-                segmented = sum(size for r in blocks for _, size in r)
-                costs = route_costs(self.n, x3.shape[1], shared, segmented, sketch_size=self.options.sketch_size)
-                self.gram_flops += 2 * costs[res.routes[0]]
 
     # ------------------------------------------------------------------------------------------------ driving
     def backward(self, total: torch.Tensor) -> None:
@@ -472,4 +467,4 @@ class _TrainingCapture(LambdaCapture):
         grams = self.module_grams()
         return LambdaMaxResult(tuple(s.name for s in self.specs), solve(grams, check_finite=self.options.check_finite),
                                grams, self.n, "capture", self.backend, specs=self.specs, output="loss",
-                               peak_held_bytes=self.peak_held_bytes, gram_flops=self.gram_flops)
+                               peak_held_bytes=self.peak_held_bytes)

@@ -12,14 +12,18 @@ route       computes                                               cost in multi
 ``psg``     per-sample gradients per column chunk, then ``G Gᵀ``   ``n·T·D·A + n(n+1)/2·D·A``
 ``ghost``   ``Σ_{t,s} (a_it·a_js)(b_it[R]·b_js[R])``, token-pair   ``n(n+1)/2·T²·(A + D)``
             products shared by all modules of the layer
-``sketch``  ``psg`` on the shared side projected to k random        ``n·T·A·k + n·T·D·k + n(n+1)/2·D·k``
+``sketch``  ``psg`` on the shared side projected to k random        ``n·T·(A − bias)·k + n·T·D·k + n(n+1)/2·D·k``
             orthonormal directions (unbiased Gram, approximate
             λmax, biased upwards by a few %: see the docs)
 ==========  =====================================================  ============================================
 
 ``A`` is the shared side's width (``d_in`` for row blocks, ``d_out`` for column blocks, +1 with a bias) and ``D``
-the total width of all module ranges on the other side. ``method="auto"`` (alias ``"gram"``) takes the cheaper
-exact route by this model: ``ghost`` when ``T`` is short (``T = 1`` for 2-D inputs), ``psg`` otherwise.
+the total width of all module ranges on the other side. Each layout's Grams are computed by one implementation
+(``kernel``) that the Gram dispatcher (:mod:`mat_kernels.ops.gram_dispatch`) picks: the cheapest route by this
+model for ``method="auto"`` (alias ``"gram"``: ``ghost`` when ``T`` is short, ``T = 1`` for 2-D inputs, ``psg``
+otherwise), then a Triton kernel where Triton runs, then the fastest predicted Triton psg variant; ``kernel=``
+forces one (``"triton-fused"``, ``"triton-local"``, ``"triton-psg"``, ``"triton-ghost"``, ``"torch-psg"``,
+``"torch-ghost"``). ``routes`` of the result names what ran per layout; the sketch's is ``"sketch+<kernel>"``.
 """
 from __future__ import annotations
 
@@ -34,7 +38,8 @@ from mat_kernels import _backend
 from mat_kernels.blocks import BlockSpec, WeightBlocks, layer_blocks
 from mat_kernels.measure.result import LambdaMaxResult, layer_names
 from mat_kernels.measure.solvers import lambda_max as _solve
-from mat_kernels.ops import segment_grams
+from mat_kernels.ops import gram_dispatch, segment_grams
+from mat_kernels.ops.gram_dispatch import GramInputs
 
 __all__ = [
     "estimate_lambda_max",
@@ -42,7 +47,6 @@ __all__ = [
     "GramOptions",
     "LambdaMaxResult",
     "GramResult",
-    "route_costs",
     "DEFAULT_SKETCH_SIZE",
     "SUPPORTED_DTYPES",
 ]
@@ -51,13 +55,15 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # k = 128: on the BERT-base QKV layer (n=32, T=128) median λmax error 3.9% (Gaussian data) / 1.2% (low-rank data)
 # at 4.6x fewer multiply-adds than the exact route; docs/sketch_accuracy.md has the whole curve.
 DEFAULT_SKETCH_SIZE = 128
-_METHODS = ("auto", "gram", "ghost", "psg", "sketch")
+_METHODS = tuple(gram_dispatch.METHOD_ROUTES)
 
 
 @dataclass(frozen=True, eq=False)
 class GramResult:
-    """Grams of one layer's modules. ``grams``: fp32 ``[M, n, n]``; ``routes``: route per layout (rows, cols);
-    ``backend``: ``"triton"``, ``"triton-interpreter"`` or ``"torch"``; ``blocks``: the resolved module layouts."""
+    """Grams of one layer's modules. ``grams``: fp32 ``[M, n, n]``; ``routes``: per layout (rows, cols), the
+    implementation that ran (a :data:`mat_kernels.ops.gram_dispatch.KERNELS` name, ``"sketch+<kernel>"`` for the
+    sketch); ``backend``: ``"triton"``, ``"triton-interpreter"`` or ``"torch"``; ``blocks``: the resolved module
+    layouts."""
 
     grams: torch.Tensor
     routes: tuple[str, ...]
@@ -68,19 +74,6 @@ class GramResult:
     def names(self) -> tuple[str, ...]:
         """The modules' names in ``grams`` order, as in :class:`mat_kernels.LambdaMaxResult`."""
         return layer_names(self.blocks)
-
-
-def route_costs(n: int, T: int, shared: int, segmented: int, sketch_size: int | None = None) -> dict[str, int]:
-    """Multiply-add counts of each route (see the module docstring); ``shared`` includes the bias' +1."""
-    pairs = n * (n + 1) // 2
-    costs = {
-        "psg": n * T * segmented * shared + pairs * segmented * shared,
-        "ghost": pairs * T * T * (shared + segmented),
-    }
-    if sketch_size is not None:
-        k = sketch_size
-        costs["sketch"] = n * T * shared * k + n * T * segmented * k + pairs * segmented * k
-    return costs
 
 
 def _check_tensor(t, name: str) -> None:
@@ -143,15 +136,13 @@ def _sketch(a: torch.Tensor, k: int, add_one: bool, seed: int, dtype: torch.dtyp
     return out.to(dtype)
 
 
-_BACKENDS = ("auto", "triton", "torch")
-
-
 @dataclass(frozen=True)
 class GramOptions:
     """How the Grams of a layer are computed: the one options object that the model level, the capture and
     :class:`mat_kernels.MAT` pass down to :func:`layer_grams` (validated once, where it is built). Fields as the
     keywords of :func:`estimate_lambda_max`: ``method``, ``allow_tf32``, ``sketch_size``, ``seed``, ``backend``,
-    ``check_finite``, ``scratch_bytes``."""
+    ``check_finite``, ``scratch_bytes``, ``kernel``. A ``kernel`` that ``method`` or ``backend`` rules out is
+    refused here (``ValueError`` with the reasons); one the inputs rule out, when the Grams are computed."""
 
     method: str = "auto"
     allow_tf32: bool = False
@@ -160,12 +151,18 @@ class GramOptions:
     backend: str = "auto"
     check_finite: bool = True
     scratch_bytes: int = 48 << 20
+    kernel: str = "auto"
 
     def __post_init__(self):
         if self.method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, got {self.method!r}")
-        if self.backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {self.backend!r}")
+        if self.backend not in gram_dispatch.BACKENDS:
+            raise ValueError(f"backend must be one of {gram_dispatch.BACKENDS}, got {self.backend!r}")
+        gram_dispatch.check_kernel_name(self.kernel)
+        if self.kernel != "auto":
+            reasons = gram_dispatch.static_reasons(self.kernel, method=self.method, backend=self.backend)
+            if reasons:
+                raise ValueError(f"kernel={self.kernel!r} cannot run: {'; '.join(reasons)}")
         for name in ("sketch_size", "scratch_bytes"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -204,6 +201,7 @@ def layer_grams(
     backend: str = "auto",
     check_finite: bool = True,
     scratch_bytes: int = 48 << 20,
+    kernel: str = "auto",
     options: GramOptions | None = None,
 ) -> GramResult:
     """Per-module mNTK Grams ``Θ_m[i, j] = ⟨G_i[m], G_j[m]⟩`` of one linear layer.
@@ -216,7 +214,7 @@ def layer_grams(
         :class:`GramResult` with fp32 ``grams [M, n, n]``: row modules first, then column modules.
     """
     opts = _resolve(options, method=method, allow_tf32=allow_tf32, sketch_size=sketch_size, seed=seed,
-                    backend=backend, check_finite=check_finite, scratch_bytes=scratch_bytes)
+                    backend=backend, check_finite=check_finite, scratch_bytes=scratch_bytes, kernel=kernel)
     x, dy = _validate(x, dy)
     n, T, d_in = x.shape
     d_out = dy.shape[-1]
@@ -258,49 +256,32 @@ def _check_finite_grams(grams: torch.Tensor, x: torch.Tensor, dy: torch.Tensor) 
 
 
 def _layer_grams(x, dy, layouts, opts: GramOptions) -> GramResult:
-    n, T, _ = x.shape
-    method, allow_tf32, sketch_size, seed = opts.method, opts.allow_tf32, opts.sketch_size, opts.seed
-    backend, scratch_bytes = opts.backend, opts.scratch_bytes
-
-    chosen, reason = _backend.pick_backend(x.device, backend)
-    backend_name = chosen
-    if chosen == "triton" and _backend.interpreter_enabled():
-        backend_name = "triton-interpreter"
-        if x.dtype != torch.float32:
-            _backend.warn_once(
-                "interp-lowp",
-                "mat_kernels: the Triton interpreter computes bf16/fp16 dots wrongly; inputs are upcast to fp32 "
-                "(test low-precision paths on a GPU)",
-            )
-            x, dy = x.float(), dy.float()
-
-    grams, routes = [], []
+    """Each layout's Grams by the implementation the dispatcher picks (``opts.kernel`` forced, or the cheapest)."""
+    grams, routes, backends = [], [], []
     for lb in layouts:
         a, b = (x, dy) if lb.axis == "rows" else (dy, x)
         add_one = lb.bias
         starts, sizes, owner = lb.segments()
         width = a.shape[-1] + int(add_one)
-        if method == "sketch" and sketch_size >= width:
+        prefix = ""
+        if opts.method == "sketch" and opts.sketch_size >= width:
             _backend.warn_once(
-                f"sketch-wide:{sketch_size}:{width}",
-                f"mat_kernels: sketch_size={sketch_size} is not smaller than the shared width {width}; "
+                f"sketch-wide:{opts.sketch_size}:{width}",
+                f"mat_kernels: sketch_size={opts.sketch_size} is not smaller than the shared width {width}; "
                 "computing the exact Gram instead (route 'psg')",
             )
-            route = "psg"
-        elif method == "sketch":
-            a = _sketch(a, sketch_size, add_one, seed, b.dtype)
+        elif opts.method == "sketch":
+            a = _sketch(a, opts.sketch_size, add_one, opts.seed, b.dtype)
             add_one = False
-            route = "sketch"
-        elif method in ("auto", "gram"):
-            costs = route_costs(n, T, width, sum(sizes))
-            route = "ghost" if costs["ghost"] < costs["psg"] else "psg"
-        else:
-            route = method
-        kernel_route = "psg" if route == "sketch" else route
-        grams.append(segment_grams(a, b, list(starts), list(sizes), list(owner), add_one, kernel_route, allow_tf32,
-                                   chosen, scratch_bytes))
-        routes.append(route)
-    return GramResult(torch.cat(grams) if len(grams) > 1 else grams[0], tuple(routes), backend_name, tuple(layouts))
+            prefix = "sketch+"
+        choice = gram_dispatch.choose(GramInputs.of(a, sizes, add_one, opts.scratch_bytes), kernel=opts.kernel,
+                                      backend=opts.backend, method=opts.method)
+        grams.append(segment_grams(a, b, list(starts), list(sizes), list(owner), add_one, choice.kernel,
+                                   opts.allow_tf32, opts.scratch_bytes))
+        routes.append(prefix + choice.kernel)
+        backends.append(choice.backend)
+    backend = ",".join(dict.fromkeys(backends))  # one name unless the layouts ran on different backends
+    return GramResult(torch.cat(grams) if len(grams) > 1 else grams[0], tuple(routes), backend, tuple(layouts))
 
 
 def estimate_lambda_max(
@@ -320,6 +301,7 @@ def estimate_lambda_max(
     backend: str = "auto",
     check_finite: bool = True,
     scratch_bytes: int = 48 << 20,
+    kernel: str = "auto",
     options: GramOptions | None = None,
 ) -> LambdaMaxResult:
     """λmax of the mNTK of every module of one linear layer, from its stored input and output gradient.
@@ -348,28 +330,33 @@ def estimate_lambda_max(
         solver_tol: relative residual tolerance of subspace iteration.
         return_grams: also return the fp32 Grams ``[M, n, n]``.
         backend: ``"auto"`` (Triton where it can run, else PyTorch with a one-time warning), ``"triton"``,
-            ``"torch"``.
+            ``"torch"``: the kernels the dispatcher may choose from.
         check_finite: reject NaN/Inf in x or dy. The small ``[M, n, n]`` Grams are checked (any NaN/Inf of the
             entries a module reads reaches its Gram), with one host sync; x and dy are scanned only when the check
             fails, to name the culprit. Off: NaN propagates into the result.
         scratch_bytes: bound on the temporary memory of the per-sample-gradient route.
+        kernel: ``"auto"`` (the dispatcher's choice, see the module docstring) or the implementation to run:
+            ``"triton-fused"``, ``"triton-local"``, ``"triton-psg"``, ``"triton-ghost"``, ``"torch-psg"``,
+            ``"torch-ghost"`` (:data:`mat_kernels.ops.gram_dispatch.KERNELS`). One that cannot run raises
+            ``ValueError`` with every reason.
         options: the settings above as one :class:`GramOptions` (then leave their keywords at the defaults).
 
     Returns:
         :class:`mat_kernels.LambdaMaxResult`: ``values`` fp32 ``[M]`` (row modules ``rows<k>``, then column
-        modules ``cols<k>``; ``weight`` for the whole weight), ``grams`` or None, ``routes`` per layout,
-        ``backend`` and ``solver`` used, the resolved ``blocks``.
+        modules ``cols<k>``; ``weight`` for the whole weight), ``grams`` or None, ``routes`` (the implementation
+        that ran per layout), ``backend`` and ``solver`` used, the resolved ``blocks``.
 
     Raises:
         TypeError: non-tensor input or unsupported/mismatched dtype.
-        ValueError: bad ranks or shapes, n = 0 or T = 0, device mismatch, NaN/Inf, bad blocks or options.
+        ValueError: bad ranks or shapes, n = 0 or T = 0, device mismatch, NaN/Inf, bad blocks or options, a
+            kernel (forced, or the only ones ``backend`` allows) that cannot run here, with every reason.
 
     Example:
         >>> res = estimate_lambda_max(x, dy, row_blocks=fused_qkv_heads(12, 64), bias=True)
         >>> res.values  # one value per head; res.as_dict() -> {"rows0": ..., ...}
     """
     opts = _resolve(options, method=method, allow_tf32=allow_tf32, sketch_size=sketch_size, seed=seed,
-                    backend=backend, check_finite=check_finite, scratch_bytes=scratch_bytes)
+                    backend=backend, check_finite=check_finite, scratch_bytes=scratch_bytes, kernel=kernel)
     gr = layer_grams(x, dy, row_blocks=row_blocks, col_blocks=col_blocks, bias=bias, options=opts)
     n = gr.grams.shape[-1]
     solver_used = solver if solver != "auto" else ("eigvalsh" if n < 256 else "subspace")

@@ -157,7 +157,8 @@ def model_lambda_max(
     Returns:
         :class:`mat_kernels.LambdaMaxResult` (``level="model"``): ``names`` (the specs' names), ``values`` fp32
         ``[M]``, ``as_dict()``, and ``specs``, ``unclaimed``, ``grams``, ``output``, ``n``, ``backend``,
-        ``peak_held_bytes``, ``gram_flops``.
+        ``peak_held_bytes``. The Grams' FLOPs are counted by ``torch.utils.flop_counter`` like the forward and
+        backward's (the formula of ``mat_kernels::segment_grams``).
 
     Raises:
         ValueError: unknown output, empty batch, train-mode BatchNorm, missing labels, bad specs.
@@ -185,7 +186,7 @@ def model_lambda_max(
         labels = batch.get("labels")
     fwd = forward or default_forward
     passes = num_projections if output == "projection" else 1
-    total, backend, peak, gram_flops = None, None, 0, 0
+    total, backend, peak = None, None, 0
     for p in range(passes):
         cap = LambdaCapture(model, specs, n=n, tap=True, sample_dim=sample_dim, options=opts)
         with cap:
@@ -203,10 +204,9 @@ def model_lambda_max(
         g = cap.module_grams()
         total = g if total is None else total + g
         backend, peak = cap.backend, max(peak, cap.peak_held_bytes)
-        gram_flops += cap.gram_flops
     grams = total / passes
     lam = _solve(grams, check_finite=opts.check_finite)
     return LambdaMaxResult(
         tuple(s.name for s in specs), lam, grams if return_grams else None, n, "model", backend, specs=specs,
-        unclaimed=unclaimed, output=output, peak_held_bytes=peak, gram_flops=gram_flops,
+        unclaimed=unclaimed, output=output, peak_held_bytes=peak,
     )

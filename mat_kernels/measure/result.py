@@ -32,13 +32,14 @@ class LambdaMaxResult:
         level: ``"layer"``, ``"model"``, ``"capture"`` or ``"mat"`` (who measured).
         backend: implementation of the Gram kernels (``"triton"``, ``"triton-interpreter"``, ``"torch"``).
         solver: eigen-solver used (layer level; ``None`` elsewhere: ``eigvalsh`` or subspace iteration by n).
-        routes: Gram route per layout (layer level).
+        routes: the Gram implementation that ran per layout (layer level): a name of
+            :data:`mat_kernels.ops.gram_dispatch.KERNELS` (``"triton-fused"``, ``"torch-psg"``, ...), or
+            ``"sketch+<kernel>"``.
         blocks: the resolved :class:`mat_kernels.WeightBlocks` (layer level).
         specs: the measured :class:`mat_kernels.ModuleSpec` (model level, capture, MAT).
         unclaimed: parameters no module owns, with the reason (model level, from discovery).
         output: the NTK output used (model level; ``"loss"`` for the capture).
         peak_held_bytes: the most output-gradient bytes the capture held at once (model level, capture).
-        gram_flops: 2 × multiply-adds of the Gram routes run (model level, capture, MAT).
         scores: float64 ``[M]`` the scores MAT thresholds (:meth:`mat_kernels.MAT.measure` only).
     """
 
@@ -55,7 +56,6 @@ class LambdaMaxResult:
     unclaimed: dict[str, str] = field(default_factory=dict)
     output: str | None = None
     peak_held_bytes: int = 0
-    gram_flops: int = 0
     scores: torch.Tensor | None = None
 
     def __post_init__(self):

@@ -221,8 +221,6 @@ class MAT:
         self._pending: torch.Tensor | None = None
         self._captured = None  # (capture, seconds) of this step's training backward, committed by step()
         self._in_measure = False
-        self.last_measure_extra_flops = 0  # FLOPs of the last measurement that FlopCounterMode cannot see
-        self.measure_counted: list[int] = []  # per measurement: the FLOPs FlopCounterMode saw (probe passes)
         _refuse_open_controller(self.module)
         self.optimizer = frozen_optimizer(self.module, self.specs, optimizer)  # validates before any layer is swapped
         if not isinstance(permute_heads, bool):
@@ -319,11 +317,11 @@ class MAT:
         if self.gram_options.check_finite and not bool(torch.isfinite(grams).all()):
             raise ValueError("the Grams of this measuring step hold NaN/Inf: its loss or output gradients are not "
                              "finite (under fp16 loss scaling, pass the GradScaler: mat.step(scaler=scaler))")
-        res = self._scores(grams, backend=cap.backend, output="loss", gram_flops=cap.gram_flops)
-        self.last_measure_extra_flops = cap.gram_flops + self._solve_flops(cap.n)
-        self.measure_counted.append(0)
-        self.ledger.add_measurement(self.step_count, self.last_measure_extra_flops,
-                                    seconds + time.perf_counter() - t0)
+        res = self._scores(grams, backend=cap.backend, output="loss")
+        # the Grams ran inside the training backward: a loop that counts its steps (FlopsLedger.count_step with
+        # base_key) counted them there, as this measurement's, with the exact backward's extra; eigvalsh is
+        # invisible to FlopCounterMode
+        self.ledger.add_measurement(self.step_count, self._solve_flops(cap.n), seconds + time.perf_counter() - t0)
         return res
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -427,7 +425,9 @@ class MAT:
             gate.apply(bool(active[gate.modules].any()), keep_requires_grad=compiled)
 
     def _solve_flops(self, n: int) -> int:
-        return len(self.specs) * (4 * n ** 3) // 3  # eigvalsh ~ (4/3)·n³ per module (an estimate)
+        """FLOPs of the eigen-solves, which ``FlopCounterMode`` cannot see: ``eigvalsh`` ~ (4/3)·n³ per module (an
+        estimate)."""
+        return len(self.specs) * (4 * n ** 3) // 3
 
     def _scores(self, grams: torch.Tensor, **fields) -> LambdaMaxResult:
         from mat_kernels.measure.solvers import lambda_max
@@ -464,12 +464,10 @@ class MAT:
         finally:
             for m, t in was:
                 m.train(t)
-        out = self._scores(res.grams, backend=res.backend, output=res.output, gram_flops=res.gram_flops)
-        # Grams (Triton or behind a custom op) and eigvalsh are invisible to FlopCounterMode
-        self.last_measure_extra_flops = res.gram_flops + self._solve_flops(res.n)
-        self.measure_counted.append(counted)
-        self.ledger.add_measurement(self.step_count, counted + self.last_measure_extra_flops,
-                                    time.perf_counter() - t0)
+        out = self._scores(res.grams, backend=res.backend, output=res.output)
+        # counted: the probe's forward and backward and the Grams (the formula of mat_kernels::segment_grams);
+        # eigvalsh is invisible to FlopCounterMode
+        self.ledger.add_measurement(self.step_count, counted + self._solve_flops(res.n), time.perf_counter() - t0)
         return out
 
     def _decide(self, measured) -> None:

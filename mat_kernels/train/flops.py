@@ -9,10 +9,11 @@ work is not counted.
   the GEMMs of the *active* blocks only, so a MAT step's count is what was executed. Counting slows a step, so
   :class:`StepFlops` counts the first step of each (input shapes, active masks) signature and reuses the number
   while neither changes (masks change only at measurements).
-* λmax measurement: the probe's forward and backward are counted by ``FlopCounterMode`` too; the Gram kernels (Triton
-  or the PyTorch fallback behind a custom op, invisible to the counter) add ``2 × route_costs`` multiply-adds of
-  the route each layer used (:attr:`mat_kernels.measure.capture.LambdaCapture.gram_flops`), and ``eigvalsh`` adds
-  ``(4/3)·n³`` per module (an estimate; negligible at n ≤ 64).
+* λmax measurement: the probe's forward and backward are counted by ``FlopCounterMode`` too, and so are the Grams:
+  ``mat_kernels::segment_grams`` (Triton or PyTorch behind the custom op) registers a FLOP formula, 2 × the
+  multiply-adds of the route that ran (:func:`mat_kernels.route_costs`, the Gram dispatcher's cost), and the sketch's
+  projection is a GEMM the counter sees. Only ``eigvalsh``, invisible to the counter, is added by
+  :class:`mat_kernels.MAT`: ``(4/3)·n³`` per module (an estimate; negligible at n ≤ 64).
 """
 from __future__ import annotations
 
@@ -61,10 +62,11 @@ class FlopsLedger:
     * the loop runs each step's forward and backward through :meth:`count_step` (FLOPs counted by
       ``FlopCounterMode`` once per signature ``key``, e.g. ``(input shape, mat.flops_key())``, and reused) and adds
       the step's wall time with :meth:`add_seconds` (measurement included);
-    * MAT adds each measurement with :meth:`add_measurement`: the probe's forward and backward as counted, plus the
-      Grams and eigen-solves the counter cannot see, and the seconds it took. A step that measures from its own
-      backward (``probe=None``) runs an exact backward; what that costs beyond the same step's usual FLOPs is
-      added to the measurement by :meth:`count_step` when given the usual step's key as ``base_key``.
+    * MAT adds each measurement with :meth:`add_measurement`: the probe's forward, backward and Grams as counted,
+      plus the eigen-solves the counter cannot see, and the seconds it took. A step that measures from its own
+      backward (``probe=None``) builds the Grams inside it and runs an exact backward; what that costs beyond the
+      same step's usual FLOPs (Grams included) is added to the measurement by :meth:`count_step` when given the
+      usual step's key as ``base_key``, and MAT adds the eigen-solves.
 
     Totals: :meth:`total` (FLOPs up to a step, measurements included), :meth:`seconds`, the measurement's shares.
     """
