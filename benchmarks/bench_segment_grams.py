@@ -577,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False  # baselines: IEEE fp32 (mat_kernels sets TF32 per call)
 
     env = {"op": "segment_grams", **_harness.env_row(device)}
-    mode, reason = mk._backend.triton_mode()
+    mode, reason = mk.backend.triton_mode()
     print(f"# bench_segment_grams  {env['date']}  commit {env['git_commit']}")
     print(f"# device: {env['device']}  torch {env['torch']}  triton {env['triton']}  mat_kernels {env['mat_kernels']}")
     print(f"# mat_kernels Triton kernels: {mode} ({reason}); --backend {args.backend}")

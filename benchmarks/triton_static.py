@@ -194,7 +194,7 @@ def analyse(arch: int, dtype_name: str, n: int, T: int, method: str = "auto", ps
     ``psg`` other than ``"auto"`` forces that psg kernel (``"two-kernel"``, ``"local"``, ``"fused"``) through the
     Gram dispatcher (``kernel=``) in place of its choice."""
     dtype, tf32 = DTYPES[dtype_name]
-    from mat_kernels import _backend
+    from mat_kernels import backend as _backend
 
     kernel = {"auto": "auto", "two-kernel": "triton-psg", "local": "triton-local", "fused": "triton-fused"}[psg]
     prev_driver, prev_unusable = getattr(triton.runtime.driver, "_active", None), _backend.triton_unusable
@@ -282,7 +282,7 @@ def analyse_sparse(arch: int, dtype_name: str, T: int) -> dict:
     from mat_kernels.train.optim import FrozenSliceOptimizer
 
     prev_driver = getattr(triton.runtime.driver, "_active", None)
-    from mat_kernels import _backend
+    from mat_kernels import backend as _backend
     from mat_kernels.train import optim
 
     prev = (sl.TRITON_DEVICES, optim.TRITON_DEVICES, _backend.KERNEL_MODE, torch.backends.cuda.matmul.allow_tf32)

@@ -6,7 +6,7 @@ import platform
 import torch
 
 from mat_kernels import __version__
-from mat_kernels._backend import triton_mode
+from mat_kernels.backend import triton_mode
 
 
 def report() -> list[tuple[str, str]]:

@@ -10,7 +10,7 @@ module ≤ MODEL_RTOL = 1e-5 (measured on these models: ≤ 7e-7).
 import torch
 
 import mat_kernels as mk
-from mat_kernels import _backend
+from mat_kernels import backend as _backend
 from mat_kernels.measure.model import per_sample_output, projection_vectors
 from mat_kernels.testing.reference import model_per_sample_grads, reference_model_grams
 from mat_kernels.testing.tolerances import MODEL_RTOL  # noqa: F401  (the tests import it from here)

@@ -11,7 +11,7 @@ from models import TinyLM, small_cnn
 from torch.utils.flop_counter import FlopCounterMode
 
 import mat_kernels as mk
-from mat_kernels import _backend
+from mat_kernels import backend as _backend
 from mat_kernels.ops import gram_dispatch as gd
 from mat_kernels.ops import segment_grams
 from mat_kernels.testing.reference import reference_lambda_max

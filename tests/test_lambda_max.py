@@ -347,7 +347,7 @@ def test_subspace_nonconvergence_warns():
 # fallback visibility
 # --------------------------------------------------------------------------------------------------------------
 def test_fallback_warns_once_and_is_inspectable(monkeypatch):
-    from mat_kernels import _backend
+    from mat_kernels import backend as _backend
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(_backend, "_WARNED", set())

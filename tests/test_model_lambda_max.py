@@ -17,7 +17,7 @@ from models import FusedBlock, MHAModel, TinyLM, hf_bert, small_cnn  # noqa: F40
 from oracle import MODEL_RTOL, _gen, assert_matches, oracle, run_and_check  # noqa: F401
 
 import mat_kernels as mk
-from mat_kernels import _backend
+from mat_kernels import backend as _backend
 from mat_kernels.measure.model import projection_vectors
 from mat_kernels.testing.reference import model_per_sample_grads, reference_model_grams
 

@@ -155,7 +155,7 @@ def test_active_blocks_are_what_torch_gives_each_block_alone(name, cls, kw, monk
     freeze and thaw."""
     if name.endswith("_masked"):
         pytest.importorskip("triton")
-        from mat_kernels import _backend
+        from mat_kernels import backend as _backend
         from mat_kernels.train import optim
 
         if _backend.kernel_unusable(torch.device("cpu")) is not None:

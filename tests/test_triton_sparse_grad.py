@@ -11,7 +11,7 @@ from helpers import FP32_RTOL, rel_err, requires_cuda
 import mat_kernels as mk
 
 pytest.importorskip("triton")
-from mat_kernels import _backend  # noqa: E402
+from mat_kernels import backend as _backend  # noqa: E402
 
 if _backend.triton_mode()[0] == "unavailable":
     pytest.skip("Triton cannot run here (no CUDA device, TRITON_INTERPRET unset)", allow_module_level=True)

@@ -48,7 +48,7 @@ class _LightningMATOptimizer(MATOptimizer):
                 loss = closure()
         self.callback._close_measure_step()
         scaler = self.callback._scaler()
-        scale = scaler.get_scale() if scaler is not None and self.mat._captured is not None else None
+        scale = scaler.get_scale() if scaler is not None and self.mat.measurement_pending else None
         with torch.enable_grad():  # a probe measurement runs a forward and backward
             self.mat.step(grad_scale=scale)
         return loss

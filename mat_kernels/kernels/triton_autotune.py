@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from mat_kernels._backend import interpreter_enabled
+from mat_kernels.backend import interpreter_enabled
 
 
 class Config(NamedTuple):
@@ -105,7 +105,7 @@ def pick(name: str, key: tuple, candidates: list[Config], launch: Callable[[Conf
         if ms < best_ms:
             best, best_ms = cfg, ms
     if best is None:  # every candidate spilled: run the default, and say so
-        from mat_kernels._backend import warn_once
+        from mat_kernels.backend import warn_once
 
         warn_once(f"autotune-none:{full}", f"mat_kernels: every {name} configuration spills for {key}; running the "
                                            "default one (see mat_kernels.kernels.triton_autotune.tuned())")

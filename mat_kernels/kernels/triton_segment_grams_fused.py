@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mat_kernels._backend import device_ints as _device_ints
+from mat_kernels.backend import device_ints as _device_ints
 from mat_kernels.kernels import triton_autotune as autotune
 from mat_kernels.kernels.triton_autotune import Config, config
 from mat_kernels.kernels.triton_segment_grams import precision, sm_count

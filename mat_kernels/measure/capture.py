@@ -38,16 +38,10 @@ import torch.nn as nn
 
 from mat_kernels import routing
 from mat_kernels.layers import layer_type_of, layer_types
-from mat_kernels.measure.capture_records import (
-    GEMM_DTYPES,
-    Record,
-    Site,
-    ranges_in_call,
-    stack_samples,
-)
+from mat_kernels.measure.capture_records import Record, Site, gemm_dtype, site_grams
 from mat_kernels.measure.discovery import group_by_weight
 from mat_kernels.measure.forward import check_samples_independent
-from mat_kernels.measure.layer import GramOptions, layer_grams
+from mat_kernels.measure.layer import GramOptions
 from mat_kernels.measure.result import LambdaMaxResult
 from mat_kernels.measure.specs import ModuleSpec
 
@@ -214,7 +208,7 @@ class LambdaCapture:
             out.register_hook(self._saw_backward)  # only where the next micro-batch starts is still watched
             return None
         rec = Record(site, x.detach(), r0, rows, has_bias, in_backward, micro=self._micro,
-                     dtype=self._gemm_dtype(site, x, out))
+                     dtype=gemm_dtype(site, x, out))
         self._records.setdefault((site.weight, r0, rows), []).append(rec)
         if self.tap and not in_backward:
             out = out + self._z
@@ -236,18 +230,6 @@ class LambdaCapture:
                 f"micro_batches: micro-batch {self._micro} of this step has {n} samples, the first had {self.micro_n}; "
                 "one capture needs micro-batches of equal size, so that loss_scale weighs every sample alike "
                 "(loss = loss_scale · Σ_i s_i over all micro-batches)")
-
-    @staticmethod
-    def _gemm_dtype(site: Site, x: torch.Tensor, out: torch.Tensor) -> torch.dtype | None:
-        """The dtype the layer's GEMM ran in when it differs from the stored input's (autocast), else None."""
-        if x.dtype == out.dtype:
-            return None
-        if out.dtype not in GEMM_DTYPES or x.dtype not in (torch.float32, *GEMM_DTYPES):
-            raise TypeError(
-                f"{site.weight}: the layer's input is {x.dtype} and its output {out.dtype}; under autocast the Grams "
-                f"are built from what the GEMM multiplied, which must be bfloat16 or float16 (autocast dtype "
-                f"{out.dtype} is not supported)")
-        return out.dtype
 
     def _saw_backward(self, grad):
         self._after_backward = True
@@ -295,40 +277,14 @@ class LambdaCapture:
             self.gram_seconds += time.perf_counter() - t0
 
     def _build_grams(self, site: Site, micro_groups: list[list[Record]]) -> None:
-        """Grams of one weight from its calls: the calls of one micro-batch are one per-sample gradient (their
-        tokens concatenated), micro-batches add samples."""
-        rec0 = micro_groups[0][0]
+        """Grams of one weight from its calls (:func:`~mat_kernels.measure.capture_records.site_grams`), added into
+        the modules' Grams."""
         if self.grams is None:
-            self.grams = torch.zeros(len(self.specs), self.n, self.n, dtype=torch.float32, device=rec0.x.device)
-        n = self.micro_n
-        # per micro-batch, the layer type's samples-first parts (one linear map each: a grouped convolution has one
-        # per group), each call's tokens concatenated; micro-batches then stack their samples
-        per_micro, offsets = [], None
-        for group in micro_groups:
-            per_rec = [site.layer.samples(site, r, n) for r in group]
-            offsets = [off for _, _, off in per_rec[0]]
-            per_micro.append([(torch.cat([p[k][0] for p in per_rec], 1), torch.cat([p[k][1] for p in per_rec], 1))
-                              if len(per_rec) > 1 else per_rec[0][k][:2] for k in range(len(offsets))])
-        chunks = [(*stack_samples([m[k] for m in per_micro]), off) for k, off in enumerate(offsets)]
-        for axis, bias, entries in site.groups:
-            if bias and not rec0.has_bias:
-                raise ValueError(f"{site.weight}: a module owns bias entries but the layer was called without bias")
-            for x3, dy3, off in chunks:
-                mods, blocks = [], []
-                for m, ranges in entries:
-                    r = ranges_in_call(ranges, axis, rec0.r0 + off, dy3.shape[-1], site.d_out)
-                    if r:
-                        mods.append(m)
-                        blocks.append(r)
-                if not mods:
-                    continue
-                kw = {"row_blocks": blocks} if axis == "rows" else {"col_blocks": blocks}
-                try:
-                    res = layer_grams(x3, dy3, bias=bias and axis == "rows", **kw, options=self.options)
-                except ValueError as e:
-                    raise ValueError(f"{site.weight}: {e}") from e
-                self.backend = res.backend
-                self.grams.index_add_(0, torch.tensor(mods, device=self.grams.device), res.grams)
+            device = micro_groups[0][0].x.device
+            self.grams = torch.zeros(len(self.specs), self.n, self.n, dtype=torch.float32, device=device)
+        for mods, res in site_grams(site, micro_groups, self.micro_n, self.options):
+            self.backend = res.backend
+            self.grams.index_add_(0, torch.tensor(mods, device=self.grams.device), res.grams)
 
     # ------------------------------------------------------------------------------------------------ driving
     def backward(self, total: torch.Tensor) -> None:

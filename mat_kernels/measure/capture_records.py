@@ -9,8 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mat_kernels.layers import LayerType
+from mat_kernels.measure.layer import GramOptions, GramResult, layer_grams
 
-__all__ = ["Site", "Record", "ranges_in_call", "stack_samples", "GEMM_DTYPES"]
+__all__ = ["Site", "Record", "ranges_in_call", "stack_samples", "gemm_dtype", "site_grams", "GEMM_DTYPES"]
 
 # dtypes an autocast GEMM may run in (the Gram kernels take them; fp32 accumulation)
 GEMM_DTYPES = (torch.bfloat16, torch.float16)
@@ -74,3 +75,49 @@ def stack_samples(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch
     T = max(x.shape[1] for x, _ in parts)
     pad = [(F.pad(x, (0, 0, 0, T - x.shape[1])), F.pad(d, (0, 0, 0, T - d.shape[1]))) for x, d in parts]
     return torch.cat([x for x, _ in pad]), torch.cat([d for _, d in pad])
+
+
+def gemm_dtype(site: Site, x: torch.Tensor, out: torch.Tensor) -> torch.dtype | None:
+    """The dtype the layer's GEMM ran in when it differs from the stored input's (autocast), else None."""
+    if x.dtype == out.dtype:
+        return None
+    if out.dtype not in GEMM_DTYPES or x.dtype not in (torch.float32, *GEMM_DTYPES):
+        raise TypeError(
+            f"{site.weight}: the layer's input is {x.dtype} and its output {out.dtype}; under autocast the Grams "
+            f"are built from what the GEMM multiplied, which must be bfloat16 or float16 (autocast dtype "
+            f"{out.dtype} is not supported)")
+    return out.dtype
+
+
+def site_grams(site: Site, micro_groups: list[list[Record]], n: int,
+               options: GramOptions) -> list[tuple[list[int], GramResult]]:
+    """Grams of one weight from its calls: ``[(module indices, their Grams)]``. The calls of one micro-batch are one
+    per-sample gradient (their tokens concatenated; the layer type puts samples first, one part per linear map:
+    a grouped convolution has one per group); micro-batches add samples (``n`` per micro-batch)."""
+    rec0 = micro_groups[0][0]
+    per_micro, offsets = [], None
+    for group in micro_groups:
+        per_rec = [site.layer.samples(site, r, n) for r in group]
+        offsets = [off for _, _, off in per_rec[0]]
+        per_micro.append([(torch.cat([p[k][0] for p in per_rec], 1), torch.cat([p[k][1] for p in per_rec], 1))
+                          if len(per_rec) > 1 else per_rec[0][k][:2] for k in range(len(offsets))])
+    chunks = [(*stack_samples([m[k] for m in per_micro]), off) for k, off in enumerate(offsets)]
+    out = []
+    for axis, bias, entries in site.groups:
+        if bias and not rec0.has_bias:
+            raise ValueError(f"{site.weight}: a module owns bias entries but the layer was called without bias")
+        for x3, dy3, off in chunks:
+            mods, blocks = [], []
+            for m, ranges in entries:
+                r = ranges_in_call(ranges, axis, rec0.r0 + off, dy3.shape[-1], site.d_out)
+                if r:
+                    mods.append(m)
+                    blocks.append(r)
+            if not mods:
+                continue
+            kw = {"row_blocks": blocks} if axis == "rows" else {"col_blocks": blocks}
+            try:
+                out.append((mods, layer_grams(x3, dy3, bias=bias and axis == "rows", **kw, options=options)))
+            except ValueError as e:
+                raise ValueError(f"{site.weight}: {e}") from e
+    return out

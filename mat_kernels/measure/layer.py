@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mat_kernels import _backend
+from mat_kernels import backend as _backend
 from mat_kernels.blocks import BlockSpec, WeightBlocks, layer_blocks
 from mat_kernels.measure.result import LambdaMaxResult, layer_names
 from mat_kernels.measure.solvers import lambda_max as _solve

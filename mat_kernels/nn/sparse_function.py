@@ -26,7 +26,8 @@ import contextlib
 
 import torch
 
-from mat_kernels import _backend, routing
+from mat_kernels import backend as _backend
+from mat_kernels import routing
 from mat_kernels.blocks import BlockSpec, WeightBlocks
 from mat_kernels.ops import sparse_grad as _ops
 

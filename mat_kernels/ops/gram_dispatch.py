@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mat_kernels import _backend
+from mat_kernels import backend as _backend
 from mat_kernels.kernels import torch_segment_grams as torch_impl
 
 __all__ = ["GramInputs", "GramKernel", "GramChoice", "KERNELS", "KERNEL_CHOICES", "METHOD_ROUTES", "BACKENDS",

@@ -20,25 +20,23 @@ state): ``docs/mat_controller.md``; defaults and their provenance: docs/paper.md
 """
 from __future__ import annotations
 
-import contextlib
 import re
-import time
 import warnings
 import weakref
 
 import torch
 import torch.nn as nn
 
-from mat_kernels.measure.capture import MICRO_BATCHES, capture_lambda_max
 from mat_kernels.measure.discovery import discover_modules, validate_specs
-from mat_kernels.measure.forward import batch_size, check_samples_independent, concat_batches
+from mat_kernels.measure.forward import check_samples_independent
 from mat_kernels.measure.layer import GramOptions
-from mat_kernels.measure.model import model_lambda_max
-from mat_kernels.measure.result import LambdaMaxResult
 from mat_kernels.measure.specs import ModuleSpec
 from mat_kernels.nn.sparse_function import FROZEN_BACKWARD
+from mat_kernels.train.deciding import DecidingMixin, layer_groups
 from mat_kernels.train.flops import FlopsLedger
 from mat_kernels.train.freezing import frozen_optimizer, install_sparse
+from mat_kernels.train.measuring import MeasuringMixin
+from mat_kernels.train.models import is_compiled, refuse_open_controller, unwrap_model
 from mat_kernels.train.permute import HeadPermuter
 from mat_kernels.train.policy import (
     CONTROLS,
@@ -48,8 +46,6 @@ from mat_kernels.train.policy import (
     TemporalRule,
     check_number,
     layer_of,
-    module_scores,
-    shuffle_within,
     threshold_mask,
 )
 
@@ -58,28 +54,7 @@ __all__ = ["MAT", "MAT_POLICIES"]
 MAT_POLICIES = POLICIES + CONTROLS
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside ``DistributedDataParallel`` and ``torch.compile`` wrappers (in any order)."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-            model = model._orig_mod
-        else:
-            return model
-
-
-def _is_compiled(model: nn.Module) -> bool:
-    """Whether ``model`` is (or wraps) a ``torch.compile``d module: ``torch.compile(model)`` or ``model.compile()``."""
-    while True:
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module) or getattr(model, "_compiled_call_impl", None):
-            return True
-        if not isinstance(model, nn.parallel.DistributedDataParallel):
-            return False
-        model = model.module
-
-
-class MAT:
+class MAT(MeasuringMixin, DecidingMixin):
     """Modular Adaptive Training controller (module docstring; what it does: docs/mat_controller.md).
 
     Args:
@@ -182,13 +157,13 @@ class MAT:
         if lambda_kwargs is not None and not isinstance(lambda_kwargs, dict):
             raise TypeError(f"lambda_kwargs must be a dict or None, got {type(lambda_kwargs).__name__}")
         self.model = model
-        self.module = _unwrap(model)
+        self.module = unwrap_model(model)
         disc = discover_modules(self.module, out_proj=out_proj) if specs is None else None
         self.specs = list(specs if specs is not None else disc.specs)
         validate_specs(self.module, self.specs)
         self.names = [s.name for s in self.specs]
         self.kinds = [s.kind for s in self.specs]
-        layers = _layer_groups(self.specs)
+        layers = layer_groups(self.specs)
         kinds = {"kind": self.kinds, "all": ["all"] * len(self.specs), "layer": layers}[group_by]
         # the shuffle control's groups: every module's kind within its layer
         per_layer = [f"{k}@{layer_of(s.name)}" for k, s in zip(self.kinds, self.specs)]
@@ -221,7 +196,7 @@ class MAT:
         self._pending: torch.Tensor | None = None
         self._captured = None  # (capture, seconds) of this step's training backward, committed by step()
         self._in_measure = False
-        _refuse_open_controller(self.module)
+        refuse_open_controller(self.module)
         self.optimizer = frozen_optimizer(self.module, self.specs, optimizer)  # validates before any layer is swapped
         if not isinstance(permute_heads, bool):
             raise TypeError(f"permute_heads must be a bool, got {type(permute_heads).__name__}")
@@ -232,7 +207,7 @@ class MAT:
         self.sparse_layers, self.gated, self.masked_weights = install_sparse(
             self.module, self.specs, wanted=sparse_backward, frozen_backward=self.frozen_backward,
             swapped=self._swapped)
-        self.compiled = _is_compiled(model)
+        self.compiled = is_compiled(model)
         self._marked = [self.module] + [layer if isinstance(layer, nn.Module) else layer.attention
                                         for layer, _, _ in self.sparse_layers] + [g.owner for g in self.gated]
         for mod in self._marked:  # a second MAT on any of these is refused while this one is open
@@ -254,76 +229,6 @@ class MAT:
         return rest
 
     # ------------------------------------------------------------------------------------------------ loop
-    def measuring_now(self) -> bool:
-        """Whether the step about to run measures (counted by :meth:`step`)."""
-        s = self.step_count - self.warmup_steps
-        return s >= 0 and s % self.interval == 0 and not self.should_stop
-
-    def flops_key(self) -> tuple:
-        """What determines the FLOPs of the next training step besides the input shapes: the masks, and whether
-        it measures from its own backward (which then runs exactly). Key of
-        :meth:`mat_kernels.train.flops.FlopsLedger.count_step`."""
-        return (tuple(self.active.tolist()), self.probe is None and self.measuring_now())
-
-    @contextlib.contextmanager
-    def measure_step(self, *, loss_scale: float | str, micro_batches: str = "first"):
-        """Context for one optimizer step's forwards and backwards. When this step measures from the training
-        backward (``probe=None``), the module Grams are captured from it (the step then runs the exact backward,
-        eagerly under ``torch.compile``); otherwise it does nothing. ``loss = loss_scale · Σ_i s_i`` over all the
-        step's samples (``1/n`` for a mean over the n samples; ``1/(n·k)`` for k accumulated micro-batches of n;
-        ``"mean"`` says that and lets the capture count n and k)::
-
-            with mat.measure_step(loss_scale=1 / n):
-                loss = criterion(model(x), y)
-                mat.backward(loss)                  # under a GradScaler: mat.backward(scaler.scale(loss))
-            mat.step()                              # and mat.step(scaler=scaler)
-
-        Several forwards and backwards inside the context are micro-batches of one step (gradient accumulation,
-        equal sizes): ``micro_batches="first"`` measures the first one's samples (no extra memory), ``"all"`` the
-        Gram over all of them (holds every captured layer's input and output gradient until the end of the step).
-        The measurement is taken (λ, the decision, the ledger) by the :meth:`step` that follows, and dropped if a
-        ``GradScaler`` skips that step."""
-        if micro_batches not in MICRO_BATCHES:
-            raise ValueError(f"micro_batches must be one of {MICRO_BATCHES}, got {micro_batches!r}")
-        if self.probe is not None or not self.measuring_now():
-            yield
-            return
-        self._in_measure = True
-        self._captured = None
-        # NaN/Inf is checked when step() takes the measurement: a GradScaler's overflowing step is dropped there
-        options = GramOptions.of(self.gram_options, check_finite=False)
-        try:
-            # a compiled model runs this step eagerly: the capture's hooks would otherwise be traced and guarded on
-            # (one recompilation per measurement); the compiled graphs are used again from the next step on
-            # (the capture runs every sparse layer and gate exactly: gradients through frozen blocks, active dW)
-            with torch.compiler.set_stance("force_eager"):
-                with capture_lambda_max(self.module, self.specs, loss_scale=loss_scale, micro_batches=micro_batches,
-                                        options=options) as cap:
-                    yield
-            t0 = time.perf_counter()
-            cap.check_complete()
-            grams = cap.module_grams()
-            self._captured = (cap, grams, cap.gram_seconds + time.perf_counter() - t0)
-        finally:
-            self._in_measure = False
-
-    def _take_capture(self, scale: float) -> LambdaMaxResult:
-        """The measurement of this step's training backward, its loss unscaled by ``scale`` (a GradScaler's)."""
-        cap, grams, seconds = self._captured
-        self._captured = None
-        t0 = time.perf_counter()
-        if scale != 1.0:
-            grams = grams / scale ** 2
-        if self.gram_options.check_finite and not bool(torch.isfinite(grams).all()):
-            raise ValueError("the Grams of this measuring step hold NaN/Inf: its loss or output gradients are not "
-                             "finite (under fp16 loss scaling, pass the GradScaler: mat.step(scaler=scaler))")
-        res = self._scores(grams, backend=cap.backend, output="loss")
-        # the Grams ran inside the training backward: a loop that counts its steps (FlopsLedger.count_step with
-        # base_key) counted them there, as this measurement's, with the exact backward's extra; eigvalsh is
-        # invisible to FlopCounterMode
-        self.ledger.add_measurement(self.step_count, self._solve_flops(cap.n), seconds + time.perf_counter() - t0)
-        return res
-
     def backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()``. When this step measures from the training backward (``probe=None``), it must run
         inside :meth:`measure_step`, which also saw the forward."""
@@ -413,7 +318,7 @@ class MAT:
             for layer, order, extra in self.sparse_layers:
                 mask = active[order]
                 layer.set_active(torch.cat([mask, torch.ones(extra, dtype=torch.bool)]) if extra else mask)
-        compiled = self.compiled or _is_compiled(self.model)
+        compiled = self.compiled or is_compiled(self.model)
         if compiled and self.gated and not getattr(self, "_warned_compiled", False):
             self._warned_compiled = True
             warnings.warn(
@@ -423,106 +328,6 @@ class MAT:
                 f"{[n for g in self.gated for n in g.names][:4]}", UserWarning, stacklevel=3)
         for gate in self.gated:
             gate.apply(bool(active[gate.modules].any()), keep_requires_grad=compiled)
-
-    def _solve_flops(self, n: int) -> int:
-        """FLOPs of the eigen-solves, which ``FlopCounterMode`` cannot see: ``eigvalsh`` ~ (4/3)·n³ per module (an
-        estimate)."""
-        return len(self.specs) * (4 * n ** 3) // 3
-
-    def _scores(self, grams: torch.Tensor, **fields) -> LambdaMaxResult:
-        from mat_kernels.measure.solvers import lambda_max
-
-        if self._perm is not None:  # measured per place: back to the modules' order
-            grams = self._perm.to_identity(grams)
-        n = self._n_train
-        train = grams if n is None else grams[:, :n, :n]  # λ (the logs) over the training probe
-        lam = lambda_max(train, check_finite=self.gram_options.check_finite)
-        score = module_scores(grams, self.criterion, lam=lam.double().cpu(), n_train=n)
-        return LambdaMaxResult(tuple(self.names), lam, grams, grams.shape[-1], "mat", specs=self.specs, scores=score,
-                               **fields)
-
-    def measure(self) -> LambdaMaxResult:
-        """Measure every module on the probe batch (eval mode, restored after; exact backward, no weight
-        gradients): a :class:`mat_kernels.LambdaMaxResult` (``level="mat"``) whose ``scores`` (float64 ``[M]``)
-        are what ``criterion`` thresholds. The measurement's FLOPs and seconds go to :attr:`ledger`."""
-        from mat_kernels.train.flops import count_flops
-
-        t0 = time.perf_counter()
-        batch, labels = self.probe(self.step_count) if callable(self.probe) else self.probe
-        self._n_train = None
-        if self.heldout is not None:  # the training probe's samples first, then the held-out probe's, in one pass
-            ho_batch, ho_labels = self.heldout(self.step_count) if callable(self.heldout) else self.heldout
-            self._n_train = batch_size(batch)
-            batch, labels = concat_batches(batch, ho_batch), concat_batches(labels, ho_labels)
-        was = [(m, m.training) for m in self.module.modules()]
-        self.module.eval()
-        try:
-            # the capture runs every sparse layer and gate exactly, with no weight gradients
-            counted, res = count_flops(model_lambda_max, self.module, batch, labels=labels, specs=self.specs,
-                                       return_grams=True, options=self.gram_options,
-                                       **{"output": self.output, **self._model_kwargs})
-        finally:
-            for m, t in was:
-                m.train(t)
-        out = self._scores(res.grams, backend=res.backend, output=res.output)
-        # counted: the probe's forward and backward and the Grams (the formula of mat_kernels::segment_grams);
-        # eigvalsh is invisible to FlopCounterMode
-        self.ledger.add_measurement(self.step_count, counted + self._solve_flops(res.n), time.perf_counter() - t0)
-        return out
-
-    def _decide(self, measured) -> None:
-        if isinstance(measured, torch.Tensor):  # λ given directly (tests, external measurements)
-            lam = score = measured.double().cpu()
-        else:
-            lam, score = measured.values.double().cpu(), measured.scores
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            dev = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-            t = torch.stack([lam, score]).to(dev)
-            torch.distributed.all_reduce(t)
-            lam, score = (t.cpu() / torch.distributed.get_world_size()).unbind(0)
-        self.measurements += 1
-        if self.smoothing and self._smoothed is not None:
-            score = self.smoothing * self._smoothed + (1 - self.smoothing) * score
-        self._smoothed = score.clone()
-        if self.rule is not None:
-            self.converged = self.rule.update(lam)
-        thr, tau = torch.ones_like(self.active), {}
-        gating = self.measurements >= self.gate_after
-        if gating:
-            pol = dict(self.policy)
-            if pol["policy"] in CONTROLS:  # the controls start from the mean rule's decision
-                pol["policy"] = "mean"
-            for kind, idx in self.groups.items():
-                k = pol["k"]
-                if k is not None:  # top-k per group: the same share of each group
-                    k = max(1, round(k * len(idx) / len(self.specs)))
-                s = score[idx]
-                if pol["policy"] == "random":  # as many as the mean rule keeps, among modules not converged
-                    thr[idx], tau[kind] = threshold_mask(s, "random", alpha=pol["alpha"], generator=self._rng,
-                                                         eligible=~self.converged[idx])
-                    continue
-                thr[idx], tau[kind] = threshold_mask(s, pol["policy"], alpha=pol["alpha"], q=pol["q"], k=k)
-                if self.hysteresis and self.measurements > self.gate_after:
-                    was = self.active[idx]
-                    h = self.hysteresis
-                    thr[idx] = torch.where(was, s > tau[kind] * (1 - h), s > tau[kind] * (1 + h))
-        self.active = thr & ~self.converged
-        if gating and self.policy["policy"] == "shuffle":
-            self.active = shuffle_within(self.active, self._layer_kind, self._rng, eligible=~self.converged)
-        elif gating and self.policy["policy"] == "fixed":
-            if self._fixed is None:
-                self._fixed = self.active.clone()
-            self.active = self._fixed.clone()
-        if self._perm is not None:
-            self._perm.arrange(self.active)
-        self._apply_masks()
-        empty = [kind for kind, idx in self.groups.items() if not bool(self.active[idx].any())]
-        self.log.append({"step": self.step_count, "lambda": lam.tolist(), "score": score.tolist(),
-                         "threshold": tau, "active": self.active.tolist(), "converged": self.converged.tolist(),
-                         "empty_kinds": empty})
-        if self.stop_when_converged and bool(self.converged.all()):
-            self.should_stop = True
 
     def _check_open(self) -> None:
         if self.closed:
@@ -608,23 +413,3 @@ class MAT:
         """Raise if samples interact in the model (train-mode BatchNorm) when measuring from the training backward."""
         check_samples_independent(self.module)
 
-
-def _refuse_open_controller(module: nn.Module) -> None:
-    """A model part that an open MAT controls (its sparse-update layers, routing, gates) cannot get a second one."""
-    for name, mod in module.named_modules():
-        ref = mod.__dict__.get("_mat_controller")
-        other = ref() if ref is not None else None
-        if other is not None and not other.closed:
-            raise ValueError(f"{name or 'the model'} ({type(mod).__name__}) is controlled by another MAT that is still "
-                             f"open ({other!r}, {len(other.specs)} modules); call its close() first")
-
-
-def _layer_groups(specs: list[ModuleSpec]) -> list[str]:
-    """Group key of each module for ``group_by="layer"``: its kind within its layer (the name up to the module's
-    own part: ``layers.3`` for ``layers.3.head1`` and ``layers.3.head1.out``), or its kind alone when that kind
-    has one module per layer (an FFN block, a conv): a group of one could never pass a threshold set by itself."""
-    def layer(name: str) -> str:
-        return re.sub(r"(\.?(head\d+(\.out)?|ffn|experts\.[^.]+))$", "", name)
-
-    keys = [f"{s.kind}@{layer(s.name)}" for s in specs]
-    return [k if keys.count(k) > 1 else s.kind for k, s in zip(keys, specs)]

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mat_kernels import _backend
+from mat_kernels import backend as _backend
 from mat_kernels.train.optim_blocks import (
     WHOLE,
     BlocksArg,
