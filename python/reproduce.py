@@ -21,9 +21,22 @@ Arms (``--arms``; add your own with ``--arm name=key:value,...``, MAT keyword ar
 ``prune``       the paper's pruning extension (language tasks): dense until ``prune_at`` (default: a tenth of the
                 steps), then the ``prune_fraction`` (0.5) of heads with the lowest λmax (a head = its Q/K/V rows and
                 output columns, measured on that step's batch) are removed physically, and the rest trains with MAT
+``shuffle``     MAT's own decisions, its count of active modules per layer and kind kept, the modules picked at
+                random (the per-layer control)
+``fixed``       MAT's first decision kept for the whole run
+``coherence``   the criterion 1ᵀΘ1/(n·trΘ) (agreement without magnitude); ``offdiag``: its off-diagonal part
+                (1ᵀΘ1 − trΘ)/((n−1)·trΘ); ``lamratio``: λmax/trΘ
+``heldout``     ⟨ḡ_train, ḡ_heldout⟩ from a held-out probe (``--heldout N`` training samples kept out of every
+                arm's batches), a module training while it is positive
 ==============  =============================================================================================
 
 Keys of an arm that are not MAT's: ``prune_fraction`` and ``prune_at`` (the ``prune`` arm's).
+
+Budgets (``--budgets 0.3,0.45,0.6,0.8,1``): every arm also runs at each fraction b of the task's steps as
+``arm@b``, its learning rate warmed up as the task's and then decayed to zero within the budget (``--schedule``
+linear or cosine); ``dense@b`` over the budgets is the dense frontier, and the summary gives each arm's best metric
+against the frontier interpolated at the arm's own cost (FLOPs, and table time: each step charged the median time
+of the steps with its active set), and against ``shuffle`` at the same budget.
 
 Per evaluation the CSV holds: the step, the validation metric, cumulative training FLOPs (λ measurement included)
 and the measurement's share of them, cumulative wall time of the training steps (measurement included; evaluation
@@ -42,9 +55,7 @@ fraction; and the difference of each arm's best metric from ``mat``'s (positive:
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
-import math
 import os
 import platform
 import subprocess
@@ -56,6 +67,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tasks as task_registry  # noqa: E402
+from summary import FIELDS, frontier_plot, frontier_summary, plot, read_csv, summarize, upsert_csv  # noqa: E402,F401
 
 import mat_kernels as mk  # noqa: E402
 from mat_kernels.train.flops import FlopsLedger  # noqa: E402
@@ -71,10 +83,15 @@ ARMS: dict[str, dict | None] = {
     "layer": {"group_by": "layer"},
     "v0": {"warmup_steps": 0, "patience": 1},
     "prune": {"prune_fraction": 0.5},
+    # the controls at MAT's own active counts, and the criteria that separate agreement from magnitude
+    "shuffle": {"policy": "shuffle"},
+    "fixed": {"policy": "fixed"},
+    "coherence": {"criterion": "coherence"},
+    "offdiag": {"criterion": "offdiag_coherence"},
+    "lamratio": {"criterion": "lambda_ratio"},
+    "heldout": {"criterion": "heldout"},  # needs --heldout N (the runner passes probe, heldout and output="loss")
 }
 RUNNER_KEYS = ("prune_fraction", "prune_at")
-FIELDS = ["task", "arm", "seed", "step", "metric", "value", "flops", "measure_flops", "wall_s", "measure_s",
-          "active_fraction", "mat_kwargs", "commit", "date", "machine", "threads"]
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CSV = os.path.join("reproduce_out", "reproduce.csv")  # relative to the working directory; the committed
 # grid lives in results/ (results/run_grid.sh passes --csv results/reproduce.csv)
@@ -84,16 +101,26 @@ DEFAULT_CSV = os.path.join("reproduce_out", "reproduce.csv")  # relative to the 
 # one cell
 # ----------------------------------------------------------------------------------------------------------------
 def run_cell(task_name: str, arm: str, arm_kwargs: dict | None, seed: int, *, tiny: bool = False,
-             progress: bool = True, keep: bool = False) -> tuple[list[dict], dict]:
+             progress: bool = True, keep: bool = False, budget: float | None = None, schedule: str = "linear",
+             heldout: int = 0) -> tuple[list[dict], dict]:
     """Train one (task, arm, seed) cell; returns its CSV rows and extras (the MAT log and report; with ``keep``, the
-    model, ledger and controller too)."""
-    task = task_registry.build(task_name, seed, tiny=tiny)
+    model, ledger and controller too). ``budget``: a fraction of the task's steps with the learning rate decayed to
+    zero within it (``schedule``); ``heldout``: training samples kept out of every batch as a held-out probe (use
+    the same value for every arm of a comparison)."""
+    task = task_registry.build(task_name, seed, tiny=tiny, heldout=heldout)
+    if budget is not None:
+        task = task_registry.budgeted(task, budget, schedule)
     model = task.model
     opt = task.make_optimizer(model)
     ledger = FlopsLedger()
     mat_kwargs = None if arm_kwargs is None else {k: v for k, v in arm_kwargs.items() if k not in RUNNER_KEYS}
     if mat_kwargs is not None:
         mat_kwargs = {"probe": None, **(_TINY_SCHEDULE if tiny else {}), **mat_kwargs}
+        if mat_kwargs.get("criterion") == "heldout":
+            if task.heldout_probe is None:
+                raise ValueError(f"arm {arm!r}: criterion 'heldout' needs a held-out probe: pass --heldout N (and "
+                                 "the same N for every arm, so that all train on the same data)")
+            mat_kwargs.update(probe=lambda step: task.batch(step), heldout=task.heldout_probe, output="loss")
     prune_at = None
     if arm_kwargs is not None and "prune_fraction" in arm_kwargs:
         prune_at = int(arm_kwargs.get("prune_at", max(1, task.steps // 10)))
@@ -112,6 +139,8 @@ def run_cell(task_name: str, arm: str, arm_kwargs: dict | None, seed: int, *, ti
             "task": task_name, "arm": arm, "seed": seed, "step": step, "metric": task.metric, "value": value,
             "flops": ledger.total(step), "measure_flops": ledger.measurement_flops(step),
             "wall_s": round(ledger.seconds(step), 4), "measure_s": round(ledger.measurement_seconds(step), 4),
+            "table_s": round(ledger.table_seconds(step), 4), "budget": 1.0 if budget is None else budget,
+            "schedule": "task" if budget is None else schedule,
             "active_fraction": mat.active_fraction() if mat is not None else 1.0,
             "mat_kwargs": "" if arm_kwargs is None else _kw_text(arm_kwargs), **env,
         })
@@ -233,174 +262,6 @@ def _environment() -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CSV
-# ----------------------------------------------------------------------------------------------------------------
-def read_csv(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    for r in rows:
-        for k in ("seed", "step", "threads"):
-            r[k] = int(r[k])
-        for k in ("value", "flops", "measure_flops", "wall_s", "measure_s", "active_fraction"):
-            r[k] = float(r[k])
-    return rows
-
-
-def upsert_csv(path: str, new_rows: list[dict]) -> None:
-    """Replace the rows of the cells in ``new_rows`` (keyed by task, arm, seed) and append them."""
-    cells = {(r["task"], r["arm"], int(r["seed"])) for r in new_rows}
-    old = [r for r in read_csv(path) if (r["task"], r["arm"], r["seed"]) not in cells]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        for r in old + new_rows:
-            w.writerow({k: r[k] for k in FIELDS})
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# summary
-# ----------------------------------------------------------------------------------------------------------------
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    xs = [x for x in xs if x is not None and not math.isnan(x)]
-    if not xs:
-        return float("nan"), float("nan")
-    m = sum(xs) / len(xs)
-    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return m, s
-
-
-def _curve(rows, task, arm, seed):
-    return sorted((r for r in rows if (r["task"], r["arm"], r["seed"]) == (task, arm, seed)), key=lambda r: r["step"])
-
-
-def _best(curve, higher: bool):
-    vals = [r["value"] for r in curve[1:]] or [curve[0]["value"]]
-    return max(vals) if higher else min(vals)
-
-
-def _reach(curve, target: float, higher: bool):
-    for r in curve[1:]:
-        if (r["value"] >= target) if higher else (r["value"] <= target):
-            return r
-    return None
-
-
-def summarize(rows: list[dict], task: str) -> tuple[list[dict], str]:
-    """Per arm of ``task``: mean ± std over the seeds that have both the arm and dense. Returns (records, table)."""
-    sub = [r for r in rows if r["task"] == task]
-    if not sub:
-        return [], f"no rows for task {task}"
-    higher = "accuracy" in sub[0]["metric"]
-    arms = list(dict.fromkeys(r["arm"] for r in sub))
-    if "dense" in arms:
-        arms = ["dense"] + [a for a in arms if a != "dense"]
-    seeds_of = {a: sorted({r["seed"] for r in sub if r["arm"] == a}) for a in arms}
-    recs = []
-    for arm in arms:
-        per = {"best": [], "flops_saving": [], "wall_saving": [], "measure_flops_share": [], "measure_time_share": [],
-               "active": [], "reached": 0, "seeds": 0, "delta_vs_mat": [], "run_flops_saving": [],
-               "run_wall_saving": []}
-        for seed in seeds_of[arm]:
-            c = _curve(sub, task, arm, seed)
-            if len(c) < 2:
-                continue
-            per["seeds"] += 1
-            per["best"].append(_best(c, higher))
-            last = c[-1]
-            per["measure_flops_share"].append(last["measure_flops"] / last["flops"] if last["flops"] else 0.0)
-            per["measure_time_share"].append(last["measure_s"] / last["wall_s"] if last["wall_s"] else 0.0)
-            per["active"].append(sum(r["active_fraction"] for r in c[1:]) / (len(c) - 1))
-            d = _curve(sub, task, "dense", seed)
-            if len(d) >= 2:
-                per["run_flops_saving"].append(1 - last["flops"] / d[-1]["flops"])
-                per["run_wall_saving"].append(1 - last["wall_s"] / d[-1]["wall_s"])
-                target = _best(d, higher)
-                rd, ra = _reach(d, target, higher), _reach(c, target, higher)
-                if ra is not None:
-                    per["reached"] += 1
-                    per["flops_saving"].append(1 - ra["flops"] / rd["flops"])
-                    per["wall_saving"].append(1 - ra["wall_s"] / rd["wall_s"])
-            m = _curve(sub, task, "mat", seed)
-            if len(m) >= 2:
-                diff = per["best"][-1] - _best(m, higher)
-                per["delta_vs_mat"].append(diff if higher else -diff)
-        if per["seeds"]:
-            recs.append({"task": task, "arm": arm, **per})
-    return recs, _table(recs, sub[0]["metric"], higher)
-
-
-def _fmt(ms, digits=4, pct=False):
-    m, s = ms
-    if math.isnan(m):
-        return "-"
-    if pct:
-        return f"{100 * m:+.1f} ± {100 * s:.1f}%"
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
-
-
-def _table(recs: list[dict], metric: str, higher: bool) -> str:
-    head = ["arm", "seeds", f"best {metric}", "vs MAT (+: better)", "reached dense best",
-            "FLOPs saved to dense best", "wall time saved to dense best", "FLOPs saved, whole run",
-            "wall time saved, whole run", "λ share of FLOPs", "λ share of time", "active fraction"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in recs:
-        cells = [r["arm"], str(r["seeds"]), _fmt(_mean_std(r["best"])),
-                 _fmt(_mean_std(r["delta_vs_mat"])) if r["arm"] != "mat" else "",
-                 f"{r['reached']}/{r['seeds']}",
-                 _fmt(_mean_std(r["flops_saving"]), pct=True) if r["arm"] != "dense" else "",
-                 _fmt(_mean_std(r["wall_saving"]), pct=True) if r["arm"] != "dense" else "",
-                 _fmt(_mean_std(r["run_flops_saving"]), pct=True) if r["arm"] != "dense" else "",
-                 _fmt(_mean_std(r["run_wall_saving"]), pct=True) if r["arm"] != "dense" else "",
-                 _fmt(_mean_std(r["measure_flops_share"]), 3, pct=False) if r["arm"] != "dense" else "",
-                 _fmt(_mean_std(r["measure_time_share"]), 3, pct=False) if r["arm"] != "dense" else "",
-                 _fmt(_mean_std(r["active"]), 2)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict], task: str, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sub = [r for r in rows if r["task"] == task]
-    if not sub:
-        return
-    arms = list(dict.fromkeys(r["arm"] for r in sub))
-    fig, ax = plt.subplots(1, 2, figsize=(12, 4.2))
-    for i, arm in enumerate(arms):
-        seeds = sorted({r["seed"] for r in sub if r["arm"] == arm})
-        curves = [_curve(sub, task, arm, s) for s in seeds]
-        n = min(len(c) for c in curves)
-        flops = [sum(c[k]["flops"] for c in curves) / len(curves) for k in range(n)]
-        val = [sum(c[k]["value"] for c in curves) / len(curves) for k in range(n)]
-        steps = [curves[0][k]["step"] for k in range(n)]
-        act = [sum(c[k]["active_fraction"] for c in curves) / len(curves) for k in range(n)]
-        color = f"C{i}"
-        ax[0].plot([f / 1e12 for f in flops[1:]], val[1:], "-", color=color, lw=1.4,
-                   label=f"{arm} (mean of {len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
-        ax[1].plot(steps, act, "-", color=color, lw=1.2, label=arm)
-    ax[0].set_xlabel("cumulative training FLOPs (TFLOP, λ measurement included)")
-    ax[0].set_ylabel(sub[0]["metric"])
-    ax[0].set_title(task)
-    ax[0].grid(alpha=0.3)
-    ax[0].legend(fontsize=8)
-    ax[1].set_xlabel("step")
-    ax[1].set_ylabel("active module fraction")
-    ax[1].set_ylim(-0.03, 1.03)
-    ax[1].grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # command line
 # ----------------------------------------------------------------------------------------------------------------
 def _parse_arm(text: str) -> tuple[str, dict]:
@@ -438,6 +299,16 @@ def _int_list(text: str, name: str) -> list[int]:
     return out
 
 
+def _budgets(text: str) -> list[float]:
+    try:
+        out = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--budgets must be comma-separated fractions, got {text!r}") from None
+    if not out or any(not 0 < b <= 1 for b in out):
+        raise argparse.ArgumentTypeError(f"--budgets: every budget must be a fraction in (0, 1], got {text!r}")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -452,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "CSV's folder)")
     ap.add_argument("--summary-only", action="store_true", help="run nothing: tables and plots from the CSV")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--budgets", default=None, type=_budgets, help="comma-separated budget fractions in (0, 1]: "
+                    "every arm runs at each as 'arm@b', its learning rate decayed to zero within the budget")
+    ap.add_argument("--schedule", default="linear", choices=task_registry.SCHEDULES,
+                    help="the decay of budgeted runs after warm-up")
+    ap.add_argument("--heldout", type=int, default=0, help="training samples kept out of every arm's batches as "
+                    "the held-out probe (the 'heldout' arm needs it)")
     ap.add_argument("--tiny", action="store_true", help="seconds-long versions of the tasks (tests)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--list", action="store_true", help="list the tasks and arms, then exit")
@@ -472,6 +349,11 @@ def resolve(a, ap) -> tuple[list[str], dict[str, dict | None]]:
         ap.error(f"--arms: unknown {bad or a.arms!r}; known: {', '.join(arms)}")
     if a.threads is not None and a.threads < 1:
         ap.error("--threads must be >= 1")
+    if a.heldout < 0:
+        ap.error(f"--heldout must be >= 0, got {a.heldout}")
+    if any((arms[x] or {}).get("criterion") == "heldout" for x in chosen) and not a.heldout:
+        ap.error("--heldout: the arms " + ", ".join(x for x in chosen if (arms[x] or {}).get("criterion") == "heldout")
+                 + " need a held-out probe: pass --heldout N")
     if a.summary_only and not os.path.exists(a.csv):
         ap.error(f"--csv: {a.csv!r} does not exist (--summary-only summarises an existing CSV)")
     return tasks, {x: arms[x] for x in chosen}
@@ -493,23 +375,33 @@ def main(argv=None) -> int:
     if not a.summary_only:
         for task in tasks:
             for seed in a.seeds:
-                for arm, kw in arms.items():
+                for (arm, kw), budget in ((x, b) for b in (a.budgets or [None]) for x in arms.items()):
                     t0 = time.perf_counter()
+                    name = arm if budget is None else f"{arm}@{budget:g}"
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore", UserWarning)  # backend notices; MAT.report() has them
-                        rows, extra = run_cell(task, arm, kw, seed, tiny=a.tiny, progress=not a.no_progress)
+                        rows, extra = run_cell(task, name, kw, seed, tiny=a.tiny, progress=not a.no_progress,
+                                               budget=budget, schedule=a.schedule, heldout=a.heldout)
                     upsert_csv(a.csv, rows)
                     best = (max if "accuracy" in rows[0]["metric"] else min)(r["value"] for r in rows[1:])
-                    print(f"{task} {arm} seed {seed}: best {rows[0]['metric']} {best:.4f}, "
+                    print(f"{task} {name} seed {seed}: best {rows[0]['metric']} {best:.4f}, "
                           f"{rows[-1]['flops']:.3e} FLOPs, {rows[-1]['wall_s']:.1f} s training "
                           f"({time.perf_counter() - t0:.0f} s with evaluation)", flush=True)
     rows = read_csv(a.csv)
     os.makedirs(out, exist_ok=True)
     parts = []
     for task in tasks:
-        _, table = summarize(rows, task)
-        parts.append(f"## {task}\n\n{table}\n")
-        plot(rows, task, os.path.join(out, f"{task}.png"))
+        plain = [r for r in rows if "@" not in r["arm"]]
+        parts.append(f"## {task}\n")
+        if any(r["task"] == task for r in plain):
+            parts.append(summarize(plain, task)[1] + "\n")
+        if any("@" in r["arm"] and r["task"] == task for r in rows):
+            frecs, ftable = frontier_summary(rows, task)
+            parts.append(f"### {task}: against the dense frontier (budgeted runs)\n\n{ftable}\n")
+            metric = next(r["metric"] for r in rows if r["task"] == task)
+            frontier_plot(frecs, task, metric, os.path.join(out, f"{task}_frontier.png"))
+        if any(r["task"] == task for r in plain):
+            plot(plain, task, os.path.join(out, f"{task}.png"))
     text = "\n".join(parts)
     print()
     print(text)

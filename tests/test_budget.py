@@ -66,3 +66,42 @@ def test_heldout_is_checked(cnn):
             tasks.build("cnn-small", 0, heldout=bad)
     with pytest.raises(ValueError, match="fewer than one batch"):
         tasks.build("cnn-small", 0, tiny=True, heldout=90)
+
+
+def test_runner_budgets_controls_and_the_dense_frontier(tmp_path, capsys):
+    import reproduce
+
+    csv_path = str(tmp_path / "r.csv")
+    rc = reproduce.main(["--tasks", "cnn-small", "--arms", "dense,mat,shuffle,heldout", "--budgets", "0.5,1",
+                         "--heldout", "8", "--tiny", "--no-progress", "--csv", csv_path])
+    assert rc == 0
+    rows = reproduce.read_csv(csv_path)
+    arms = {r["arm"] for r in rows}
+    assert arms == {f"{a}@{b}" for a in ("dense", "mat", "shuffle", "heldout") for b in ("0.5", "1")}
+    half = [r for r in rows if r["arm"] == "dense@0.5"]
+    full = [r for r in rows if r["arm"] == "dense@1"]
+    assert max(r["step"] for r in half) * 2 == max(r["step"] for r in full)  # half the steps
+    assert all(r["schedule"] == "linear" and r["table_s"] >= 0 for r in rows)
+    out = capsys.readouterr().out
+    assert "against the dense frontier" in out and "| mat@0.5 |" in out
+    assert (tmp_path / "cnn-small_frontier.png").stat().st_size > 1000
+
+
+def test_runner_refuses_bad_budgets_and_a_heldout_arm_without_a_probe(tmp_path):
+    import reproduce
+
+    for bad in ("0", "1.5", "x"):
+        with pytest.raises(SystemExit):
+            reproduce.main(["--tasks", "cnn-small", "--budgets", bad, "--tiny", "--csv", str(tmp_path / "a.csv")])
+    with pytest.raises(SystemExit):
+        reproduce.main(["--tasks", "cnn-small", "--arms", "heldout", "--tiny", "--csv", str(tmp_path / "b.csv")])
+    with pytest.raises(ValueError, match="--heldout"):
+        reproduce.run_cell("cnn-small", "heldout", {"criterion": "heldout"}, 0, tiny=True, progress=False)
+
+
+def test_frontier_interpolation():
+    import summary
+
+    pts = [(1.0, 0.5), (3.0, 0.9)]
+    assert summary.interpolate(pts, 2.0) == pytest.approx(0.7) and math.isnan(summary.interpolate(pts, 4.0))
+    assert summary.split_arm("mat@0.45") == ("mat", 0.45) and summary.split_arm("mat") == ("mat", 1.0)

@@ -76,6 +76,7 @@ class FlopsLedger:
         self.train_seconds: list[float] = []             # wall seconds of each step (measurement included)
         self.measure: list[tuple[int, int]] = []         # (step, FLOPs) of each measurement
         self.measure_seconds: list[tuple[int, float]] = []
+        self.keys: list = []                             # the signature of each step (count_step's key)
         self._counter = StepFlops()
 
     # ----------------------------------------------------------------------------------------------- recording
@@ -86,6 +87,7 @@ class FlopsLedger:
         Returns ``fn``'s result."""
         flops, out = self._counter(key, fn, *args, **kwargs)
         self.train.append(int(flops))
+        self.keys.append(key if base_key is None else base_key)
         if base_key is not None and base_key != key and base_key in self._counter._cache:
             extra = int(flops) - int(self._counter._cache[base_key])
             if extra > 0:
@@ -96,6 +98,7 @@ class FlopsLedger:
     def add_step(self, flops: int, seconds: float | None = None) -> None:
         """Record a step's FLOPs (counted elsewhere) and optionally its seconds."""
         self.train.append(int(flops))
+        self.keys.append(None)
         if seconds is not None:
             self.add_seconds(seconds)
 
@@ -123,6 +126,27 @@ class FlopsLedger:
 
     def measurement_seconds(self, upto_step: int | None = None) -> float:
         return sum(t for s, t in self.measure_seconds if upto_step is None or s < upto_step)
+
+    def table_seconds(self, upto_step: int | None = None) -> float:
+        """Seconds charged by table rather than by the clock: each step costs the median of the training time
+        (its wall time less its measurement's) of all steps with its signature (its active set: ``count_step``'s
+        key, a measuring step's usual key), plus the measurements' own seconds. The noise of single steps cancels
+        within a signature; what differs between active sets stays. Steps recorded without a key (``add_step``)
+        are charged their own time."""
+        k = len(self.train_seconds) if upto_step is None else min(upto_step, len(self.train_seconds))
+        measured = {}
+        for s, t in self.measure_seconds:
+            measured[s] = measured.get(s, 0.0) + t
+        pure = [max(0.0, t - measured.get(i, 0.0)) for i, t in enumerate(self.train_seconds)]
+        keys = self.keys + [None] * (len(pure) - len(self.keys))
+        by_key: dict = {}
+        for key, t in zip(keys, pure):
+            if key is not None:
+                by_key.setdefault(key, []).append(t)
+        median = {key: sorted(ts)[len(ts) // 2] if len(ts) % 2 else sum(sorted(ts)[len(ts) // 2 - 1:][:2]) / 2
+                  for key, ts in by_key.items()}
+        train = sum(median[key] if key is not None else t for key, t in zip(keys[:k], pure[:k]))
+        return train + self.measurement_seconds(k)
 
     def measurement_share(self) -> float:
         """Measurement FLOPs / all FLOPs."""
