@@ -34,7 +34,8 @@ Keys of an arm that are not MAT's: ``prune_fraction`` and ``prune_at`` (the ``pr
 
 Budgets (``--budgets 0.3,0.45,0.6,0.8,1``): every arm also runs at each fraction b of the task's steps as
 ``arm@b``, its learning rate warmed up as the task's and then decayed to zero within the budget (``--schedule``
-linear or cosine); ``dense@b`` over the budgets is the dense frontier, and the summary gives each arm's best metric
+linear or cosine) and MAT's ``warmup_steps`` and ``interval`` scaled by b (the same measurements per run);
+``dense@b`` over the budgets is the dense frontier, and the summary gives each arm's best metric
 against the frontier interpolated at the arm's own cost (FLOPs, and table time: each step charged the median time
 of the steps with its active set), and against ``shuffle`` at the same budget.
 
@@ -56,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import os
 import platform
 import subprocess
@@ -116,6 +118,11 @@ def run_cell(task_name: str, arm: str, arm_kwargs: dict | None, seed: int, *, ti
     mat_kwargs = None if arm_kwargs is None else {k: v for k, v in arm_kwargs.items() if k not in RUNNER_KEYS}
     if mat_kwargs is not None:
         mat_kwargs = {"probe": None, **(_TINY_SCHEDULE if tiny else {}), **mat_kwargs}
+        if budget is not None:  # MAT's schedule (in steps) shrinks with the run: the same decisions per run
+            defaults = inspect.signature(mk.MAT).parameters
+            for key in ("warmup_steps", "interval"):
+                full = mat_kwargs.get(key, defaults[key].default)
+                mat_kwargs[key] = max(int(key == "interval"), round(budget * full))
         if mat_kwargs.get("criterion") == "heldout":
             if task.heldout_probe is None:
                 raise ValueError(f"arm {arm!r}: criterion 'heldout' needs a held-out probe: pass --heldout N (and "
