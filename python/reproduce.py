@@ -72,6 +72,7 @@ import tasks as task_registry  # noqa: E402
 from summary import FIELDS, frontier_plot, frontier_summary, plot, read_csv, summarize, upsert_csv  # noqa: E402,F401
 
 import mat_kernels as mk  # noqa: E402
+from mat_kernels import plot as score_plot  # noqa: E402
 from mat_kernels.train.flops import FlopsLedger  # noqa: E402
 
 ARMS: dict[str, dict | None] = {
@@ -187,7 +188,7 @@ def run_cell(task_name: str, arm: str, arm_kwargs: dict | None, seed: int, *, ti
         bar.close()
     extra = {"info": task.info, **pruned}
     if mat is not None:
-        extra.update(log=mat.log, report=mat.report(), names=mat.names)
+        extra.update(log=mat.log, report=mat.report(), names=mat.names, kinds=mat.kinds)
     if keep:
         extra.update(model=model, ledger=ledger, mat=mat)
     return rows, extra
@@ -390,6 +391,10 @@ def main(argv=None) -> int:
                         rows, extra = run_cell(task, name, kw, seed, tiny=a.tiny, progress=not a.no_progress,
                                                budget=budget, schedule=a.schedule, heldout=a.heldout)
                     upsert_csv(a.csv, rows)
+                    if extra.get("log"):  # the view of the paper's Figure 1, per MAT arm and seed
+                        os.makedirs(out, exist_ok=True)
+                        score_plot.scores(extra["log"], os.path.join(out, f"{task}_{name}_s{seed}_scores.png"),
+                                       names=extra["names"], kinds=extra["kinds"], title=f"{task} {name} seed {seed}")
                     best = (max if "accuracy" in rows[0]["metric"] else min)(r["value"] for r in rows[1:])
                     print(f"{task} {name} seed {seed}: best {rows[0]['metric']} {best:.4f}, "
                           f"{rows[-1]['flops']:.3e} FLOPs, {rows[-1]['wall_s']:.1f} s training "

@@ -85,6 +85,8 @@ def test_runner_budgets_controls_and_the_dense_frontier(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "against the dense frontier" in out and "| mat@0.5 |" in out
     assert (tmp_path / "cnn-small_frontier.png").stat().st_size > 1000
+    assert (tmp_path / "cnn-small_mat@0.5_s0_scores.png").stat().st_size > 1000  # a score heatmap per MAT arm
+    assert not (tmp_path / "cnn-small_dense@0.5_s0_scores.png").exists()
 
 
 def test_runner_refuses_bad_budgets_and_a_heldout_arm_without_a_probe(tmp_path):
