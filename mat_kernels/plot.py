@@ -45,11 +45,8 @@ def scores(source, path: str, *, names: list[str] | None = None, kinds: list[str
     ``source``: a :class:`mat_kernels.MAT` (its ``log``, ``names`` and ``kinds``), or a ``MAT.log`` list with
     ``names`` and ``kinds`` given. Scores are shown per module row (log10 when ``log_scale`` and all positive);
     cells where the module was frozen after that measurement are hatched."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
+    try:  # a Figure of its own, not pyplot: no global backend or figure state of the caller is touched
+        from matplotlib.figure import Figure
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("mat_kernels.plot needs matplotlib (pip install matplotlib)") from e
     if hasattr(source, "log") and hasattr(source, "names"):
@@ -63,8 +60,8 @@ def scores(source, path: str, *, names: list[str] | None = None, kinds: list[str
     positive = bool((score > 0).all())
     if log_scale and positive:
         shown = score.log10()
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(max(6.0, 0.25 * len(steps) + 3), 3 + 0.12 * len(order)),
-                                  gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    fig = Figure(figsize=(max(6.0, 0.25 * len(steps) + 3), 3 + 0.12 * len(order)))
+    ax, ax2 = fig.subplots(2, 1, gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
     im = ax.imshow(shown.T.numpy(), aspect="auto", interpolation="nearest", cmap="viridis",
                    extent=(-0.5, len(steps) - 0.5, len(order) - 0.5, -0.5))
     frozen = (~active).T.numpy()
@@ -88,5 +85,4 @@ def scores(source, path: str, *, names: list[str] | None = None, kinds: list[str
     ax2.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

@@ -26,7 +26,9 @@ deep copies included; other objects register with the module they act on (:func:
 """
 from __future__ import annotations
 
+import abc
 import contextlib
+import functools
 import itertools
 import weakref
 from typing import Callable
@@ -46,18 +48,19 @@ _HANDLERS: list[tuple[int, int, Callable]] = []
 _SEQ = itertools.count()
 
 
+_CHAIN: list[Callable] = [ORIGINAL_LINEAR]  # the handlers composed (built when they change, not per call)
+
+
 def _dispatch(input, weight, bias=None):
     """The installed ``F.linear``: the registered handlers as a chain ending in torch's own linear."""
-    return _call(tuple(h for _, _, h in _HANDLERS), 0, input, weight, bias)
-
-
-def _call(chain, i, input, weight, bias=None):
-    if i == len(chain):
-        return ORIGINAL_LINEAR(input, weight, bias)
-    return chain[i](lambda x, w, b=None: _call(chain, i + 1, x, w, b), input, weight, bias)
+    return _CHAIN[0](input, weight, bias)
 
 
 def _install() -> None:
+    chain = ORIGINAL_LINEAR
+    for _, _, handler in reversed(_HANDLERS):  # the outermost handler is called first and gets the rest as `next`
+        chain = functools.partial(handler, chain)
+    _CHAIN[0] = chain
     F.linear = _dispatch if _HANDLERS else ORIGINAL_LINEAR
 
 
@@ -95,12 +98,13 @@ def linear_handlers() -> int:
     return len(_HANDLERS)
 
 
-class ExactBackward:
-    """What changes the backward of part of a model and can run it exactly during a measurement."""
+class ExactBackward(abc.ABC):
+    """What changes the backward of part of a model and can run it exactly during a measurement (an abstract base:
+    a subclass without :meth:`exact_backward` cannot be instantiated)."""
 
-    def exact_backward(self, *, weight_grad: bool):  # pragma: no cover - the interface
+    @abc.abstractmethod
+    def exact_backward(self, *, weight_grad: bool):
         """A context manager: exact backward within it, with (``weight_grad=True``) or without weight gradients."""
-        raise NotImplementedError
 
 
 # id(module) -> weak references to what changes its backward; keyed by id with a finalizer, since a module may be

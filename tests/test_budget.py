@@ -107,3 +107,16 @@ def test_frontier_interpolation():
     pts = [(1.0, 0.5), (3.0, 0.9)]
     assert summary.interpolate(pts, 2.0) == pytest.approx(0.7) and math.isnan(summary.interpolate(pts, 4.0))
     assert summary.split_arm("mat@0.45") == ("mat", 0.45) and summary.split_arm("mat") == ("mat", 1.0)
+
+
+def test_table_time_charges_each_step_the_median_of_its_active_set():
+    from mat_kernels.train.flops import FlopsLedger
+
+    ledger = FlopsLedger()
+    for key, seconds in [("a", 1.0), ("a", 3.0), ("a", 2.0), ("b", 10.0), ("a", 100.0)]:
+        ledger.count_step(key, lambda: None)
+        ledger.add_seconds(seconds)
+    ledger.add_measurement(4, 5, 99.0)  # the last "a" step measured for 99 of its 100 s
+    # "a" steps without their measurement: 1, 3, 2, 1 -> median 1.5, charged 4 times; "b" once; the measurement
+    assert ledger.table_seconds() == pytest.approx(4 * 1.5 + 10.0 + 99.0)
+    assert ledger.table_seconds(3) == pytest.approx(3 * 1.5) and ledger.seconds() == pytest.approx(116.0)

@@ -69,3 +69,11 @@ def test_registry_errors():
         mk.model_lambda_max(nn.Sequential(nn.Embedding(4, 3), nn.Linear(3, 2)), torch.zeros(2, 1, dtype=torch.long),
                             labels=torch.zeros(2, 1, dtype=torch.long),
                             specs=[mk.ModuleSpec("e", (mk.ParamSlice("0.weight"),))])
+
+
+def test_a_layer_type_must_say_what_it_matches():
+    class NoMatch(layers.LayerType):
+        name = "no_match"
+
+    with pytest.raises(TypeError, match="abstract"):
+        NoMatch()

@@ -292,6 +292,7 @@ def test_multihead_attention_routing_ends_with_its_controller():
     del mat
     gc.collect()
     assert len(_MHA_WEIGHTS) == before  # the attention trains through plain F.linear again
+    assert routing.linear_handlers() == 0 and F.linear is torch._C._nn.linear  # the router went with the states
     model(x, mem, k, v).sum().backward()
     assert model.kv.q_proj_weight.grad is not None and F.linear is torch.nn.functional.linear
 

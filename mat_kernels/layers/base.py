@@ -5,6 +5,7 @@ a new layer type is one file that subclasses :class:`LayerType` and calls :func:
 """
 from __future__ import annotations
 
+import abc
 from typing import Callable
 
 import torch
@@ -14,7 +15,7 @@ __all__ = ["LayerType", "register_layer_type", "unregister_layer_type", "layer_t
            "linear_shape"]
 
 
-class LayerType:
+class LayerType(abc.ABC):
     """One kind of layer. Subclasses override what differs from a plain ``nn.Linear``-like layer whose ``weight``
     is ``[d_out, d_in]`` and whose forward hook sees the input ``[n, ..., d_in]`` and output ``[n, ..., d_out]``.
 
@@ -39,9 +40,10 @@ class LayerType:
     calls = "module"
 
     # ------------------------------------------------------------------------------------------- recognition
+    @abc.abstractmethod
     def matches(self, owner: nn.Module, attr: str, parent: nn.Module | None) -> bool:
-        """Whether parameter ``attr`` of ``owner`` (a child of ``parent``, or None) is a weight of this type."""
-        raise NotImplementedError
+        """Whether parameter ``attr`` of ``owner`` (a child of ``parent``, or None) is a weight of this type (every
+        type defines it: a type without it cannot be instantiated)."""
 
     def linear_shape(self, owner: nn.Module, attr: str, param: torch.Tensor) -> tuple[int, int]:
         """``(d_out, d_in)`` of the weight as a linear map."""

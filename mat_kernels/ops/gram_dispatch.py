@@ -146,8 +146,9 @@ class GramKernel:
     @classmethod
     def apply(cls, a, b, starts: tuple, sizes: tuple, owners: tuple, *, add_one: bool, allow_tf32: bool,
               scratch_bytes: int) -> torch.Tensor:
-        """Module Grams ``[1 + max(owners), n, n]`` (fp32): segment s of ``b`` against ``a``, into its owner."""
-        raise NotImplementedError
+        """Module Grams ``[1 + max(owners), n, n]`` (fp32): segment s of ``b`` against ``a``, into its owner (every
+        kernel of :data:`KERNELS` defines it; tests/test_gram_dispatch.py runs each against the oracle)."""
+        raise NotImplementedError(f"{cls.__name__} defines no apply(): it is not a runnable Gram kernel")
 
 
 class _TritonKernel(GramKernel):
@@ -177,7 +178,8 @@ class _TritonKernel(GramKernel):
 
     @classmethod
     def launch(cls, a, b, starts, sizes, owners, *, add_one, allow_tf32, scratch_bytes):
-        raise NotImplementedError
+        """The Triton launch of a concrete kernel (inputs already cast for the interpreter)."""
+        raise NotImplementedError(f"{cls.__name__} defines no launch(): it is not a runnable Triton kernel")
 
 
 class _TritonPsgVariant(_TritonKernel):

@@ -17,6 +17,8 @@ work is not counted.
 """
 from __future__ import annotations
 
+import statistics
+
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["count_flops", "StepFlops", "FlopsLedger", "linear_step_flops"]
@@ -143,8 +145,7 @@ class FlopsLedger:
         for key, t in zip(keys, pure):
             if key is not None:
                 by_key.setdefault(key, []).append(t)
-        median = {key: sorted(ts)[len(ts) // 2] if len(ts) % 2 else sum(sorted(ts)[len(ts) // 2 - 1:][:2]) / 2
-                  for key, ts in by_key.items()}
+        median = {key: statistics.median(ts) for key, ts in by_key.items()}
         train = sum(median[key] if key is not None else t for key, t in zip(keys[:k], pure[:k]))
         return train + self.measurement_seconds(k)
 
