@@ -242,13 +242,30 @@ def _hf_gpt2(quick):
     return transformers.GPT2LMHeadModel(cfg)
 
 
-def _step_models(quick):
+def _bert_base_width(quick):
+    """Two layers of BERT-base's widths (768 wide, 12 heads of 64, FFN 3072): what the per-head permutation needs
+    (many heads per projection), at a cost per round the CPU can repeat 20-30 times."""
+    import transformers
+
+    cfg = transformers.BertConfig(vocab_size=2000, hidden_size=96 if quick else 768,
+                                  num_hidden_layers=2, num_attention_heads=12,
+                                  intermediate_size=384 if quick else 3072, max_position_embeddings=128,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                  attn_implementation="eager")
+    return transformers.BertForMaskedLM(cfg)
+
+
+STEP_MODELS = ("mlm-small", "hf-bert", "hf-gpt2", "bert-base-2l")
+
+
+def _step_models(quick, names=STEP_MODELS[:3]):
     """name -> (model, optimizer factory, batch, loss(model, batch))."""
     import tasks as task_registry
 
     out = {}
-    task = task_registry.build("mlm-small", 0, tiny=quick)
-    out["mlm-small"] = (task.model, task.make_optimizer, task.batch(0), task.loss)
+    if "mlm-small" in names:
+        task = task_registry.build("mlm-small", 0, tiny=quick)
+        out["mlm-small"] = (task.model, task.make_optimizer, task.batch(0), task.loss)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 2000, (4, 32) if quick else (16, 128), generator=g)
 
@@ -258,8 +275,10 @@ def _step_models(quick):
     def adamw(model):
         return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
 
-    out["hf-bert"] = (_hf_bert(quick), adamw, ids, hf_loss)
-    out["hf-gpt2"] = (_hf_gpt2(quick), adamw, ids, hf_loss)
+    builders = {"hf-bert": _hf_bert, "hf-gpt2": _hf_gpt2, "bert-base-2l": _bert_base_width}
+    for name, build in builders.items():
+        if name in names:
+            out[name] = (build(quick), adamw, ids, hf_loss)
     return out
 
 
@@ -325,9 +344,9 @@ def _skippable_ms(model0, make_opt, batch, loss_fn, mat_template, detach) -> flo
     return skipped_us / 1e3
 
 
-def run_steps(rounds, env, quick=False, providers=STEP_PROVIDERS) -> list[dict]:
+def run_steps(rounds, env, quick=False, providers=STEP_PROVIDERS, models=STEP_MODELS[:3]) -> list[dict]:
     rows = []
-    for name, (model0, make_opt, batch, loss_fn) in _step_models(quick).items():
+    for name, (model0, make_opt, batch, loss_fn) in _step_models(quick, models).items():
         provs, mats = {}, {}
 
         def dense_step(model, opt):
@@ -405,10 +424,12 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny shapes and 2 rounds (a smoke test)")
     ap.add_argument("--permute", action="store_true", help="step level: a half mask with and without "
                     "MAT(permute_heads=True) instead of the default providers")
+    ap.add_argument("--models", default=",".join(STEP_MODELS[:3]),
+                    help="step level: comma-separated subset of " + ",".join(STEP_MODELS))
     ap.add_argument("--csv", default=None)
     a = ap.parse_args(argv)
     for arg, given, known in (("--layers", a.layers, LAYERS), ("--modes", a.modes, MODES),
-                              ("--patterns", a.patterns, PATTERNS)):
+                              ("--patterns", a.patterns, PATTERNS), ("--models", a.models, STEP_MODELS)):
         unknown = [v for v in given.split(",") if v not in known]
         if unknown:
             ap.error(f"{arg}: unknown {unknown}; choose from {','.join(known)}")
@@ -431,7 +452,8 @@ def main(argv=None) -> int:
                            patterns=tuple(a.patterns.split(",")))
     if a.level in ("step", "both"):
         rows += run_steps(2 if a.quick else (a.rounds or 30), env, quick=a.quick,
-                          providers=PERMUTE_PROVIDERS if a.permute else STEP_PROVIDERS)
+                          providers=PERMUTE_PROVIDERS if a.permute else STEP_PROVIDERS,
+                          models=tuple(a.models.split(",")))
     csv = a.csv or os.path.join(HERE, "results", f"{device.type}_frozen_step_{_dt.date.today().isoformat()}.csv")
     _harness.upsert_csv(csv, rows, key=("op", "shape", "provider", "dtype", "device", "threads"))
     print(f"{len(rows)} rows -> {csv}")

@@ -28,6 +28,7 @@ CASES = {  # name: (model builder, batch builder, loss)
     "fused_qkv": (lambda: TinyLM(d=12, heads=4, layers=2), lambda g: torch.randint(0, 23, (3, 7), generator=g), _lm),
     "hf_bert": (lambda: hf_bert(), lambda g: torch.randint(0, 40, (3, 7), generator=g), _lm),
     "llama_gqa": (lambda: hf_family("llama"), lambda g: torch.randint(0, 40, (3, 7), generator=g), _lm),
+    "qwen2_gqa": (lambda: hf_family("qwen2"), lambda g: torch.randint(0, 40, (3, 7), generator=g), _lm),  # q bias
     "mha": (lambda: MHAModel(True, d=8, heads=4), lambda g: torch.randn(3, 5, 8, generator=g, dtype=torch.float64),
             _mha_loss),
 }
@@ -76,11 +77,10 @@ def test_permuted_training_equals_unpermuted(case):
             mat1._decide(lam)
             moved = mat1._perm.moves
             assert torch.equal(mat0.active, mat1.active)
-            # one run of active heads per weight section (grouped-query attention: the output projection's query
-            # heads move with their group, not within it, so its columns are not checked)
+            # one run of active heads per weight section (grouped-query attention with two key/value groups: the
+            # output projection's columns too, its query heads reordered within their groups)
             for layer, order, extra in mat1.sparse_layers:
-                if {mat1.kinds[i] for i in order} <= ({"head", "head_group"} if case == "llama_gqa" else
-                                                      {"head", "head_out"}):
+                if {mat1.kinds[i] for i in order} <= {"head", "head_group", "head_out"}:
                     starts = [ranges[0][0] for _, ranges in layer.layout.entries()]
                     mask = [a for _, a in sorted(zip(starts, layer.active.tolist()[:len(order)]))]
                     assert _runs(mask) <= 1, (case, step, mask)
@@ -179,3 +179,60 @@ def test_per_head_parameters_are_refused():
     model.blocks[0].q_norm = torch.nn.LayerNorm(12)  # per channel of all heads: tied to head positions
     with pytest.raises(ValueError, match=r"not interchangeable \(blocks.0.q_norm.weight"):
         mk.MAT(model, torch.optim.SGD(model.parameters(), lr=0.1), permute_heads=True)
+
+
+def _column_runs(order, first_partial, cats, outs_on):
+    """The output projection's activity, column block by column block, after HeadPermuter's arrangement."""
+    mask = []
+    for k in order:
+        on = outs_on[k]
+        mask += sorted(on, key=lambda a: a == (k == first_partial))
+    return _runs(mask)
+
+
+def test_group_order_bounds_the_output_projection_runs():
+    """Key/value groups of query heads (fuzzed categories and activities): the output projection's active columns
+    form at most one run per partly active group, and one run when at most one group is partly active; Q/K/V rows of
+    the groups stay one run (categories in order)."""
+    from mat_kernels.train.permute import HeadPermuter
+
+    g = torch.Generator().manual_seed(3)
+    for _ in range(2000):
+        G, q = int(torch.randint(1, 7, (1,), generator=g)), int(torch.randint(2, 5, (1,), generator=g))
+        head_on = torch.rand(G, generator=g) < 0.5
+        outs_on = [(torch.rand(q, generator=g) < float(torch.rand(1, generator=g))).tolist() for _ in range(G)]
+        cats = [(0 if any(o) and not h else 1 if any(o) else 2 if h else 3) for h, o in zip(head_on.tolist(), outs_on)]
+        order, first_partial = HeadPermuter._order_groups(cats, outs_on)
+        assert sorted(order) == list(range(G))
+        assert [cats[k] for k in order] == sorted(cats)
+        partial = sum(0 < sum(o) < q for o in outs_on)
+        runs = _column_runs(order, first_partial, cats, outs_on)
+        assert runs <= max(1, partial), (cats, outs_on, order)
+        if partial <= 1:
+            assert runs <= 1, (cats, outs_on, order)
+
+
+def test_query_heads_are_reordered_within_their_key_value_group():
+    """Llama, two key/value groups of two query heads, both groups active, output projections of the first query
+    head of group 0 and the second of group 1 active: unpermuted the output projection's active columns are two
+    runs ([1, 0, 0, 1]); query heads reordered within their groups (each with its Q rows) make them one, and the
+    function and a training step stay those of the unpermuted model."""
+    ((plain, mat0), (perm, mat1)), batch, loss = _twins("llama_gqa")
+    mask = torch.tensor([True, True, False, True, False, True, True])  # group0, head0.out, head1.out, group1, ...
+    for mat in (mat0, mat1):
+        mat.set_active(mask)
+    o_proj = next(layer for layer, order, _ in mat1.sparse_layers if {mat1.kinds[i] for i in order} == {"head_out"})
+    starts = [ranges[0][0] for _, ranges in o_proj.layout.entries()]
+    cols = [a for _, a in sorted(zip(starts, o_proj.active.tolist()))]
+    assert _runs(cols) == 1 and sum(cols) == 2, cols
+    assert mat1._perm.module_at.tolist() != list(range(7))  # the query heads moved
+    g = torch.Generator().manual_seed(5)
+    x = batch(g)
+    assert torch.allclose(loss(perm, x), loss(plain, x), rtol=PERMUTED_RTOL[torch.float64])
+    for m, mat in ((plain, mat0), (perm, mat1)):
+        mat.backward(loss(m, x))
+        mat.step()
+        mat.zero_grad()
+    _close(perm.state_dict(), plain.state_dict(), "gqa within groups")
+    mat1.close()
+    _close(dict(perm.named_parameters()), dict(plain.named_parameters()), "gqa closed")

@@ -10,11 +10,16 @@ interchangeable: each head reads its own Q/K/V rows and writes its own output-pr
 projection sums over heads. Refused, with the reason, where they are not: ALiBi (per-head slopes), relative position
 biases per head, per-head parameters beside the projections (a norm per head), output-projection columns in no
 module (``out_proj="none"``: they could not move with their head), units of unequal shapes. Grouped-query attention
-moves key/value groups with their query heads; query heads are not reordered within a group, so the output
-projection's active columns are one run per group rather than one run.
+moves key/value groups with their query heads, and reorders the query heads within a group (a query head's Q rows
+with its output-projection columns: the heads of a group share its keys and values, so they are interchangeable
+among themselves).
 
 The order within each attention: *output projection active only*, *both*, *head active only*, *neither*, so that
 the heads' active set and the output projections' active set are each contiguous when the two are gated apart.
+Within a key/value group whose query heads' output projections are partly active, the active ones sit at the edge
+that touches the other active groups (the first such group of the output-active span ends with its active heads,
+the others begin with theirs): the output projection's active columns are at most one run per partly active group,
+and one run in all when at most one group is partly active (or two that can take the span's two ends).
 
 Data move (once per decision, every ~100 steps): for every weight a unit touches, one ``index_select`` along the
 blocked axis of the parameter, its gradient and its optimizer state (moments), and the frozen-slice optimizer's
@@ -84,9 +89,14 @@ class HeadPermuter:
             head = s.name[:-len(".out")] if s.name.endswith(".out") else None
             if head in by_name:
                 out_of.setdefault(by_name[head], []).append(i)
-        for i, s in enumerate(specs):  # grouped-query attention: head<q>.out whose columns are the group's Q rows
+        # grouped-query attention: head<q>.out whose columns are the group's Q rows; such a module's Q rows move
+        # with it when query heads are reordered within their group
+        self.q_rows_of: dict[int, tuple[str, str | None]] = {}
+        for i, s in enumerate(specs):
             if s.kind == "head_group":
                 out_of[i] = self._group_outs(i, specs)
+                for j in out_of[i]:
+                    self.q_rows_of[j] = (s.slices[0].weight, s.slices[0].bias)
         self.units: dict[tuple, list[tuple[int, ...]]] = {}  # attention key -> units (head index, out indices...)
         for i, s in enumerate(specs):
             if s.kind not in HEAD_KINDS:
@@ -105,6 +115,10 @@ class HeadPermuter:
                 raise ValueError(f"permute_heads=True: the heads of {specs[units[0][0]].name.rsplit('.', 1)[0]} "
                                  "differ in shape, so they are not interchangeable")
             self._check_per_head_parameters([specs[j] for u in units for j in u], len(units))
+        # units whose query heads may be reordered among themselves (a group's output-projection modules, all of one
+        # shape); elsewhere a unit's modules keep their places within it
+        self.reorder_within = {key for key, units in self.units.items() if key[0] == "head_group"
+                               and len(units[0]) > 2 and len({_shape(specs[j]) for j in units[0][1:]}) == 1}
         self.module_at = torch.arange(len(specs))
         self.moves = 0
 
@@ -164,24 +178,54 @@ class HeadPermuter:
 
     def arrange(self, active: torch.Tensor) -> bool:
         """Reorder every attention's units for ``active`` (identity order): out-projection-only, both, head-only,
-        neither (stable), moving the data. Returns whether anything moved."""
+        neither (stable), and a group's query heads within it (module docstring), moving the data. Returns whether
+        anything moved."""
         new_at = self.module_at.clone()
-        for units in self.units.values():
+        for key, units in self.units.items():
             held = [[int(self.module_at[j]) for j in u] for u in units]  # modules now in each unit's slots
+            outs_on = [[bool(active[m]) for m in mods[1:]] for mods in held]
 
-            def category(mods):
-                head = bool(active[mods[0]])
-                out = any(bool(active[m]) for m in mods[1:])
-                return (0 if out and not head else 1 if out else 2 if head else 3) if len(mods) > 1 else \
+            def category(k):
+                head, out = bool(active[held[k][0]]), any(outs_on[k])
+                return (0 if out and not head else 1 if out else 2 if head else 3) if len(held[k]) > 1 else \
                     (0 if head else 1)
-            order = sorted(range(len(units)), key=lambda k: category(held[k]))
+            cats = [category(k) for k in range(len(units))]
+            if key in self.reorder_within:
+                order, first_partial = self._order_groups(cats, outs_on)
+            else:
+                order, first_partial = sorted(range(len(units)), key=lambda k: cats[k]), None
             for slot_unit, src in zip(units, order):
-                for j, m in zip(slot_unit, held[src]):
+                mods = held[src]
+                if key in self.reorder_within:  # active query heads first, or last for the span's first group
+                    last = src == first_partial
+                    outs = sorted(range(len(mods) - 1), key=lambda q: outs_on[src][q] == last)
+                    mods = [mods[0]] + [mods[1 + q] for q in outs]
+                for j, m in zip(slot_unit, mods):
                     new_at[j] = m
         if torch.equal(new_at, self.module_at):
             return False
         self._move(new_at)
         return True
+
+    @staticmethod
+    def _order_groups(cats: list[int], outs_on: list[list[bool]]) -> tuple[list[int], int | None]:
+        """Key/value groups in category order; within the output-active span (categories 0 and 1) a partly active
+        group first, then the fully active, then the other partly active ones (for category 1 after a non-empty
+        category 0: fully active first). Returns the order and the group that ends with its active heads."""
+        order, first_partial = [], None
+        for c in range(4):
+            ks = [k for k in range(len(cats)) if cats[k] == c]
+            if c > 1:
+                order += ks
+                continue
+            partial = [k for k in ks if not all(outs_on[k])]
+            full = [k for k in ks if all(outs_on[k])]
+            if not order and partial:  # the span's first group
+                first_partial = partial[0]
+                order += [partial[0]] + full + partial[1:]
+            else:
+                order += full + partial
+        return order, first_partial
 
     def restore(self) -> None:
         """Move everything back to the original order (``close()``)."""
@@ -207,6 +251,11 @@ class HeadPermuter:
                         self._map(maps, dst_sl.weight, dst_sl.axis, dst_sl.ranges, src_sl.ranges)
                         if dst_sl.bias is not None and dst_sl.axis == "rows":
                             self._map(maps, dst_sl.bias, "bias", dst_sl.ranges, src_sl.ranges)
+                        if slot in self.q_rows_of:  # a query head's Q rows: its output-projection columns' indices
+                            q_weight, q_bias = self.q_rows_of[slot]
+                            self._map(maps, q_weight, "rows", dst_sl.ranges, src_sl.ranges)
+                            if q_bias is not None:
+                                self._map(maps, q_bias, "bias", dst_sl.ranges, src_sl.ranges)
         return maps
 
     def _map(self, maps, pname, axis, dst_ranges, src_ranges) -> None:
