@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import inspect
+import json
 import os
 import platform
 import subprocess
@@ -186,12 +187,27 @@ def run_cell(task_name: str, arm: str, arm_kwargs: dict | None, seed: int, *, ti
             bar.update()
     if bar is not None:
         bar.close()
-    extra = {"info": task.info, **pruned}
+    extra = {"info": task.info, "masks": mask_runs(ledger.keys), **pruned}
     if mat is not None:
         extra.update(log=mat.log, report=mat.report(), names=mat.names, kinds=mat.kinds)
     if keep:
         extra.update(model=model, ledger=ledger, mat=mat)
     return rows, extra
+
+
+def mask_runs(keys: list) -> list[list]:
+    """The active set of every step, run-length encoded: ``[[mask, steps], ...]`` with ``mask`` a string of 0/1 per
+    module (MAT's order) or ``"dense"`` (a step without MAT). What the step-time table (python/step_table.py) prices."""
+    out: list[list] = []
+    for key in keys:
+        mat_key = isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], tuple) and len(key[1]) == 2 \
+            and isinstance(key[1][1], bool)  # (shapes, (active, measuring)); a dense step's key is its shapes
+        sig = "".join("1" if a else "0" for a in key[1][0]) if mat_key else "dense"
+        if out and out[-1][0] == sig:
+            out[-1][1] += 1
+        else:
+            out.append([sig, 1])
+    return out
 
 
 # MAT's schedule counts steps; the tiny tasks (tests) are a few dozen steps long
@@ -391,6 +407,10 @@ def main(argv=None) -> int:
                         rows, extra = run_cell(task, name, kw, seed, tiny=a.tiny, progress=not a.no_progress,
                                                budget=budget, schedule=a.schedule, heldout=a.heldout)
                     upsert_csv(a.csv, rows)
+                    os.makedirs(os.path.join(out, "masks"), exist_ok=True)  # for the step-time table
+                    with open(os.path.join(out, "masks", f"{task}_{name}_s{seed}.json"), "w") as f:
+                        json.dump({"task": task, "arm": name, "seed": seed, "budget": budget, "heldout": a.heldout,
+                                   "schedule": a.schedule, "steps": extra["masks"]}, f)
                     if extra.get("log"):  # the view of the paper's Figure 1, per MAT arm and seed
                         os.makedirs(out, exist_ok=True)
                         score_plot.scores(extra["log"], os.path.join(out, f"{task}_{name}_s{seed}_scores.png"),

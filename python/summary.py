@@ -8,7 +8,8 @@ import math
 import os
 
 FIELDS = ["task", "arm", "seed", "step", "metric", "value", "flops", "measure_flops", "wall_s", "measure_s",
-          "table_s", "active_fraction", "budget", "schedule", "mat_kwargs", "commit", "date", "machine", "threads"]
+          "table_s", "active_fraction", "budget", "schedule", "mat_kwargs", "commit", "date", "machine", "threads",
+          "bench_s"]
 
 
 def read_csv(path: str) -> list[dict]:
@@ -18,6 +19,7 @@ def read_csv(path: str) -> list[dict]:
         rows = list(csv.DictReader(f))
     for r in rows:
         r.setdefault("table_s", r["wall_s"])  # rows written before the table time and budgets
+        r["bench_s"] = float(r["bench_s"]) if r.get("bench_s") not in (None, "") else None  # python/step_table.py
         r["budget"] = r.get("budget") or "1"
         r["schedule"] = r.get("schedule") or "task"
         for k in ("seed", "step", "threads"):
@@ -37,7 +39,7 @@ def upsert_csv(path: str, new_rows: list[dict]) -> None:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
         for r in old + new_rows:
-            w.writerow({k: r[k] for k in FIELDS})
+            w.writerow({k: "" if r.get(k) is None else r[k] for k in FIELDS})
     os.replace(tmp, path)
 
 
@@ -214,8 +216,10 @@ def frontier_summary(rows: list[dict], task: str) -> tuple[list[dict], str]:
         cells.setdefault((r["arm"], r["seed"]), []).append(r)
     best = {k: best_of(sorted(v, key=lambda r: r["step"]), higher) for k, v in cells.items()}
     last = {k: max(v, key=lambda r: r["step"]) for k, v in cells.items()}
+    # time: the step-time table's (python/step_table.py) where every cell has it, else the ledger's table time
+    time_key = "bench_s" if all(r["bench_s"] is not None for r in sub) else "table_s"
     seeds = sorted({s for _, s in cells})
-    dense = {s: [(last[(a, s)]["flops"], last[(a, s)]["table_s"], best[(a, s)]) for a, s2 in cells
+    dense = {s: [(last[(a, s)]["flops"], last[(a, s)][time_key], best[(a, s)]) for a, s2 in cells
                  if s2 == s and split_arm(a)[0] == "dense"] for s in seeds}
     recs = []
     for arm in sorted({a for a, _ in cells}, key=lambda a: (split_arm(a)[0] != "dense", split_arm(a))):
@@ -226,22 +230,24 @@ def frontier_summary(rows: list[dict], task: str) -> tuple[list[dict], str]:
                 continue
             per["best"].append(best[(arm, s)])
             per["cost"].append(last[(arm, s)]["flops"])
-            per["table"].append(last[(arm, s)]["table_s"])
+            per["table"].append(last[(arm, s)][time_key])
             c = sorted(cells[(arm, s)], key=lambda r: r["step"])
             per["active"].append(sum(r["active_fraction"] for r in c[1:]) / max(1, len(c) - 1))
             if name != "dense" and len(dense[s]) >= 2:
                 per["vs_flops"].append(sign * (best[(arm, s)] - interpolate([(f, v) for f, _, v in dense[s]],
                                                                              last[(arm, s)]["flops"])))
                 per["vs_time"].append(sign * (best[(arm, s)] - interpolate([(t, v) for _, t, v in dense[s]],
-                                                                            last[(arm, s)]["table_s"])))
+                                                                            last[(arm, s)][time_key])))
             shuffle = (f"shuffle@{arm.partition('@')[2]}", s)
             if name not in ("dense", "shuffle") and shuffle in best:
                 per["vs_shuffle"].append(sign * (best[(arm, s)] - best[shuffle]))
         recs.append({"task": task, "arm": arm, "budget": b, **per})
     full = [f for s in seeds for f, _, _ in dense[s] if f] or [1.0]
     ref = max(full)
+    time_name = "bench time (step-time table)" if time_key == "bench_s" else "table time"
     head = ["arm", "budget", "seeds", f"best {sub[0]['metric']}", "FLOPs / full dense", "vs dense frontier at its "
-            "FLOPs (+: better; agree)", "vs frontier at its table time", "vs shuffle (same budget)", "active fraction"]
+            "FLOPs (+: better; agree)", f"vs frontier at its {time_name}", "vs shuffle (same budget)",
+            "active fraction"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in recs:
         def cell(xs):

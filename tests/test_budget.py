@@ -87,6 +87,16 @@ def test_runner_budgets_controls_and_the_dense_frontier(tmp_path, capsys):
     assert (tmp_path / "cnn-small_frontier.png").stat().st_size > 1000
     assert (tmp_path / "cnn-small_mat@0.5_s0_scores.png").stat().st_size > 1000  # a score heatmap per MAT arm
     assert not (tmp_path / "cnn-small_dense@0.5_s0_scores.png").exists()
+    # every cell's active set per step, run-length encoded, for the step-time table
+    import json
+
+    for arm in ("dense@0.5", "mat@1"):
+        runs = json.loads((tmp_path / "masks" / f"cnn-small_{arm}_s0.json").read_text())["steps"]
+        steps = max(r["step"] for r in rows if r["arm"] == arm)
+        assert sum(n for _, n in runs) == steps
+        assert all(m == "dense" for m, _ in runs) == arm.startswith("dense")
+        if arm.startswith("mat"):
+            assert {len(m) for m, _ in runs} == {len(runs[0][0])} and set("".join(m for m, _ in runs)) <= {"0", "1"}
 
 
 def test_runner_refuses_bad_budgets_and_a_heldout_arm_without_a_probe(tmp_path):

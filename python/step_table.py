@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""Time charged by a table of measured step times (issue 21, item 2; "reference system time" in Kaddour et al.
+2023): every distinct active set a grid's runs used is benchmarked as the real training step of its task, all of
+them and the dense step side by side in interleaved rounds (rotating order, medians), cached by active set; a run's
+**bench time** at an evaluation step is then Σ over its steps of the table's time for that step's active set, plus
+its measurements' seconds (as the clock gave them). Written into the grid's CSV as ``bench_s``, beside the clock's
+``wall_s`` and the ledger's ``table_s`` (the run's own steps grouped by active set); the frontier summary charges
+``bench_s`` where a row has it.
+
+The runner writes each cell's active sets, run-length encoded, to ``<out>/masks/<task>_<arm>_s<seed>.json``
+(python/reproduce.py). Run this after the grid, with nothing else running:
+
+    python python/step_table.py --csv results/budget_mlm.csv --masks results/budget_mlm/masks [--rounds 10]
+
+The table lands in ``<masks>/../step_table.csv`` (task, frozen_backward, mask, median ms, rounds, threads, machine,
+date); active sets already in it are not measured again (the cache: a rerun after more cells measures only the new
+sets, in rounds of their own, so compare bench times within one table's date).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import glob
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import tasks as task_registry  # noqa: E402
+from summary import read_csv, upsert_csv  # noqa: E402
+
+import mat_kernels as mk  # noqa: E402
+
+TABLE_FIELDS = ["task", "heldout", "frozen_backward", "mask", "ms", "rounds", "threads", "machine", "date"]
+
+
+def load_cells(masks_dir: str) -> list[dict]:
+    """The runner's per-cell JSON files (task, arm, seed, heldout, steps = [[mask, count], ...])."""
+    cells = []
+    for path in sorted(glob.glob(os.path.join(masks_dir, "*.json"))):
+        with open(path) as f:
+            cells.append(json.load(f))
+    if not cells:
+        raise ValueError(f"--masks: no cell files (*.json) in {masks_dir}; run python/reproduce.py first (it writes "
+                         "them next to its summary)")
+    return cells
+
+
+def frozen_backward_of(mat_kwargs: str) -> str:
+    """The step-cost-relevant MAT keyword of an arm, from the CSV's ``mat_kwargs`` text (``k=v;k=v``)."""
+    kw = dict(part.split("=", 1) for part in mat_kwargs.split(";") if "=" in part)
+    return kw.get("frozen_backward", "dw")
+
+
+def read_table(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path, newline="") as f:
+        return {(r["task"], int(r["heldout"]), r["frozen_backward"], r["mask"]): r for r in csv.DictReader(f)}
+
+
+def write_table(path: str, table: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=TABLE_FIELDS)
+        w.writeheader()
+        for r in table.values():
+            w.writerow({k: r[k] for k in TABLE_FIELDS})
+    os.replace(tmp, path)
+
+
+def step_providers(task_name: str, heldout: int, needed: list[tuple[str, str]], *, tiny: bool = False) -> dict:
+    """``{(frozen_backward, mask): step function}``: the task's real training step (forward, backward, optimizer
+    step, zero_grad) on its first batch, dense or with MAT forced to ``mask`` (never measuring)."""
+    task = task_registry.build(task_name, 0, tiny=tiny, heldout=heldout)
+    batch = task.batch(0)
+    provs = {}
+    for fb, mask in needed:
+        model = copy.deepcopy(task.model)
+        opt = task.make_optimizer(model)
+        if mask == "dense":
+            def step(model=model, opt=opt):
+                task.loss(model, batch).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                mat = mk.MAT(model, opt, warmup_steps=10 ** 9, frozen_backward=fb, probe=None)
+            if len(mat.specs) != len(mask):
+                raise ValueError(f"{task_name}: a mask of {len(mask)} modules, but MAT finds {len(mat.specs)}")
+            mat.set_active(torch.tensor([c == "1" for c in mask]))
+
+            def step(model=model, mat=mat):
+                mat.backward(task.loss(model, batch))
+                mat.step()
+                mat.zero_grad()
+        provs[(fb, mask)] = step
+    return provs
+
+
+def measure(provs: dict, rounds: int) -> dict:
+    """Median ms per provider over ``rounds`` interleaved rounds in rotating order (after one warm-up call each)."""
+    for f in provs.values():
+        f()
+    names = list(provs)
+    times = {k: [] for k in names}
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            provs[k]()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_seconds(steps: list, ms: dict) -> list[float]:
+    """Cumulative seconds after each step: ``steps`` run-length encoded ``[[mask, n], ...]``, ``ms[mask]``."""
+    out, tot = [], 0.0
+    for mask, n in steps:
+        for _ in range(n):
+            tot += ms[mask] / 1e3
+            out.append(tot)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--csv", required=True, help="the grid's CSV (python/reproduce.py --csv)")
+    ap.add_argument("--masks", required=True, help="the folder of the runner's per-cell active sets (<out>/masks)")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the grid's, from the CSV)")
+    ap.add_argument("--tiny", action="store_true", help="the tasks' tiny versions (tests)")
+    a = ap.parse_args(argv)
+    if a.rounds < 3:
+        ap.error("--rounds must be >= 3")
+    if not os.path.exists(a.csv):
+        ap.error(f"--csv: {a.csv} does not exist")
+    rows = read_csv(a.csv)
+    cells = load_cells(a.masks)
+    threads = a.threads or max(r["threads"] for r in rows)
+    torch.set_num_threads(threads)
+    fb_of = {(r["task"], r["arm"], r["seed"]): frozen_backward_of(r["mat_kwargs"]) for r in rows}
+    table_path = os.path.join(os.path.dirname(os.path.abspath(a.masks)), "step_table.csv")
+    table = read_table(table_path)
+    machine, date = rows[0]["machine"], time.strftime("%Y-%m-%d")
+    by_task: dict = {}
+    for c in cells:
+        fb = fb_of.get((c["task"], c["arm"], c["seed"]), "dw")
+        for mask, _ in c["steps"]:
+            key = (c["task"], int(c["heldout"]), "dw" if mask == "dense" else fb, mask)
+            if key not in table:
+                by_task.setdefault(key[:2], set()).add(key[2:])
+    for (task_name, heldout), needed in sorted(by_task.items()):
+        needed = sorted(needed | {("dw", "dense")})  # the dense step in every table's rounds
+        print(f"{task_name}: {len(needed)} active sets, {a.rounds} rounds", flush=True)
+        medians = measure(step_providers(task_name, heldout, needed, tiny=a.tiny), a.rounds)
+        for (fb, mask), ms in medians.items():
+            table.setdefault((task_name, heldout, fb, mask), {
+                "task": task_name, "heldout": heldout, "frozen_backward": fb, "mask": mask, "ms": round(ms, 4),
+                "rounds": a.rounds, "threads": threads, "machine": machine, "date": date})
+        write_table(table_path, table)
+    updated = []
+    for c in cells:
+        fb = fb_of.get((c["task"], c["arm"], c["seed"]), "dw")
+        ms = {m: float(table[(c["task"], int(c["heldout"]), "dw" if m == "dense" else fb, m)]["ms"])
+              for m, _ in c["steps"]}
+        cum = bench_seconds(c["steps"], ms)
+        cell_rows = [r for r in rows if (r["task"], r["arm"], r["seed"]) == (c["task"], c["arm"], c["seed"])]
+        for r in cell_rows:
+            r["bench_s"] = round((cum[r["step"] - 1] if r["step"] else 0.0) + r["measure_s"], 4)
+        updated += cell_rows
+    upsert_csv(a.csv, updated)
+    print(f"bench_s of {len(cells)} cells -> {a.csv}; table ({len(table)} active sets) -> {table_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

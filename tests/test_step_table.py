@@ -1,0 +1,61 @@
+"""python/step_table.py: the step-time table of issue 21 item 2 (each distinct active set of a grid's runs timed as
+the real step, interleaved with the dense step, cached by active set) and the bench time it charges each run."""
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
+
+
+def test_bench_seconds_sums_the_table_over_the_steps():
+    import step_table
+
+    ms = {"dense": 10.0, "1100": 6.0, "1000": 4.0}
+    assert step_table.bench_seconds([["1100", 2], ["1000", 3]], ms) == pytest.approx([0.006, 0.012, 0.016, 0.020,
+                                                                                       0.024])
+    assert step_table.frozen_backward_of("frozen_backward=detach;policy=shuffle") == "detach"
+    assert step_table.frozen_backward_of("") == "dw"
+
+
+def test_grid_then_table_then_frontier(tmp_path, capsys):
+    """A tiny budgeted grid, then the table: every cell gets bench_s (its steps priced by the table plus its
+    measurements), the table holds each distinct active set once with the dense step, a rerun measures nothing new,
+    and the frontier summary charges bench time."""
+    import reproduce
+    import step_table
+
+    csv_path = str(tmp_path / "g.csv")
+    assert reproduce.main(["--tasks", "cnn-small", "--arms", "dense,mat", "--budgets", "0.5,1", "--tiny",
+                           "--no-progress", "--csv", csv_path]) == 0
+    masks = tmp_path / "masks"
+    assert step_table.main(["--csv", csv_path, "--masks", str(masks), "--rounds", "3", "--tiny"]) == 0
+    rows = reproduce.read_csv(csv_path)
+    assert rows and all(r["bench_s"] is not None for r in rows)
+    table = step_table.read_table(str(tmp_path / "step_table.csv"))
+    used = {m for p in masks.glob("*.json") for m, _ in json.loads(p.read_text())["steps"]}
+    assert {k[3] for k in table} == used | {"dense"}
+    for r in rows:  # bench_s = the table's times over the cell's steps + its measurements' seconds
+        cell = json.loads((masks / f"cnn-small_{r['arm']}_s0.json").read_text())
+        ms = {m: float(table[("cnn-small", 0, "dw", m)]["ms"]) for m, _ in cell["steps"]}
+        expect = (step_table.bench_seconds(cell["steps"], ms)[r["step"] - 1] if r["step"] else 0.0) + r["measure_s"]
+        assert r["bench_s"] == pytest.approx(expect, abs=1e-3)
+    last = {r["arm"]: r for r in rows if r["step"] == max(x["step"] for x in rows if x["arm"] == r["arm"])}
+    assert last["dense@0.5"]["bench_s"] < last["dense@1"]["bench_s"]
+    capsys.readouterr()
+    assert step_table.main(["--csv", csv_path, "--masks", str(masks), "--rounds", "3", "--tiny"]) == 0
+    assert "active sets," not in capsys.readouterr().out  # cached: nothing measured again
+    _, text = reproduce.frontier_summary(rows, "cnn-small")
+    assert "bench time (step-time table)" in text
+
+
+def test_bad_arguments_are_named(tmp_path):
+    import step_table
+
+    with pytest.raises(SystemExit):
+        step_table.main(["--csv", str(tmp_path / "none.csv"), "--masks", str(tmp_path)])
+    (tmp_path / "g.csv").write_text("task,arm,seed,step,metric,value,flops,measure_flops,wall_s,measure_s,table_s,"
+                                    "active_fraction,budget,schedule,mat_kwargs,commit,date,machine,threads\n")
+    with pytest.raises(ValueError, match="--masks"):
+        step_table.main(["--csv", str(tmp_path / "g.csv"), "--masks", str(tmp_path / "empty")])
