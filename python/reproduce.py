@@ -139,6 +139,7 @@ def run_cell(task_name: str, arm: str, arm_kwargs: dict | None, seed: int, *, ti
     if mat_kwargs is not None and prune_at is None:
         mat = mk.MAT(model, opt, ledger=ledger, **mat_kwargs)
     rows, evals, pruned = [], [], {}
+    step_sets: list[str] = []  # each step's active set: a 0/1 string per module (MAT's order) or "dense"
     env = _environment()
 
     def record(step: int) -> None:
@@ -169,10 +170,12 @@ def run_cell(task_name: str, arm: str, arm_kwargs: dict | None, seed: int, *, ti
         t0 = time.perf_counter()
         if mat is None:
             loss = ledger.count_step(_shapes(batch), _dense_step, model, task, batch)
+            step_sets.append("dense")
             opt.step()
             opt.zero_grad(set_to_none=True)
         else:
             key = mat.flops_key()
+            step_sets.append("".join("1" if a else "0" for a in key[0]))
             loss = ledger.count_step((_shapes(batch), key), _mat_step, mat, model, task, batch,
                                      base_key=(_shapes(batch), (key[0], False)))
             mat.step()
@@ -187,7 +190,7 @@ def run_cell(task_name: str, arm: str, arm_kwargs: dict | None, seed: int, *, ti
             bar.update()
     if bar is not None:
         bar.close()
-    extra = {"info": task.info, "masks": mask_runs(ledger.keys), **pruned}
+    extra = {"info": task.info, "masks": mask_runs(step_sets), **pruned}
     if mat is not None:
         extra.update(log=mat.log, report=mat.report(), names=mat.names, kinds=mat.kinds)
     if keep:
@@ -195,14 +198,11 @@ def run_cell(task_name: str, arm: str, arm_kwargs: dict | None, seed: int, *, ti
     return rows, extra
 
 
-def mask_runs(keys: list) -> list[list]:
-    """The active set of every step, run-length encoded: ``[[mask, steps], ...]`` with ``mask`` a string of 0/1 per
-    module (MAT's order) or ``"dense"`` (a step without MAT). What the step-time table (python/step_table.py) prices."""
+def mask_runs(sets: list[str]) -> list[list]:
+    """Each step's active set, run-length encoded: ``[[set, steps], ...]`` (``set``: a 0/1 string per module in MAT's
+    order, or ``"dense"``). What the step-time table (python/step_table.py) prices."""
     out: list[list] = []
-    for key in keys:
-        mat_key = isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], tuple) and len(key[1]) == 2 \
-            and isinstance(key[1][1], bool)  # (shapes, (active, measuring)); a dense step's key is its shapes
-        sig = "".join("1" if a else "0" for a in key[1][0]) if mat_key else "dense"
+    for sig in sets:
         if out and out[-1][0] == sig:
             out[-1][1] += 1
         else:
@@ -412,7 +412,6 @@ def main(argv=None) -> int:
                         json.dump({"task": task, "arm": name, "seed": seed, "budget": budget, "heldout": a.heldout,
                                    "schedule": a.schedule, "steps": extra["masks"]}, f)
                     if extra.get("log"):  # the view of the paper's Figure 1, per MAT arm and seed
-                        os.makedirs(out, exist_ok=True)
                         score_plot.scores(extra["log"], os.path.join(out, f"{task}_{name}_s{seed}_scores.png"),
                                        names=extra["names"], kinds=extra["kinds"], title=f"{task} {name} seed {seed}")
                     best = (max if "accuracy" in rows[0]["metric"] else min)(r["value"] for r in rows[1:])

@@ -33,6 +33,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "benchmarks"))
+import _harness  # noqa: E402  (benchmarks/_harness.py: the interleaved rounds every benchmark uses)
 import tasks as task_registry  # noqa: E402
 from summary import read_csv, upsert_csv  # noqa: E402
 
@@ -108,15 +110,7 @@ def step_providers(task_name: str, heldout: int, needed: list[tuple[str, str]], 
 
 def measure(provs: dict, rounds: int) -> dict:
     """Median ms per provider over ``rounds`` interleaved rounds in rotating order (after one warm-up call each)."""
-    for f in provs.values():
-        f()
-    names = list(provs)
-    times = {k: [] for k in names}
-    for r in range(rounds):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
-            provs[k]()
-            times[k].append((time.perf_counter() - t0) * 1e3)
+    times = _harness.interleaved_times(provs, rounds, rotate=True)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -143,6 +137,8 @@ def main(argv=None) -> int:
     if not os.path.exists(a.csv):
         ap.error(f"--csv: {a.csv} does not exist")
     rows = read_csv(a.csv)
+    if not rows:
+        ap.error(f"--csv: {a.csv} has no rows; run python/reproduce.py --csv {a.csv} first")
     cells = load_cells(a.masks)
     threads = a.threads or max(r["threads"] for r in rows)
     torch.set_num_threads(threads)

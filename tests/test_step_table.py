@@ -50,12 +50,21 @@ def test_grid_then_table_then_frontier(tmp_path, capsys):
     assert "bench time (step-time table)" in text
 
 
-def test_bad_arguments_are_named(tmp_path):
+def test_bad_arguments_are_named(tmp_path, capsys):
     import step_table
 
     with pytest.raises(SystemExit):
         step_table.main(["--csv", str(tmp_path / "none.csv"), "--masks", str(tmp_path)])
-    (tmp_path / "g.csv").write_text("task,arm,seed,step,metric,value,flops,measure_flops,wall_s,measure_s,table_s,"
-                                    "active_fraction,budget,schedule,mat_kwargs,commit,date,machine,threads\n")
+    assert "--csv" in capsys.readouterr().err
+    head = ("task,arm,seed,step,metric,value,flops,measure_flops,wall_s,measure_s,table_s,active_fraction,budget,"
+            "schedule,mat_kwargs,commit,date,machine,threads\n")
+    (tmp_path / "empty.csv").write_text(head)
+    with pytest.raises(SystemExit):
+        step_table.main(["--csv", str(tmp_path / "empty.csv"), "--masks", str(tmp_path)])
+    assert "has no rows" in capsys.readouterr().err
+    (tmp_path / "g.csv").write_text(head + "cnn-small,dense@1,0,0,test accuracy,0.1,0,0,0,0,0,1,1,linear,,x,d,m,1\n")
     with pytest.raises(ValueError, match="--masks"):
         step_table.main(["--csv", str(tmp_path / "g.csv"), "--masks", str(tmp_path / "empty")])
+    with pytest.raises(SystemExit):
+        step_table.main(["--csv", str(tmp_path / "g.csv"), "--masks", str(tmp_path), "--rounds", "2"])
+    assert "--rounds" in capsys.readouterr().err
