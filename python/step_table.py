@@ -12,6 +12,10 @@ The runner writes each cell's active sets, run-length encoded, to ``<out>/masks/
 
     python python/step_table.py --csv results/budget_mlm.csv --masks results/budget_mlm/masks [--rounds 10]
 
+Dense runs need no mask file (every step is the dense step): rows of a ``dense`` arm without one are priced as
+``step x`` the table's dense step. ``--csv`` may be given more than once (e.g. a dense frontier kept in another grid's
+CSV); every CSV gets its rows' ``bench_s``, and rows that can be priced by neither are named and left empty.
+
 The table lands in ``<masks>/../step_table.csv`` (task, frozen_backward, mask, median ms, rounds, threads, machine,
 date); active sets already in it are not measured again (the cache: a rerun after more cells measures only the new
 sets, in rounds of their own, so compare bench times within one table's date).
@@ -59,6 +63,33 @@ def frozen_backward_of(mat_kwargs: str) -> str:
     """The step-cost-relevant MAT keyword of an arm, from the CSV's ``mat_kwargs`` text (``k=v;k=v``)."""
     kw = dict(part.split("=", 1) for part in mat_kwargs.split(";") if "=" in part)
     return kw.get("frozen_backward", "dw")
+
+
+def is_dense(row: dict) -> bool:
+    """A row of a dense arm (``dense`` or ``dense@b``: no MAT keywords), whose every step is the dense step."""
+    return row["arm"].split("@")[0] == "dense" and not row["mat_kwargs"]
+
+
+def dense_cells(rows: list[dict], cells: list[dict], heldout: int | None) -> list[dict]:
+    """Cells for the dense rows that have no mask file: ``steps = [["dense", last step]]``, with the held-out size of
+    the mask files of the same task (all cells of a comparison share it) or ``heldout``."""
+    have = {(c["task"], c["arm"], c["seed"]) for c in cells}
+    held_of: dict = {}
+    for c in cells:
+        held_of.setdefault(c["task"], set()).add(int(c["heldout"]))
+    last: dict = {}
+    for r in rows:
+        key = (r["task"], r["arm"], r["seed"])
+        if is_dense(r) and key not in have:
+            last[key] = max(last.get(key, 0), r["step"])
+    out = []
+    for (task, arm, seed), n in sorted(last.items()):
+        held = held_of.get(task, set()) if heldout is None else {heldout}
+        if len(held) != 1:
+            raise ValueError(f"--heldout: the dense rows of {task} have no mask file and the mask files give "
+                             f"{sorted(held) or 'no'} held-out sizes for it; pass --heldout N")
+        out.append({"task": task, "arm": arm, "seed": seed, "heldout": held.pop(), "steps": [["dense", n]]})
+    return out
 
 
 def read_table(path: str) -> dict:
@@ -126,20 +157,27 @@ def bench_seconds(steps: list, ms: dict) -> list[float]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--csv", required=True, help="the grid's CSV (python/reproduce.py --csv)")
+    ap.add_argument("--csv", required=True, action="append", help="the grid's CSV (python/reproduce.py --csv); "
+                    "repeat it to price rows kept in several CSVs (e.g. a shared dense frontier)")
     ap.add_argument("--masks", required=True, help="the folder of the runner's per-cell active sets (<out>/masks)")
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--heldout", type=int, default=None, help="held-out size of dense rows without mask files "
+                    "(default: that of the task's mask files)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the grid's, from the CSV)")
     ap.add_argument("--tiny", action="store_true", help="the tasks' tiny versions (tests)")
     a = ap.parse_args(argv)
     if a.rounds < 3:
         ap.error("--rounds must be >= 3")
-    if not os.path.exists(a.csv):
-        ap.error(f"--csv: {a.csv} does not exist")
-    rows = read_csv(a.csv)
-    if not rows:
-        ap.error(f"--csv: {a.csv} has no rows; run python/reproduce.py --csv {a.csv} first")
+    rows_of = {}
+    for path in a.csv:
+        if not os.path.exists(path):
+            ap.error(f"--csv: {path} does not exist")
+        rows_of[path] = read_csv(path)
+        if not rows_of[path]:
+            ap.error(f"--csv: {path} has no rows; run python/reproduce.py --csv {path} first")
+    rows = [r for rs in rows_of.values() for r in rs]
     cells = load_cells(a.masks)
+    cells += dense_cells(rows, cells, a.heldout)
     threads = a.threads or max(r["threads"] for r in rows)
     torch.set_num_threads(threads)
     fb_of = {(r["task"], r["arm"], r["seed"]): frozen_backward_of(r["mat_kwargs"]) for r in rows}
@@ -162,7 +200,7 @@ def main(argv=None) -> int:
                 "task": task_name, "heldout": heldout, "frozen_backward": fb, "mask": mask, "ms": round(ms, 4),
                 "rounds": a.rounds, "threads": threads, "machine": machine, "date": date})
         write_table(table_path, table)
-    updated = []
+    priced = set()
     for c in cells:
         fb = fb_of.get((c["task"], c["arm"], c["seed"]), "dw")
         ms = {m: float(table[(c["task"], int(c["heldout"]), "dw" if m == "dense" else fb, m)]["ms"])
@@ -171,9 +209,15 @@ def main(argv=None) -> int:
         cell_rows = [r for r in rows if (r["task"], r["arm"], r["seed"]) == (c["task"], c["arm"], c["seed"])]
         for r in cell_rows:
             r["bench_s"] = round((cum[r["step"] - 1] if r["step"] else 0.0) + r["measure_s"], 4)
-        updated += cell_rows
-    upsert_csv(a.csv, updated)
-    print(f"bench_s of {len(cells)} cells -> {a.csv}; table ({len(table)} active sets) -> {table_path}")
+        priced.add((c["task"], c["arm"], c["seed"]))
+    for path, rs in rows_of.items():
+        if any((r["task"], r["arm"], r["seed"]) in priced for r in rs):
+            upsert_csv(path, rs)  # every row, in the file's order
+        unpriced = sorted({(r["task"], r["arm"], r["seed"]) for r in rs} - priced)
+        if unpriced:
+            print(f"{path}: no mask file, no bench_s for {len(unpriced)} cells: "
+                  + ", ".join(f"{t} {arm} s{s}" for t, arm, s in unpriced))
+    print(f"bench_s of {len(priced)} cells -> {', '.join(a.csv)}; table ({len(table)} active sets) -> {table_path}")
     return 0
 
 

@@ -13,8 +13,9 @@ dense = [r for r in read_csv(os.path.join(HERE, "budget_cnn.csv")) if r["arm"].s
 early = read_csv(os.path.join(HERE, "budget_cnn_early.csv"))
 for r in early:
     r["arm"] = r["arm"].replace("_early@", "@")
-for r in dense + early:
-    r["bench_s"] = None  # the dense runs predate the step-time table: table time for all
+# bench time where python/step_table.py has priced every row (run with --csv results/budget_cnn_early.csv --csv
+# results/budget_cnn.csv --masks results/budget_cnn_early/masks: the dense rows as step x the dense step), else the
+# ledger's table time for all
 recs, text = frontier_summary(dense + early, "cnn-small")
 out = os.path.join(HERE, "budget_cnn_early")
 os.makedirs(out, exist_ok=True)

@@ -68,3 +68,44 @@ def test_bad_arguments_are_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         step_table.main(["--csv", str(tmp_path / "g.csv"), "--masks", str(tmp_path), "--rounds", "2"])
     assert "--rounds" in capsys.readouterr().err
+
+
+def test_dense_rows_without_mask_files_are_priced_from_the_dense_step(tmp_path, capsys):
+    """A dense frontier kept in another grid's CSV (no mask files): its rows are priced as step x the table's dense
+    step, in the same table as the MAT cells; a MAT cell without a mask file is named and left without bench_s."""
+    import reproduce
+    import step_table
+
+    dense_csv, mat_csv = str(tmp_path / "d" / "d.csv"), str(tmp_path / "m" / "m.csv")
+    common = ["--tasks", "cnn-small", "--tiny", "--no-progress", "--budgets", "0.5"]
+    assert reproduce.main(common + ["--arms", "dense,shuffle", "--csv", dense_csv]) == 0
+    assert reproduce.main(common + ["--arms", "mat", "--csv", mat_csv, "--out", str(tmp_path / "m")]) == 0
+    before = [(r["arm"], r["step"]) for r in reproduce.read_csv(dense_csv)]
+    assert step_table.main(["--csv", mat_csv, "--csv", dense_csv, "--masks", str(tmp_path / "m" / "masks"),
+                            "--rounds", "3", "--tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "no bench_s for 1 cells: cnn-small shuffle@0.5 s0" in out
+    table = step_table.read_table(str(tmp_path / "m" / "step_table.csv"))
+    dense_ms = float(table[("cnn-small", 0, "dw", "dense")]["ms"])
+    drows = reproduce.read_csv(dense_csv)
+    assert [(r["arm"], r["step"]) for r in drows] == before  # the file's order kept
+    dense = [r for r in drows if r["arm"] == "dense@0.5"]
+    assert dense and all(r["bench_s"] == pytest.approx(r["step"] * dense_ms / 1e3 + r["measure_s"], abs=1e-3)
+                         for r in dense)
+    assert all(r["bench_s"] is None for r in drows if r["arm"] == "shuffle@0.5")
+    assert all(r["bench_s"] is not None for r in reproduce.read_csv(mat_csv))
+
+
+def test_dense_cells_need_one_heldout_size():
+    import step_table
+
+    rows = [{"task": "t", "arm": "dense@1", "seed": 0, "step": s, "mat_kwargs": ""} for s in (0, 10, 20)]
+    rows.append({"task": "t", "arm": "mat@1", "seed": 0, "step": 20, "mat_kwargs": "policy=shuffle"})
+    cells = [{"task": "t", "arm": "a", "seed": 0, "heldout": 8, "steps": []}]
+    assert step_table.dense_cells(rows, cells, None) == [
+        {"task": "t", "arm": "dense@1", "seed": 0, "heldout": 8, "steps": [["dense", 20]]}]
+    assert step_table.dense_cells(rows, cells, 3)[0]["heldout"] == 3
+    with pytest.raises(ValueError, match="--heldout"):
+        step_table.dense_cells(rows, cells + [{"task": "t", "arm": "b", "seed": 0, "heldout": 0, "steps": []}], None)
+    with pytest.raises(ValueError, match="--heldout"):
+        step_table.dense_cells(rows, [], None)
