@@ -89,6 +89,7 @@ def test_permuted_training_equals_unpermuted(case):
         for i in s0:
             _close(s1[i], s0[i], (case, step, "optimizer", i))
         assert torch.equal(mat1.state_dict()["block_steps"], mat0.state_dict()["block_steps"])
+        assert torch.equal(mat1.optimizer.state_dict()["block_steps"], mat0.optimizer.state_dict()["block_steps"])
     assert moved > 0, "no decision moved any head: the test would not test anything"
     x = batch(g)
     assert torch.allclose(loss(perm, x), loss(plain, x), rtol=PERMUTED_RTOL[torch.float64])  # the function is unchanged
@@ -112,20 +113,30 @@ def test_state_dicts_load_into_a_new_permuted_controller():
         if mat1._perm.moves:
             break
     assert mat1._perm.moves > 0
-    ckpt = (perm.state_dict(), mat1.optimizer.optimizer.state_dict(), mat1.state_dict())
-    fresh = copy.deepcopy(CASES["fused_qkv"][0]().double())
-    opt = torch.optim.AdamW(fresh.parameters(), lr=0.05, weight_decay=0.1)
-    mat2 = mk.MAT(fresh, opt, warmup_steps=10 ** 6, gate_after=1, permute_heads=True,
-                  lambda_kwargs={"backend": "torch"})
-    fresh.load_state_dict(ckpt[0])
-    opt.load_state_dict(ckpt[1])
-    mat2.load_state_dict(ckpt[2])
+    ckpt = (perm.state_dict(), mat1.optimizer.optimizer.state_dict(), mat1.state_dict(), mat1.optimizer.state_dict())
+    assert torch.equal(ckpt[3]["block_steps"], mat0.optimizer.state_dict()["block_steps"])  # original order
     x = batch(g)
-    for mat, m in ((mat0, plain), (mat2, fresh)):
+    resumed = []
+    for wrapper in (False, True):  # the torch optimizer's state_dict, or the wrapper's (what a Trainer saves)
+        saved = copy.deepcopy(ckpt)  # (a state_dict holds the live tensors; a saved checkpoint does not)
+        fresh = copy.deepcopy(CASES["fused_qkv"][0]().double())
+        opt = torch.optim.AdamW(fresh.parameters(), lr=0.05, weight_decay=0.1)
+        mat2 = mk.MAT(fresh, opt, warmup_steps=10 ** 6, gate_after=1, permute_heads=True,
+                      lambda_kwargs={"backend": "torch"})
+        fresh.load_state_dict(saved[0])
+        mat2.load_state_dict(saved[2])  # MAT's state first, then the optimizer's (the order once mattered)
+        if wrapper:
+            mat2.optimizer.load_state_dict(saved[3])
+        else:
+            opt.load_state_dict(saved[1])
+        assert torch.equal(mat2.state_dict()["block_steps"], mat0.state_dict()["block_steps"])
+        resumed.append((mat2, fresh))
+    for mat, m in [(mat0, plain)] + resumed:
         mat.backward(loss(m, x))
         mat.step()
         mat.zero_grad()
-    _close(fresh.state_dict(), plain.state_dict(), "resumed")
+    for mat2, fresh in resumed:
+        _close(fresh.state_dict(), plain.state_dict(), "resumed")
 
 
 def test_refusals():

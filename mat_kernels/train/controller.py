@@ -202,6 +202,7 @@ class MAT(MeasuringMixin, DecidingMixin):
             raise TypeError(f"permute_heads must be a bool, got {type(permute_heads).__name__}")
         self._perm = HeadPermuter(self.module, self.specs, self.optimizer) if permute_heads else None
         self._hooks = self._perm.install_hooks() if self._perm is not None else []
+        self.optimizer.module_order = self._perm  # its state_dict's block_steps in the original order
         self._swapped: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, child, original layer), for close()
         self.closed = False
         self.sparse_layers, self.gated, self.masked_weights = install_sparse(
@@ -346,6 +347,7 @@ class MAT(MeasuringMixin, DecidingMixin):
             for h in self._hooks:
                 h.remove()
             self._hooks = []
+            self.optimizer.module_order = None
         for layer, _, _ in self.sparse_layers:
             if hasattr(layer, "remove"):  # SparseUpdateMHAWeight
                 layer.remove()

@@ -131,6 +131,10 @@ class FrozenSliceOptimizer:
         num_modules: length of the activity masks given to :meth:`step`.
 
     Attributes:
+        module_order: ``None``, or an object with ``to_identity(steps)`` / ``to_slots(steps)`` when modules do not
+            sit where their index says (``MAT(permute_heads=True)`` sets its head permuter here):
+            :meth:`state_dict` then writes ``block_steps`` in the modules' original order and
+            :meth:`load_state_dict` reads that order back, as the wrapped optimizer's state is.
         plans_built: how often a plan was built (once per new mask or loaded state, never per step).
         routes: ``{parameter: (route, reason)}`` for every parameter whose active segments are strided (column runs
             of a row-major weight): ``("masked kernel", None)`` (one launch of
@@ -173,6 +177,7 @@ class FrozenSliceOptimizer:
                 if m >= 0:
                     self._steps[m] = max(self._steps[m], steps_in_state(optimizer, p))
         self._run_steps: dict = {}
+        self.module_order = None
         self.steps_taken = 0  # steps run (a GradScaler skips the call on inf/NaN gradients)
         self._plan: _Plan | None = None
         self.plans_built = 0
@@ -198,6 +203,7 @@ class FrozenSliceOptimizer:
         tensor's count in torch's state), and the next step builds a new plan. :meth:`step` notices a replaced
         state by itself."""
         self._plan = None
+        self._state_seen = self.optimizer.state  # (load_state_dict replaces it: step() then adopts the new one)
         self._run_steps = {p: [self._steps[m] if m >= 0 else steps_in_state(self.optimizer, p)
                                for _, m in runs.runs] for p, runs in self._runs.items()}
 
@@ -214,7 +220,9 @@ class FrozenSliceOptimizer:
                 loss = closure()
         key = mask_key(active, self.num_modules)
         plan = self._plan
-        if plan is not None and plan.state_obj is not self.optimizer.state:  # the optimizer's state was loaded
+        # the optimizer's state was loaded since the last adoption (also when that adoption left no plan yet, e.g. a
+        # MAT state loaded before the optimizer's: entries no module owns take their counts from the new state)
+        if self._state_seen is not self.optimizer.state:
             self.refresh_from_optimizer()
             plan = None
         if plan is None or plan.key != key:
@@ -384,8 +392,13 @@ class FrozenSliceOptimizer:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "block_steps": self.block_steps.clone()}
+        """The wrapped optimizer's ``state_dict`` and ``block_steps``, both in the modules' original order."""
+        steps = self.block_steps
+        return {"optimizer": self.optimizer.state_dict(),
+                "block_steps": steps if self.module_order is None else self.module_order.to_identity(steps)}
 
     def load_state_dict(self, sd: dict) -> None:
         self.optimizer.load_state_dict(sd["optimizer"])
-        self.block_steps = sd["block_steps"].clone()  # (and adopts the loaded state)
+        steps = sd["block_steps"].clone()
+        # (the setter adopts the loaded state)
+        self.block_steps = steps if self.module_order is None else self.module_order.to_slots(steps)
