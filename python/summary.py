@@ -224,13 +224,17 @@ def frontier_summary(rows: list[dict], task: str) -> tuple[list[dict], str]:
     recs = []
     for arm in sorted({a for a, _ in cells}, key=lambda a: (split_arm(a)[0] != "dense", split_arm(a))):
         name, b = split_arm(arm)
-        per = {"best": [], "cost": [], "table": [], "vs_flops": [], "vs_time": [], "vs_shuffle": [], "active": []}
+        per = {"best": [], "cost": [], "table": [], "time_frac": [], "vs_flops": [], "vs_time": [], "vs_shuffle": [],
+               "active": []}
         for s in seeds:
             if (arm, s) not in cells:
                 continue
             per["best"].append(best[(arm, s)])
             per["cost"].append(last[(arm, s)]["flops"])
             per["table"].append(last[(arm, s)][time_key])
+            full_time = max((t for _, t, _ in dense[s]), default=0.0)
+            if full_time:
+                per["time_frac"].append(last[(arm, s)][time_key] / full_time)
             c = sorted(cells[(arm, s)], key=lambda r: r["step"])
             per["active"].append(sum(r["active_fraction"] for r in c[1:]) / max(1, len(c) - 1))
             if name != "dense" and len(dense[s]) >= 2:
@@ -245,7 +249,8 @@ def frontier_summary(rows: list[dict], task: str) -> tuple[list[dict], str]:
     full = [f for s in seeds for f, _, _ in dense[s] if f] or [1.0]
     ref = max(full)
     time_name = "bench time (step-time table)" if time_key == "bench_s" else "table time"
-    head = ["arm", "budget", "seeds", f"best {sub[0]['metric']}", "FLOPs / full dense", "vs dense frontier at its "
+    head = ["arm", "budget", "seeds", f"best {sub[0]['metric']}", "FLOPs / full dense",
+            f"{time_name.split(' (')[0]} / full dense", "vs dense frontier at its "
             "FLOPs (+: better; agree)", f"vs frontier at its {time_name}", "vs shuffle (same budget)",
             "active fraction"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -259,7 +264,9 @@ def frontier_summary(rows: list[dict], task: str) -> tuple[list[dict], str]:
             return f"{m:+.4f} ± {sd:.4f} ({agree}/{len(xs)})"
         lines.append("| " + " | ".join([
             r["arm"], f"{r['budget']:g}", str(len(r["best"])), fmt(mean_std(r["best"])),
-            f"{mean_std(r['cost'])[0] / ref:.2f}", cell(r["vs_flops"]), cell(r["vs_time"]), cell(r["vs_shuffle"]),
+            f"{mean_std(r['cost'])[0] / ref:.2f}",
+            f"{mean_std(r['time_frac'])[0]:.2f}" if r["time_frac"] else "-",
+            cell(r["vs_flops"]), cell(r["vs_time"]), cell(r["vs_shuffle"]),
             fmt(mean_std(r["active"]), 2)]) + " |")
     return recs, "\n".join(lines)
 

@@ -46,8 +46,11 @@ def test_grid_then_table_then_frontier(tmp_path, capsys):
     capsys.readouterr()
     assert step_table.main(["--csv", csv_path, "--masks", str(masks), "--rounds", "3", "--tiny"]) == 0
     assert "active sets," not in capsys.readouterr().out  # cached: nothing measured again
-    _, text = reproduce.frontier_summary(rows, "cnn-small")
-    assert "bench time (step-time table)" in text
+    recs, text = reproduce.frontier_summary(rows, "cnn-small")
+    assert "bench time (step-time table)" in text and "bench time / full dense" in text
+    frac = {r["arm"]: r["time_frac"] for r in recs}  # each run's bench time over the full dense run's, per seed
+    assert frac["dense@1"] == [1.0]
+    assert frac["dense@0.5"] == [pytest.approx(last["dense@0.5"]["bench_s"] / last["dense@1"]["bench_s"])]
 
 
 def test_bad_arguments_are_named(tmp_path, capsys):
