@@ -218,6 +218,7 @@ def _prune(model, batch, fraction: float, ledger: FlopsLedger, step: int) -> dic
     """Measure every head (its Q/K/V rows and output columns) on ``batch`` in eval mode, remove the ``fraction``
     with the lowest λmax (at least one per layer), and record the measurement in ``ledger``."""
     from mat_kernels.train.flops import count_flops
+    from mat_kernels.train.policy import criterion_flops
 
     specs = [s for s in mk.discover_modules(model, out_proj="merge").specs if s.kind == "head"]
     if not specs:
@@ -227,7 +228,8 @@ def _prune(model, batch, fraction: float, ledger: FlopsLedger, step: int) -> dic
         flops, res = count_flops(mk.model_lambda_max, model, batch[0], labels=batch[1], specs=specs)
     finally:
         model.train()
-    ledger.add_measurement(step, flops)  # the probe passes and the Grams, as counted
+    # the probe passes and the Grams, as counted, and the eigen-solves, which the counter cannot see
+    ledger.add_measurement(step, flops + criterion_flops("lambda", len(specs), res.n))
     heads = mk.lowest_heads(res, fraction)
     before = sum(p.numel() for p in model.parameters())
     mk.prune_heads(model, heads)

@@ -76,7 +76,8 @@ def test_bad_criterion_input():
         module_scores(theta, "heldout", n_train=7)
     with pytest.raises(ValueError, match="grams must be"):
         module_scores(theta[0], "trace")
-    assert criterion_flops("coherence", 3, 4) == 3 * 16 and criterion_flops("lambda", 1, 2) == 4 + 72
+    assert criterion_flops("coherence", 3, 4) == 3 * 16 and criterion_flops("lambda", 1, 2) == 4 + 10
+    assert criterion_flops("coherence", 3, 4, with_lambda=True) == 3 * 16 + 256
     assert set(CRITERIA) >= {"coherence", "offdiag_coherence", "lambda_ratio", "heldout"}
 
 

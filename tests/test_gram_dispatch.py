@@ -163,19 +163,22 @@ def test_a_sketched_layer_is_counted_as_route_costs_prices_it(bias):
 
 
 # (what MAT.measure() put in the ledger at each route, before the Grams were counted through the op's formula:
-# FlopCounterMode's count of the probe passes + the capture's gram_flops (2 × route_costs) + eigvalsh)
-TINYLM_MEASUREMENT_FLOPS = {"auto": 263074, "psg": 270234, "ghost": 284354}
+# FlopCounterMode's count of the probe passes + the capture's gram_flops (2 × route_costs) + eigvalsh), plus the
+# criterion's sums now charged with the solve: n² per module, 14 modules, n = 4
+SUMS = 14 * 4 ** 2
+TINYLM_MEASUREMENT_FLOPS = {"auto": 263074 + SUMS, "psg": 270234 + SUMS, "ghost": 284354 + SUMS}
 # the sketch's projection is a GEMM that FlopCounterMode counted and gram_flops counted again (bias column included):
 # 2·n·T·k·shared less per layout and layer, n = 4, T = 5, k = 8, shared = 13 (qkv, ffn_in: d + bias), 12 (attn_out's
 # columns: dy), 11 (ffn_out: ffn + bias)
-TINYLM_SKETCH_FLOPS = 293354 - 2 * 4 * 5 * 8 * (2 * (13 + 13 + 12 + 11))
+TINYLM_SKETCH_FLOPS = 293354 - 2 * 4 * 5 * 8 * (2 * (13 + 13 + 12 + 11)) + SUMS
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"] if TRITON_RUNS else ["torch"])
 @pytest.mark.parametrize("method", ["auto", "psg", "ghost", "sketch"])
 def test_a_measurement_is_counted_as_before(backend, method):
-    """MAT.measure()'s ledger entry is FlopCounterMode's count (probe passes, Grams) + eigvalsh: for the exact
-    routes, what the parallel bookkeeping it replaced recorded (pinned); the sketch's projection now counted once."""
+    """MAT.measure()'s ledger entry is FlopCounterMode's count (probe passes, Grams) + eigvalsh + the criterion's
+    sums: for the exact routes, what the parallel bookkeeping it replaced recorded (pinned) + the sums; the sketch's
+    projection now counted once."""
     torch.manual_seed(0)
     model = TinyLM(layers=2)
     probe = torch.randint(0, 23, (4, 5), generator=torch.Generator().manual_seed(99))
@@ -222,6 +225,7 @@ def test_measuring_from_the_training_backward_is_counted_as_before():
             mat.zero_grad()
     finally:
         mat.close()
-    eig = len(mat.specs) * 4 * 4 ** 3 // 3
-    assert ledger.train == [145440, 145440] and ledger.measure == [(1, 49457 - eig), (1, eig)]
-    assert ledger.total() == 340337
+    eig = len(mat.specs) * 4 * 4 ** 3 // 3  # eigvalsh, n = 4
+    sums = len(mat.specs) * 4 ** 2  # the criterion's sums, charged with the solve since
+    assert ledger.train == [145440, 145440] and ledger.measure == [(1, 49457 - eig), (1, eig + sums)]
+    assert ledger.total() == 340337 + sums

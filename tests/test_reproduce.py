@@ -46,8 +46,10 @@ def test_tiny_grid_end_to_end(tmp_path, capsys):
         assert [r["value"] for r in dense[:first]] == [r["value"] for r in mat[:first]]
 
 
-def test_prune_arm_and_upsert(tmp_path, capsys):
+def test_prune_arm_and_upsert(tmp_path, capsys, monkeypatch):
     import reproduce
+
+    import mat_kernels.train.policy as policy
 
     csv_path = str(tmp_path / "r.csv")
     args = ["--tiny", "--no-progress", "--tasks", "mlm-small", "--seeds", "1", "--csv", csv_path]
@@ -61,6 +63,12 @@ def test_prune_arm_and_upsert(tmp_path, capsys):
     rows, extra = reproduce.run_cell("mlm-small", "prune", {"prune_fraction": 0.5, "prune_at": 4}, 1, tiny=True,
                                      progress=False)
     assert len(extra["pruned_heads"]) == 2 and extra["params"][1] < extra["params"][0]
+    solves = []  # the pruning measurement is charged its eigen-solves (invisible to the FLOP counter) too
+    monkeypatch.setattr(policy, "criterion_flops", lambda *a, **k: solves.append(a) or 10 ** 15)
+    rows, _ = reproduce.run_cell("mlm-small", "prune", {"prune_fraction": 0.5, "prune_at": 4}, 1, tiny=True,
+                                 progress=False)
+    # the pruning's (4 heads, the batch's 8 sequences), then MAT's on the pruned model
+    assert solves[0] == ("lambda", 4, 8) and rows[-1]["measure_flops"] >= len(solves) * 10 ** 15
     with pytest.raises(ValueError, match="needs attention heads"):
         reproduce.run_cell("cnn-small", "prune", {"prune_fraction": 0.5}, 0, tiny=True, progress=False)
 

@@ -12,8 +12,9 @@ work is not counted.
 * λmax measurement: the probe's forward and backward are counted by ``FlopCounterMode`` too, and so are the Grams:
   ``mat_kernels::segment_grams`` (Triton or PyTorch behind the custom op) registers a FLOP formula, 2 × the
   multiply-adds of the route that ran (:func:`mat_kernels.route_costs`, the Gram dispatcher's cost), and the sketch's
-  projection is a GEMM the counter sees. Only ``eigvalsh``, invisible to the counter, is added by
-  :class:`mat_kernels.MAT`: ``(4/3)·n³`` per module (an estimate; negligible at n ≤ 64).
+  projection is a GEMM the counter sees. Only the scoring, invisible to the counter, is added by
+  :class:`mat_kernels.MAT`: ``eigvalsh`` ``(4/3)·n³`` and the criterion's sums ``n²`` per module
+  (:func:`mat_kernels.train.policy.criterion_flops`; an estimate, negligible at n ≤ 64).
 """
 from __future__ import annotations
 

@@ -97,9 +97,11 @@ class MeasuringMixin:
         return res
 
     def _solve_flops(self, n: int) -> int:
-        """FLOPs of the eigen-solves, which ``FlopCounterMode`` cannot see: ``eigvalsh`` ~ (4/3)·n³ per module (an
-        estimate)."""
-        return len(self.specs) * (4 * n ** 3) // 3
+        """FLOPs of scoring, which ``FlopCounterMode`` cannot see: the eigen-solves (λmax is logged whatever the
+        criterion) and the criterion's sums (:func:`mat_kernels.train.policy.criterion_flops`)."""
+        from mat_kernels.train.policy import criterion_flops
+
+        return criterion_flops(self.criterion, len(self.specs), n, with_lambda=True)
 
     def _scores(self, grams: torch.Tensor, **fields) -> LambdaMaxResult:
         from mat_kernels.measure.solvers import lambda_max

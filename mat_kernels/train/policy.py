@@ -24,8 +24,9 @@ large their gradients are (docs/maths.md §4):
                          (positive: the update is predicted to help); decided by the ``"positive"`` policy
 =======================  =========================================================================================
 
-Their costs besides the Grams (counted by :func:`criterion_flops`): λmax one solve per module (``eigvalsh``, about
-9n³ for the ``"lambda"``/``"lambda_ratio"`` criteria; subspace iteration for n ≥ 256), the sums O(M·n²).
+Their costs besides the Grams (counted by :func:`criterion_flops`): λmax one solve per module (``eigvalsh``, eigenvalues
+only, about (4/3)·n³, for the ``"lambda"``/``"lambda_ratio"`` criteria, and by MAT for its log under any criterion;
+subspace iteration for n ≥ 256), the sums O(M·n²).
 
 Threshold policies (``active = score > τ`` unless stated):
 
@@ -112,12 +113,15 @@ def module_scores(grams: torch.Tensor, criterion: str = "lambda", *, lam: torch.
     return (lam / safe).where(trace > 0, torch.zeros_like(trace))  # lambda_ratio
 
 
-def criterion_flops(criterion: str, num_modules: int, n: int) -> int:
+def criterion_flops(criterion: str, num_modules: int, n: int, *, with_lambda: bool = False) -> int:
     """FLOPs of scoring ``num_modules`` Grams of ``n`` samples under ``criterion`` besides building the Grams: the
-    sums (n² per module) and, for the λ criteria, the eigensolver (counted as 9n³, ``eigvalsh``'s order)."""
+    sums (n² per module) and, for the λ criteria or with ``with_lambda`` (:class:`mat_kernels.MAT` computes λmax for
+    its log whatever the criterion), the eigen-solve: ``eigvalsh``, eigenvalues only, ~(4/3)·n³ per module (the
+    tridiagonal reduction; an estimate, invisible to ``FlopCounterMode``)."""
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
-    return num_modules * (n * n + (9 * n ** 3 if criterion in _NEEDS_LAMBDA else 0))
+    solve = (num_modules * 4 * n ** 3) // 3 if criterion in _NEEDS_LAMBDA or with_lambda else 0
+    return num_modules * n * n + solve
 
 
 _MODULE_PART = re.compile(r"\.?(head\d+(\.out)?|group\d+(\.out)?|ffn|experts\.[^.]+)$")
