@@ -14,7 +14,8 @@ The runner writes each cell's active sets, run-length encoded, to ``<out>/masks/
 
 Dense runs need no mask file (every step is the dense step): rows of a ``dense`` arm without one are priced as
 ``step x`` the table's dense step. ``--csv`` may be given more than once (e.g. a dense frontier kept in another grid's
-CSV); every CSV gets its rows' ``bench_s``, and rows that can be priced by neither are named and left empty.
+CSV); every CSV gets its rows' ``bench_s`` (dense rows without mask files already priced by another table are
+priced again by this one, and named), and rows that can be priced by neither are named and left empty.
 
 The table lands in ``<masks>/../step_table.csv`` (task, frozen_backward, mask, median ms, rounds, threads, machine,
 date); active sets already in it are not measured again (the cache: a rerun after more cells measures only the new
@@ -71,8 +72,9 @@ def is_dense(row: dict) -> bool:
 
 
 def dense_cells(rows: list[dict], cells: list[dict], heldout: int | None) -> list[dict]:
-    """Cells for the dense rows that have no mask file: ``steps = [["dense", last step]]``, with the held-out size of
-    the mask files of the same task (all cells of a comparison share it) or ``heldout``."""
+    """Cells for the dense rows that have no mask file, of the tasks that have mask files (the others are left
+    unpriced): ``steps = [["dense", last step]]``, with the held-out size of the task's mask files (all cells of a
+    comparison share it) or ``heldout``."""
     have = {(c["task"], c["arm"], c["seed"]) for c in cells}
     held_of: dict = {}
     for c in cells:
@@ -80,15 +82,16 @@ def dense_cells(rows: list[dict], cells: list[dict], heldout: int | None) -> lis
     last: dict = {}
     for r in rows:
         key = (r["task"], r["arm"], r["seed"])
-        if is_dense(r) and key not in have:
+        if is_dense(r) and key not in have and r["task"] in held_of:
             last[key] = max(last.get(key, 0), r["step"])
     out = []
     for (task, arm, seed), n in sorted(last.items()):
-        held = held_of.get(task, set()) if heldout is None else {heldout}
+        held = held_of[task] if heldout is None else {heldout}
         if len(held) != 1:
             raise ValueError(f"--heldout: the dense rows of {task} have no mask file and the mask files give "
-                             f"{sorted(held) or 'no'} held-out sizes for it; pass --heldout N")
-        out.append({"task": task, "arm": arm, "seed": seed, "heldout": held.pop(), "steps": [["dense", n]]})
+                             f"{sorted(held)} held-out sizes for it; pass --heldout N")
+        out.append({"task": task, "arm": arm, "seed": seed, "heldout": held.pop(), "steps": [["dense", n]],
+                    "no_mask_file": True})
     return out
 
 
@@ -163,7 +166,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--heldout", type=int, default=None, help="held-out size of dense rows without mask files "
                     "(default: that of the task's mask files)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the grid's, from the CSV)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the most any row of the CSVs "
+                    "ran with)")
     ap.add_argument("--tiny", action="store_true", help="the tasks' tiny versions (tests)")
     a = ap.parse_args(argv)
     if a.rounds < 3:
@@ -177,7 +181,10 @@ def main(argv=None) -> int:
             ap.error(f"--csv: {path} has no rows; run python/reproduce.py --csv {path} first")
     rows = [r for rs in rows_of.values() for r in rs]
     cells = load_cells(a.masks)
-    cells += dense_cells(rows, cells, a.heldout)
+    try:
+        cells += dense_cells(rows, cells, a.heldout)
+    except ValueError as e:
+        ap.error(str(e))
     threads = a.threads or max(r["threads"] for r in rows)
     torch.set_num_threads(threads)
     fb_of = {(r["task"], r["arm"], r["seed"]): frozen_backward_of(r["mat_kwargs"]) for r in rows}
@@ -200,7 +207,7 @@ def main(argv=None) -> int:
                 "task": task_name, "heldout": heldout, "frozen_backward": fb, "mask": mask, "ms": round(ms, 4),
                 "rounds": a.rounds, "threads": threads, "machine": machine, "date": date})
         write_table(table_path, table)
-    priced = set()
+    priced, repriced = set(), set()
     for c in cells:
         fb = fb_of.get((c["task"], c["arm"], c["seed"]), "dw")
         ms = {m: float(table[(c["task"], int(c["heldout"]), "dw" if m == "dense" else fb, m)]["ms"])
@@ -208,7 +215,9 @@ def main(argv=None) -> int:
         cum = bench_seconds(c["steps"], ms)
         cell_rows = [r for r in rows if (r["task"], r["arm"], r["seed"]) == (c["task"], c["arm"], c["seed"])]
         for r in cell_rows:
-            r["bench_s"] = round((cum[r["step"] - 1] if r["step"] else 0.0) + r["measure_s"], 4)
+            old, r["bench_s"] = r["bench_s"], round((cum[r["step"] - 1] if r["step"] else 0.0) + r["measure_s"], 4)
+            if c.get("no_mask_file") and old is not None and abs(old - r["bench_s"]) > 1e-3:
+                repriced.add((c["task"], c["arm"], c["seed"]))
         priced.add((c["task"], c["arm"], c["seed"]))
     for path, rs in rows_of.items():
         if any((r["task"], r["arm"], r["seed"]) in priced for r in rs):
@@ -217,6 +226,9 @@ def main(argv=None) -> int:
         if unpriced:
             print(f"{path}: no mask file, no bench_s for {len(unpriced)} cells: "
                   + ", ".join(f"{t} {arm} s{s}" for t, arm, s in unpriced))
+    if repriced:
+        print(f"priced again by this table (they had bench_s from another): {len(repriced)} dense cells without "
+              "mask files: " + ", ".join(f"{t} {arm} s{s}" for t, arm, s in sorted(repriced)))
     print(f"bench_s of {len(priced)} cells -> {', '.join(a.csv)}; table ({len(table)} active sets) -> {table_path}")
     return 0
 

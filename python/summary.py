@@ -205,7 +205,9 @@ def frontier_summary(rows: list[dict], task: str) -> tuple[list[dict], str]:
     """Every budgeted arm (``arm@b``) of ``task`` against the dense frontier at its own cost: per seed, the dense
     runs at their budgets (``dense@b``) give (cost, best metric) points; the arm's best metric minus the frontier
     interpolated at the arm's cost (FLOPs, and table time), oriented so that positive is better; and the arm
-    against ``shuffle`` at the same budget. Mean ± std over seeds and how many seeds agree in sign."""
+    against ``shuffle`` at the same budget. Mean ± std over seeds and how many seeds agree in sign. Costs as
+    fractions of the full dense run (``dense@1``): FLOPs over its FLOPs, and the time (bench or table) as the mean
+    over seeds of each seed's ratio to its own ``dense@1`` (``time_frac``; seeds without one are left out)."""
     sub = [r for r in rows if r["task"] == task and "@" in r["arm"]]
     if not sub:
         return [], f"no budgeted rows for task {task}"
@@ -232,9 +234,9 @@ def frontier_summary(rows: list[dict], task: str) -> tuple[list[dict], str]:
             per["best"].append(best[(arm, s)])
             per["cost"].append(last[(arm, s)]["flops"])
             per["table"].append(last[(arm, s)][time_key])
-            full_time = max((t for _, t, _ in dense[s]), default=0.0)
-            if full_time:
-                per["time_frac"].append(last[(arm, s)][time_key] / full_time)
+            full = next((a for a, s2 in cells if s2 == s and split_arm(a) == ("dense", 1.0)), None)
+            if full is not None and last[(full, s)][time_key]:  # a seed without the full dense run: no fraction
+                per["time_frac"].append(last[(arm, s)][time_key] / last[(full, s)][time_key])
             c = sorted(cells[(arm, s)], key=lambda r: r["step"])
             per["active"].append(sum(r["active_fraction"] for r in c[1:]) / max(1, len(c) - 1))
             if name != "dense" and len(dense[s]) >= 2:

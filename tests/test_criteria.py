@@ -78,6 +78,10 @@ def test_bad_criterion_input():
         module_scores(theta[0], "trace")
     assert criterion_flops("coherence", 3, 4) == 3 * 16 and criterion_flops("lambda", 1, 2) == 4 + 10
     assert criterion_flops("coherence", 3, 4, with_lambda=True) == 3 * 16 + 256
+    # λ from the training probe's block only (a held-out probe follows it in the Gram): the solve is that block's
+    assert criterion_flops("heldout", 3, 4, with_lambda=True, n_lambda=2) == 3 * 16 + (3 * 4 * 8) // 3
+    with pytest.raises(ValueError, match="n_lambda"):
+        criterion_flops("lambda", 1, 4, n_lambda=5)
     assert set(CRITERIA) >= {"coherence", "offdiag_coherence", "lambda_ratio", "heldout"}
 
 

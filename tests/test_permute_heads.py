@@ -113,6 +113,14 @@ def test_state_dicts_load_into_a_new_permuted_controller():
         if mat1._perm.moves:
             break
     assert mat1._perm.moves > 0
+    for _ in range(2):  # steps under the moved mask: the modules' step counts differ, so their order shows
+        x = batch(g)
+        for mat, m in ((mat0, plain), (mat1, perm)):
+            mat.backward(loss(m, x))
+            mat.step()
+            mat.zero_grad()
+    steps = mat0.state_dict()["block_steps"]
+    assert len(set(steps.tolist())) > 1 and not torch.equal(mat1._perm.to_slots(steps), steps)
     ckpt = (perm.state_dict(), mat1.optimizer.optimizer.state_dict(), mat1.state_dict(), mat1.optimizer.state_dict())
     assert torch.equal(ckpt[3]["block_steps"], mat0.optimizer.state_dict()["block_steps"])  # original order
     x = batch(g)

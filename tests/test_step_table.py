@@ -97,6 +97,14 @@ def test_dense_rows_without_mask_files_are_priced_from_the_dense_step(tmp_path, 
                          for r in dense)
     assert all(r["bench_s"] is None for r in drows if r["arm"] == "shuffle@0.5")
     assert all(r["bench_s"] is not None for r in reproduce.read_csv(mat_csv))
+    table[("cnn-small", 0, "dw", "dense")]["ms"] = str(1000 * dense_ms)  # another table: the dense rows change
+    step_table.write_table(str(tmp_path / "m" / "step_table.csv"), table)
+    assert step_table.main(["--csv", mat_csv, "--csv", dense_csv, "--masks", str(tmp_path / "m" / "masks"),
+                            "--rounds", "3", "--tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "active sets," not in out and "priced again by this table" in out and "cnn-small dense@0.5 s0" in out
+    again = [r for r in reproduce.read_csv(dense_csv) if r["arm"] == "dense@0.5"]
+    assert max(r["bench_s"] for r in again) > 100 * max(r["bench_s"] for r in dense)
 
 
 def test_dense_cells_need_one_heldout_size():
@@ -106,9 +114,9 @@ def test_dense_cells_need_one_heldout_size():
     rows.append({"task": "t", "arm": "mat@1", "seed": 0, "step": 20, "mat_kwargs": "policy=shuffle"})
     cells = [{"task": "t", "arm": "a", "seed": 0, "heldout": 8, "steps": []}]
     assert step_table.dense_cells(rows, cells, None) == [
-        {"task": "t", "arm": "dense@1", "seed": 0, "heldout": 8, "steps": [["dense", 20]]}]
+        {"task": "t", "arm": "dense@1", "seed": 0, "heldout": 8, "steps": [["dense", 20]], "no_mask_file": True}]
     assert step_table.dense_cells(rows, cells, 3)[0]["heldout"] == 3
     with pytest.raises(ValueError, match="--heldout"):
         step_table.dense_cells(rows, cells + [{"task": "t", "arm": "b", "seed": 0, "heldout": 0, "steps": []}], None)
-    with pytest.raises(ValueError, match="--heldout"):
-        step_table.dense_cells(rows, [], None)
+    assert step_table.dense_cells(rows, [], None) == []  # a task without mask files: left unpriced
+    assert step_table.dense_cells(rows + [dict(rows[0], task="u")], cells, None)[0]["task"] == "t"

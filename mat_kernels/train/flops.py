@@ -66,10 +66,10 @@ class FlopsLedger:
       ``FlopCounterMode`` once per signature ``key``, e.g. ``(input shape, mat.flops_key())``, and reused) and adds
       the step's wall time with :meth:`add_seconds` (measurement included);
     * MAT adds each measurement with :meth:`add_measurement`: the probe's forward, backward and Grams as counted,
-      plus the eigen-solves the counter cannot see, and the seconds it took. A step that measures from its own
-      backward (``probe=None``) builds the Grams inside it and runs an exact backward; what that costs beyond the
-      same step's usual FLOPs (Grams included) is added to the measurement by :meth:`count_step` when given the
-      usual step's key as ``base_key``, and MAT adds the eigen-solves.
+      plus the scoring the counter cannot see (eigen-solves, the criterion's sums), and the seconds it took. A step
+      that measures from its own backward (``probe=None``) builds the Grams inside it and runs an exact backward;
+      what that costs beyond the same step's usual FLOPs (Grams included) is added to the measurement by
+      :meth:`count_step` when given the usual step's key as ``base_key``, and MAT adds the scoring.
 
     Totals: :meth:`total` (FLOPs up to a step, measurements included), :meth:`seconds`, the measurement's shares.
     """

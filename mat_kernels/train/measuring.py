@@ -101,7 +101,7 @@ class MeasuringMixin:
         criterion) and the criterion's sums (:func:`mat_kernels.train.policy.criterion_flops`)."""
         from mat_kernels.train.policy import criterion_flops
 
-        return criterion_flops(self.criterion, len(self.specs), n, with_lambda=True)
+        return criterion_flops(self.criterion, len(self.specs), n, with_lambda=True, n_lambda=self._n_train)
 
     def _scores(self, grams: torch.Tensor, **fields) -> LambdaMaxResult:
         from mat_kernels.measure.solvers import lambda_max

@@ -112,7 +112,6 @@ class _Plan:
     """What one activity mask updates, built when the mask changes and reused by every step with that mask."""
 
     key: tuple
-    state_obj: object  # the optimizer's state dict it was built on (load_state_dict replaces it)
     groups: list  # [(group index, [_Planned])]
     frozen: list  # parameters with every entry frozen: grad set to None, nothing read or written
     one: torch.Tensor | None = None  # the increment of the scalar step counts when masked counts take tensors
@@ -340,7 +339,7 @@ class FrozenSliceOptimizer:
                 planned.append(_Planned(p, split, segs, active_runs, masked=masked))
             _pair_companions(planned)
             groups.append((gi, planned))
-        return _Plan(key, opt.state, groups, frozen)
+        return _Plan(key, groups, frozen)
 
     def _masked_plan(self, group: dict, p, runs: Runs, keys: list, counts: list, segs: list, tensors: dict):
         """The masked-kernel record of ``p`` when its active segments are strided views in a fused Adam/AdamW group

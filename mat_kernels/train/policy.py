@@ -113,14 +113,20 @@ def module_scores(grams: torch.Tensor, criterion: str = "lambda", *, lam: torch.
     return (lam / safe).where(trace > 0, torch.zeros_like(trace))  # lambda_ratio
 
 
-def criterion_flops(criterion: str, num_modules: int, n: int, *, with_lambda: bool = False) -> int:
+def criterion_flops(criterion: str, num_modules: int, n: int, *, with_lambda: bool = False,
+                    n_lambda: int | None = None) -> int:
     """FLOPs of scoring ``num_modules`` Grams of ``n`` samples under ``criterion`` besides building the Grams: the
     sums (n² per module) and, for the λ criteria or with ``with_lambda`` (:class:`mat_kernels.MAT` computes λmax for
-    its log whatever the criterion), the eigen-solve: ``eigvalsh``, eigenvalues only, ~(4/3)·n³ per module (the
-    tridiagonal reduction; an estimate, invisible to ``FlopCounterMode``)."""
+    its log whatever the criterion), the eigen-solve of the ``n_lambda`` × ``n_lambda`` block λ is taken from
+    (default ``n``; MAT's training probe when a held-out probe follows it): ``eigvalsh``, eigenvalues only,
+    ~(4/3)·n³ per module (the tridiagonal reduction; an estimate, invisible to ``FlopCounterMode``; the subspace
+    iteration that replaces it from n = 256 is charged the same)."""
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
-    solve = (num_modules * 4 * n ** 3) // 3 if criterion in _NEEDS_LAMBDA or with_lambda else 0
+    k = n if n_lambda is None else n_lambda
+    if not 0 < k <= n:
+        raise ValueError(f"n_lambda must be in [1, n = {n}], got {n_lambda}")
+    solve = (num_modules * 4 * k ** 3) // 3 if criterion in _NEEDS_LAMBDA or with_lambda else 0
     return num_modules * n * n + solve
 
 
