@@ -90,7 +90,7 @@ def dense_cells(rows: list[dict], cells: list[dict], heldout: int | None) -> lis
         if len(held) != 1:
             raise ValueError(f"--heldout: the dense rows of {task} have no mask file and the mask files give "
                              f"{sorted(held)} held-out sizes for it; pass --heldout N")
-        out.append({"task": task, "arm": arm, "seed": seed, "heldout": held.pop(), "steps": [["dense", n]],
+        out.append({"task": task, "arm": arm, "seed": seed, "heldout": next(iter(held)), "steps": [["dense", n]],
                     "no_mask_file": True})
     return out
 

@@ -111,6 +111,9 @@ def test_dense_cells_need_one_heldout_size():
     import step_table
 
     rows = [{"task": "t", "arm": "dense@1", "seed": 0, "step": s, "mat_kwargs": ""} for s in (0, 10, 20)]
+    two = rows + [dict(r, arm="dense@0.5", step=r["step"] // 2) for r in rows]  # every dense cell gets the size
+    one_cell = [{"task": "t", "arm": "a", "seed": 0, "heldout": 8, "steps": []}]
+    assert [c["heldout"] for c in step_table.dense_cells(two, one_cell, None)] == [8, 8]
     rows.append({"task": "t", "arm": "mat@1", "seed": 0, "step": 20, "mat_kwargs": "policy=shuffle"})
     cells = [{"task": "t", "arm": "a", "seed": 0, "heldout": 8, "steps": []}]
     assert step_table.dense_cells(rows, cells, None) == [
