@@ -326,6 +326,8 @@ def test_optimizer_state_loaded_after_block_steps_is_adopted():
         w2.grad, b2.grad = grads[0].clone(), grads[1].clone()
         fso2.step(torch.tensor([True, True]))
         out.append((w2.detach().clone(), b2.detach().clone()))
+    with pytest.raises(ValueError, match="block_steps must have 2 entries"):
+        fso2.load_state_dict({"optimizer": copy.deepcopy(saved[2]), "block_steps": torch.tensor([1, 2, 3])})
     w.grad, b.grad = grads
     fso.step(torch.tensor([True, True]))  # the run that was not interrupted
     for w2, b2 in out:

@@ -397,7 +397,9 @@ class FrozenSliceOptimizer:
                 "block_steps": steps if self.module_order is None else self.module_order.to_identity(steps)}
 
     def load_state_dict(self, sd: dict) -> None:
+        steps = torch.as_tensor(sd["block_steps"]).clone()
+        if steps.shape != (self.num_modules,):  # checked before anything is loaded
+            raise ValueError(f"block_steps must have {self.num_modules} entries, got shape {tuple(steps.shape)}")
         self.optimizer.load_state_dict(sd["optimizer"])
-        steps = sd["block_steps"].clone()
         # (the setter adopts the loaded state)
         self.block_steps = steps if self.module_order is None else self.module_order.to_slots(steps)
