@@ -172,6 +172,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.rounds < 3:
         ap.error("--rounds must be >= 3")
+    if a.heldout is not None and a.heldout < 0:
+        ap.error(f"--heldout must be >= 0, got {a.heldout}")
     rows_of = {}
     for path in a.csv:
         if not os.path.exists(path):

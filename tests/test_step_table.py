@@ -71,6 +71,9 @@ def test_bad_arguments_are_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         step_table.main(["--csv", str(tmp_path / "g.csv"), "--masks", str(tmp_path), "--rounds", "2"])
     assert "--rounds" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        step_table.main(["--csv", str(tmp_path / "g.csv"), "--masks", str(tmp_path), "--heldout", "-1"])
+    assert "--heldout must be >= 0" in capsys.readouterr().err
 
 
 def test_dense_rows_without_mask_files_are_priced_from_the_dense_step(tmp_path, capsys):
