@@ -303,9 +303,10 @@ PERMUTE_PROVIDERS = {  # --permute: one scattered mask with and without the head
 }
 
 
-def _skippable_ms(model0, make_opt, batch, loss_fn, mat_template, detach) -> float:
+def _skippable_ms(model0, make_opt, batch, loss_fn, mat_template, detach, profiles: int = 5) -> float:
     """Time of the dense step's GEMMs that the mask skips (frozen modules' dW, and their dX under ``detach``), from
-    a profile of the dense step, matched by the GEMMs' operand shapes and weighted by each layer's frozen share."""
+    profiles of the dense step, matched by the GEMMs' operand shapes and weighted by each layer's frozen share; the
+    median over ``profiles`` profiled steps (one profile moved this by up to a fifth between runs)."""
     shares = collections.defaultdict(list)  # (N, K) -> frozen shares of the layers of that weight shape
     for entry in mat_template.sparse_layers:
         layer = entry[0] if isinstance(entry, tuple) else entry
@@ -320,6 +321,12 @@ def _skippable_ms(model0, make_opt, batch, loss_fn, mat_template, detach) -> flo
         loss_fn(model, batch).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    return statistics.median(_skipped_in_profile(model, opt, batch, loss_fn, shares, detach)
+                             for _ in range(profiles))
+
+
+def _skipped_in_profile(model, opt, batch, loss_fn, shares, detach) -> float:
+    """One profiled dense step: the ms of its GEMMs that ``shares`` (weight shape -> frozen shares) would skip."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
         loss_fn(model, batch).backward()
         opt.step()
@@ -381,7 +388,6 @@ def run_steps(rounds, env, quick=False, providers=STEP_PROVIDERS, models=STEP_MO
         f_dense = _flops(lambda: loss_fn(dm, batch).backward())
         dopt.zero_grad(set_to_none=True)
         times = _harness.interleaved_times(provs, rounds, rotate=True)
-        td = statistics.median(times["dense"])
         tw = _timing(times["dense_twin"], times["dense"], 1, 1)
         rows.append({**env, "op": "frozen_step_model", "shape": name, "provider": "dense_twin", "dtype": "fp32", **tw,
                      "rounds": rounds, "threads": torch.get_num_threads()})
@@ -395,15 +401,21 @@ def run_steps(rounds, env, quick=False, providers=STEP_PROVIDERS, models=STEP_MO
             mat.zero_grad()
             tm = _timing(times[pname], times["dense"], f, f_dense)
             skippable = _skippable_ms(model0, make_opt, batch, loss_fn, mat, providers[pname][1] == "detach")
-            saved = td - statistics.median(times[pname])
+            # saved: the median of the paired per-round differences (the difference of two medians moved a cell
+            # by up to 0.5 of the share between runs), with a bootstrap interval over rounds
+            diffs = [a - b for a, b in zip(times["dense"], times[pname])]
+            saved, s_lo, s_hi = _harness.bootstrap_ci(diffs, statistics.median)
+            share = {}
+            if skippable > 0:
+                share = {"saved_share_of_skippable": round(saved / skippable, 3),
+                         "saved_share_lo": round(s_lo / skippable, 3), "saved_share_hi": round(s_hi / skippable, 3)}
             rows.append({**env, "op": "frozen_step_model", "shape": name, "provider": pname, "dtype": "fp32", **tm,
-                         "skippable_ms": round(skippable, 3), "saved_ms": round(saved, 3),
-                         "saved_share_of_skippable": round(saved / skippable, 3) if skippable > 0 else "",
+                         "skippable_ms": round(skippable, 3), "saved_ms": round(saved, 3), **share,
                          "aten_ops": ops, "dense_aten_ops": ops_dense, "scalar_reads": reads,
                          "dense_scalar_reads": reads_dense, "rounds": rounds, "threads": torch.get_num_threads()})
             print(f"{name:10s} {pname:18s} t/td={tm['ratio_vs_dense']:.3f} F/Fd={tm['flops_ratio']:.3f} "
-                  f"R={tm['R']:.2f} [{tm['R_lo']:.2f}, {tm['R_hi']:.2f}] saved {saved:.1f} of skippable "
-                  f"{skippable:.1f} ms; ops {ops}/{ops_dense} reads {reads}/{reads_dense}", flush=True)
+                  f"R={tm['R']:.2f} [{tm['R_lo']:.2f}, {tm['R_hi']:.2f}] saved {saved:.1f} [{s_lo:.1f}, {s_hi:.1f}] "
+                  f"of skippable {skippable:.1f} ms; ops {ops}/{ops_dense} reads {reads}/{reads_dense}", flush=True)
         for mat in mats.values():
             mat.close()
     return rows

@@ -189,6 +189,11 @@ def test_benchmark_quick_mode(tmp_path):
         assert int(r["scalar_reads"]) == 0, r
         assert float(r["flops_ratio"]) <= 1.0 and float(r["ms"]) > 0
         assert (r["R"] == "nan") == (float(r["flops_ratio"]) == 1.0), r
+    steps = [r for r in rows if r["op"] == "frozen_step_model" and float(r["flops_ratio"]) < 1.0]
+    assert steps
+    for r in steps:  # the saved share's interval holds its point estimate
+        lo, mid, hi = (float(r[k]) for k in ("saved_share_lo", "saved_share_of_skippable", "saved_share_hi"))
+        assert lo <= mid <= hi and float(r["skippable_ms"]) > 0, r
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
