@@ -305,8 +305,12 @@ PERMUTE_PROVIDERS = {  # --permute: one scattered mask with and without the head
 
 def _skippable_ms(model0, make_opt, batch, loss_fn, mat_template, detach, profiles: int = 5) -> float:
     """Time of the dense step's GEMMs that the mask skips (frozen modules' dW, and their dX under ``detach``), from
-    profiles of the dense step, matched by the GEMMs' operand shapes and weighted by each layer's frozen share; the
-    median over ``profiles`` profiled steps (one profile moved this by up to a fifth between runs)."""
+    profiles of the dense step's backward and optimizer step (not its forward: a forward ``x @ Wᵀ`` has a dX's
+    operand shapes, and counting it made ``detach``'s skippable time too large by about a third before 2026-12-07),
+    matched by the GEMMs' operand shapes and weighted by each layer's frozen share and by the share of the model's
+    linear maps of that shape that are sparse layers (a dense layer of the same shape, e.g. BERT's MLM-head
+    transform, runs the same GEMMs and skips nothing); the median over ``profiles`` profiled steps (one profile
+    moved this by up to a fifth between runs)."""
     shares = collections.defaultdict(list)  # (N, K) -> frozen shares of the layers of that weight shape
     for entry in mat_template.sparse_layers:
         layer = entry[0] if isinstance(entry, tuple) else entry
@@ -315,20 +319,36 @@ def _skippable_ms(model0, make_opt, batch, loss_fn, mat_template, detach, profil
         act = layer._active
         active = sum(n for i, ranges in layer.layout.entries() for _, n in ranges if act[i])
         shares[tuple(w.shape)].append(1 - active / total)
+    linears = collections.Counter(_linear_shapes(model0))
+    share = {wshape: sum(sh) / max(len(sh), linears[wshape]) for wshape, sh in shares.items()}
     model = copy.deepcopy(model0)
     opt = make_opt(model)
     for _ in range(2):
         loss_fn(model, batch).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return statistics.median(_skipped_in_profile(model, opt, batch, loss_fn, shares, detach)
+    return statistics.median(_skipped_in_profile(model, opt, batch, loss_fn, share, detach)
                              for _ in range(profiles))
 
 
-def _skipped_in_profile(model, opt, batch, loss_fn, shares, detach) -> float:
-    """One profiled dense step: the ms of its GEMMs that ``shares`` (weight shape -> frozen shares) would skip."""
+def _linear_shapes(model) -> list[tuple[int, int]]:
+    """``(out, in)`` of every linear map of ``model``: ``nn.Linear`` and Hugging Face's ``Conv1D`` (``[in, out]``)."""
+    out = []
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, torch.nn.Linear):
+            out.append(tuple(w.shape))
+        elif type(m).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2:
+            out.append(tuple(w.shape)[::-1])
+    return out
+
+
+def _skipped_in_profile(model, opt, batch, loss_fn, share, detach) -> float:
+    """One profiled dense backward + optimizer step: the ms of its GEMMs that ``share`` (weight shape -> the frozen
+    share of that shape's GEMMs) would skip."""
+    loss = loss_fn(model, batch)  # the forward outside the profile: its GEMMs skip nothing
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
-        loss_fn(model, batch).backward()
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     skipped_us = 0.0
@@ -341,8 +361,7 @@ def _skipped_in_profile(model, opt, batch, loss_fn, shares, detach) -> float:
             continue
         a, b = mats[-2], mats[-1]
         out = (a[0], b[1])
-        for (N, K), sh in shares.items():
-            s = sum(sh) / len(sh)
+        for (N, K), s in share.items():
             is_dw = out in ((N, K), (K, N)) and a[1] == b[0] and a[1] not in (N, K)
             is_dx = detach and out[1] == K and a[1] == N and b == (N, K)
             if is_dw or is_dx:

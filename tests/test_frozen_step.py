@@ -196,6 +196,31 @@ def test_benchmark_quick_mode(tmp_path):
         assert lo <= mid <= hi and float(r["skippable_ms"]) > 0, r
 
 
+def test_benchmark_skippable_time_counts_no_forward_gemm():
+    """The step level's skippable time comes from the dense step's backward only: a forward ``x @ Wᵀ`` has a detach
+    dX's operand shapes and was once counted. Here the only GEMM is the forward's (the backward reaches no weight),
+    so nothing is skippable; and Hugging Face ``Conv1D`` weights ([in, out]) count as linear maps [out, in]."""
+    import os
+    import sys
+
+    import transformers
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import bench_frozen_step as bench
+
+    lin = torch.nn.Linear(48, 48).requires_grad_(False)
+    scale = torch.nn.Parameter(torch.ones(()))
+    opt = torch.optim.SGD([scale], lr=0.1)
+    x = torch.randn(256, 48)
+    assert bench._skipped_in_profile(lin, opt, x, lambda m, b: m(b).sum() * scale, {(48, 48): 1.0}, True) == 0.0
+    # the same weight shape in the backward does count (dW and dX of a trained square layer)
+    lin.requires_grad_(True)
+    assert bench._skipped_in_profile(lin, torch.optim.SGD(lin.parameters(), lr=0.1), x,
+                                     lambda m, b: m(b.requires_grad_()).sum(), {(48, 48): 1.0}, True) > 0.0
+    conv = torch.nn.Sequential(transformers.pytorch_utils.Conv1D(24, 8), torch.nn.Linear(24, 5))
+    assert bench._linear_shapes(conv) == [(24, 8), (5, 24)]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("frozen_backward", ["dw", "detach"])
 def test_a_non_measuring_mat_step_replays_as_a_cuda_graph(frozen_backward):
