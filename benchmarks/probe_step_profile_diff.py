@@ -38,6 +38,9 @@ def main(argv=None) -> None:
     ap.add_argument("--profiles", type=int, default=5)
     ap.add_argument("--top", type=int, default=15)
     a = ap.parse_args(argv)
+    for name in ("threads", "profiles", "top"):
+        if getattr(a, name) < 1:
+            ap.error(f"--{name} must be >= 1, got {getattr(a, name)}")
     torch.set_num_threads(a.threads)
     model0, make_opt, batch, loss_fn = _step_models(False, (a.model,))[a.model]
     dense = copy.deepcopy(model0)
